@@ -1,0 +1,4 @@
+"""``python -m megadmd`` and ``deepspeed --module megadmd``: the same CLI as the console script."""
+from .cli import main
+
+main()

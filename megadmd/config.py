@@ -1,0 +1,324 @@
+"""The config tree: dataclasses, loading from YAML/JSON, ``--set`` overrides, validation, saving.
+
+Resolution order, later wins: dataclass defaults < the preset named by ``preset`` < the config
+file < command-line overrides. Unknown keys and wrong types raise ``ConfigError`` naming the key.
+Functions elsewhere receive the sub-config they use (``cfg.dmd``, ``cfg.optim.generator``), never
+the whole tree.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+ROLES = ("generator", "fake_score", "teacher")
+TRAINABLE_ROLES = ("generator", "fake_score")
+
+
+class ConfigError(ValueError):
+    """Bad user input. The message is one line that names what to fix."""
+
+
+@dataclass
+class ModelConfig:
+    # Diffusers-format folders (or a pipeline folder with a ``transformer`` subfolder).
+    # "" for teacher means the preset's built-in model; "" for the others means "same as teacher",
+    # as in FastVideo.
+    teacher_path: str = ""
+    generator_path: str = ""
+    fake_score_path: str = ""
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+
+
+@dataclass
+class DataConfig:
+    path: str = ""  # synthetic-latent dataset folder; "" means the preset's built-in data
+    text_len: int = 0  # pad text embeddings to this many tokens; 0 means the dataset's longest
+    latent_shape: list = field(default_factory=list)  # [C, F, H, W] to generate in data-free mode
+
+
+@dataclass
+class DMDConfig:
+    denoising_steps: list = field(default_factory=lambda: [1000, 757, 522])
+    warp_denoising_step: bool = False
+    flow_shift: float = 8.0
+    min_timestep_ratio: float = 0.2
+    max_timestep_ratio: float = 0.98
+    guidance_scale: float = 3.5
+    cfg_form: str = "offset"  # offset: cond + s(cond - uncond); standard: uncond + s(cond - uncond)
+    generator_update_interval: int = 5
+    grad_norm_mean: str = "sample"  # sample (per-sample mean) | batch (FastVideo's global mean)
+    simulate_generator_forward: bool = False
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-6
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.01
+    eps: float = 1e-8
+    scheduler: str = "constant"  # constant | cosine | linear (all with linear warmup)
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+
+
+@dataclass
+class OptimTree:
+    generator: OptimConfig = field(default_factory=OptimConfig)
+    fake_score: OptimConfig = field(default_factory=OptimConfig)
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 4000
+    micro_batch_size: int = 1
+    grad_accum_steps: int = 1
+    max_grad_norm: float = 1.0
+    seed: int = 1000
+
+
+@dataclass
+class ParallelConfig:
+    sp_size: int = 1
+    backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
+
+
+@dataclass
+class DeepSpeedConfig:
+    # A name in ds_configs/ (without .json) or a path to a JSON file.
+    generator: str = "zero3"
+    fake_score: str = "zero3"
+    teacher: str = "zero3_inference"
+
+
+@dataclass
+class LoggingConfig:
+    interval_steps: int = 10  # log line and TensorBoard scalars every N iterations
+    tensorboard: bool = True
+
+
+@dataclass
+class RunConfig:
+    preset: str = "tiny"
+    output_dir: str = "runs/megadmd"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    dmd: DMDConfig = field(default_factory=DMDConfig)
+    optim: OptimTree = field(default_factory=OptimTree)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+# ----------------------------------------------------------------------------------------------
+# Applying nested dicts onto the dataclass tree, with type checks.
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it (ints widen to floats)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"config key '{key}': wrong type")
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif tp is list or origin is list:
+        if isinstance(value, (list, tuple)):
+            return list(value)
+    elif tp is dict or origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+    name = getattr(tp, "__name__", str(tp))
+    raise ConfigError(f"config key '{key}' must be {name}, got {type(value).__name__} {value!r}")
+
+
+def apply_dict(obj: Any, updates: dict, prefix: str = "") -> None:
+    """Apply a nested dict to a dataclass instance in place, checking keys and types."""
+    if not isinstance(updates, dict):
+        raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping")
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in updates.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown config key '{full}'")
+        tp = hints[key]
+        if _is_dataclass_type(tp):
+            apply_dict(getattr(obj, key), value, prefix=f"{full}.")
+        else:
+            setattr(obj, key, _coerce(value, tp, full))
+
+
+def to_dict(obj: Any) -> dict:
+    return dataclasses.asdict(obj)
+
+
+# ----------------------------------------------------------------------------------------------
+# Files and overrides.
+
+
+def load_file(path: str | os.PathLike) -> dict:
+    """Read a YAML or JSON config file into a nested dict."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    text = p.read_text()
+    try:
+        if p.suffix.lower() in (".yaml", ".yml"):
+            import yaml  # PyYAML ships with huggingface_hub, which diffusers requires
+
+            data = yaml.safe_load(text) or {}
+        else:
+            data = json.loads(text)
+    except Exception as exc:  # parse errors from either library
+        raise ConfigError(f"cannot parse config file {p}: {exc}".splitlines()[0]) from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must hold a mapping at the top level")
+    return data
+
+
+def parse_override(text: str) -> dict:
+    """``a.b.c=value`` -> ``{"a": {"b": {"c": value}}}``. Values are parsed as JSON when they can be."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like key.path=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override '{text}' has an empty key")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        if "," in raw and not raw.strip().startswith(("[", "{")):
+            value = [_scalar(v) for v in raw.split(",")]
+        else:
+            value = raw
+    out: dict = {}
+    node = out
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
+def _scalar(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def merge(base: dict, extra: dict) -> dict:
+    """Deep-merge ``extra`` into a copy of ``base``."""
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def resolve(file: Optional[str] = None, overrides: tuple[str, ...] | list[str] = ()) -> RunConfig:
+    """Build the run config: defaults, then preset, then file, then overrides; then validate."""
+    from .presets import get_preset
+
+    user: dict = load_file(file) if file else {}
+    for text in overrides:
+        user = merge(user, parse_override(text))
+    preset_name = user.get("preset", RunConfig.preset)
+    if not isinstance(preset_name, str):
+        raise ConfigError("config key 'preset' must be str")
+    cfg = RunConfig()
+    apply_dict(cfg, get_preset(preset_name).config)
+    apply_dict(cfg, user)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    """Checks of values that need no files or processes. One line per problem, first one raised."""
+    d = cfg.dmd
+    if not d.denoising_steps:
+        raise ConfigError("dmd.denoising_steps must list at least one timestep")
+    for s in d.denoising_steps:
+        if not isinstance(s, (int, float)) or not 0 < s <= 1000:
+            raise ConfigError(f"dmd.denoising_steps entries must be in (0, 1000], got {s!r}")
+    if list(d.denoising_steps) != sorted(d.denoising_steps, reverse=True):
+        raise ConfigError("dmd.denoising_steps must be in decreasing order, e.g. [1000, 757, 522]")
+    if not 0 <= d.min_timestep_ratio < d.max_timestep_ratio <= 1:
+        raise ConfigError("need 0 <= dmd.min_timestep_ratio < dmd.max_timestep_ratio <= 1")
+    _choice("dmd.cfg_form", d.cfg_form, ("offset", "standard"))
+    _choice("dmd.grad_norm_mean", d.grad_norm_mean, ("sample", "batch"))
+    _positive("dmd.generator_update_interval", d.generator_update_interval)
+    _positive("dmd.flow_shift", d.flow_shift)
+    _choice("model.precision", cfg.model.precision, ("auto", "fp32", "bf16"))
+    for role in TRAINABLE_ROLES:
+        o: OptimConfig = getattr(cfg.optim, role)
+        key = f"optim.{role}"
+        _choice(f"{key}.scheduler", o.scheduler, ("constant", "cosine", "linear"))
+        if o.lr <= 0:
+            raise ConfigError(f"{key}.lr must be positive, got {o.lr}")
+        if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+            raise ConfigError(f"{key}.betas must be two numbers in [0, 1), got {o.betas}")
+        if o.warmup_steps < 0 or not 0 <= o.min_lr_ratio <= 1:
+            raise ConfigError(f"{key}: warmup_steps must be >= 0 and min_lr_ratio in [0, 1]")
+    t = cfg.train
+    for name in ("max_steps", "micro_batch_size", "grad_accum_steps"):
+        _positive(f"train.{name}", getattr(t, name))
+    if t.max_grad_norm < 0:
+        raise ConfigError("train.max_grad_norm must be >= 0 (0 disables clipping)")
+    _positive("parallel.sp_size", cfg.parallel.sp_size)
+    _choice("parallel.backend", cfg.parallel.backend, ("auto", "nccl", "gloo"))
+    _positive("logging.interval_steps", cfg.logging.interval_steps)
+    if cfg.data.text_len < 0:
+        raise ConfigError("data.text_len must be >= 0")
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got '{value}'")
+
+
+def _positive(key: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(f"{key} must be positive, got {value}")
+
+
+def save_resolved(cfg: RunConfig, path: str | os.PathLike) -> None:
+    """Write the resolved config as JSON, atomically."""
+    from .io_utils import atomic_write_text
+
+    atomic_write_text(Path(path), json.dumps(to_dict(cfg), indent=2, sort_keys=False) + "\n")

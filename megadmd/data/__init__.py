@@ -1,0 +1,1 @@
+"""Data: the synthetic-latent dataset format, the training loader, and dataset makers."""

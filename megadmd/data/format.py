@@ -1,0 +1,274 @@
+"""The synthetic-latent dataset format: safetensors shards plus a JSON index.
+
+A dataset is a folder::
+
+    index.json                  written last; a folder without it is not a dataset
+    negative.safetensors        the negative prompt's embedding (the unconditional input)
+    shard-000000.safetensors    samples [0, shard_size)
+    shard-000001.safetensors    samples [shard_size, 2 * shard_size)
+    ...
+
+Each shard holds stacked tensors for its samples:
+
+    latents      [n, C, F, H, W]   clean (normalized) latents; absent in text-only datasets
+    text_embeds  [n, L_max, D]     text embeddings, zero-padded to the dataset's L_max
+    text_lens    [n]               int32, the unpadded length of each embedding (its mask)
+
+and, in the safetensors metadata, ``captions`` (a JSON list of strings) and ``first_index``.
+``negative.safetensors`` holds ``text_embeds [L, D]`` and ``text_lens [1]``, with the negative
+prompt in its metadata under ``caption``.
+
+``index.json`` records the format name and version, the number of samples, the latent shape and
+dtype, the text dimension and maximum length, and the shard list. Every file is written under a
+temporary name and renamed into place, and the index comes last, so an interrupted write never
+leaves a folder that passes for a whole dataset.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save as st_save
+
+from ..config import ConfigError
+from ..io_utils import atomic_write_bytes, atomic_write_text
+
+FORMAT_NAME = "megadmd-synthetic-latents"
+FORMAT_VERSION = 1
+INDEX_FILE = "index.json"
+NEGATIVE_FILE = "negative.safetensors"
+
+
+def shard_name(k: int) -> str:
+    return f"shard-{k:06d}.safetensors"
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    for k, v in _DTYPES.items():
+        if v == dtype:
+            return k
+    raise ValueError(f"unsupported dtype {dtype}")
+
+
+@dataclass
+class DatasetInfo:
+    """What ``index.json`` says about a dataset."""
+
+    num_samples: int
+    text_dim: int
+    max_text_len: int
+    shard_size: int
+    latent_shape: Optional[list] = None  # [C, F, H, W]; None for text-only datasets
+    latent_dtype: str = "float32"
+    text_dtype: str = "float32"
+    shards: list = field(default_factory=list)  # [{"file", "first_index", "num_samples"}]
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def has_latents(self) -> bool:
+        return self.latent_shape is not None
+
+    def to_json(self) -> dict:
+        return {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "num_samples": self.num_samples,
+            "latent_shape": self.latent_shape,
+            "latent_dtype": self.latent_dtype,
+            "text_dim": self.text_dim,
+            "max_text_len": self.max_text_len,
+            "text_dtype": self.text_dtype,
+            "shard_size": self.shard_size,
+            "negative": NEGATIVE_FILE,
+            "shards": self.shards,
+            "extra": self.extra,
+        }
+
+
+def read_index(path: str | Path) -> DatasetInfo:
+    """Read and check ``index.json``; raise ConfigError with one line on any problem."""
+    root = Path(path)
+    idx = root / INDEX_FILE
+    if not root.is_dir():
+        raise ConfigError(f"dataset folder not found: {root}")
+    if not idx.is_file():
+        raise ConfigError(f"{root} is not a megadmd dataset (no {INDEX_FILE}); write one with "
+                          f"'megadmd make-dataset' or 'megadmd synth'")
+    try:
+        d = json.loads(idx.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"dataset index {idx} is not valid JSON: {exc}") from exc
+    if d.get("format") != FORMAT_NAME:
+        raise ConfigError(f"dataset index {idx} is not a {FORMAT_NAME} index")
+    if d.get("version") != FORMAT_VERSION:
+        raise ConfigError(f"dataset {root} has format version {d.get('version')}; "
+                          f"this megadmd reads version {FORMAT_VERSION}")
+    info = DatasetInfo(
+        num_samples=int(d["num_samples"]), text_dim=int(d["text_dim"]),
+        max_text_len=int(d["max_text_len"]), shard_size=int(d["shard_size"]),
+        latent_shape=d.get("latent_shape"), latent_dtype=d.get("latent_dtype", "float32"),
+        text_dtype=d.get("text_dtype", "float32"), shards=list(d.get("shards", [])),
+        extra=dict(d.get("extra", {})),
+    )
+    if info.num_samples <= 0:
+        raise ConfigError(f"dataset {root} is empty (0 samples)")
+    if sum(s["num_samples"] for s in info.shards) != info.num_samples:
+        raise ConfigError(f"dataset index {idx} lists shards that do not add up to "
+                          f"{info.num_samples} samples")
+    return info
+
+
+def encode_shard(
+    text_embeds: torch.Tensor,
+    text_lens: torch.Tensor,
+    captions: list[str],
+    first_index: int,
+    latents: Optional[torch.Tensor] = None,
+    extra_tensors: Optional[dict] = None,
+) -> bytes:
+    """Serialize one shard to safetensors bytes."""
+    tensors = {"text_embeds": text_embeds.contiguous(), "text_lens": text_lens.to(torch.int32)}
+    if latents is not None:
+        tensors["latents"] = latents.contiguous()
+    for k, v in (extra_tensors or {}).items():
+        tensors[k] = v.contiguous()
+    meta = {"captions": json.dumps(captions), "first_index": str(first_index)}
+    return st_save(tensors, metadata=meta)
+
+
+def write_negative(root: Path, embed: torch.Tensor, caption: str) -> None:
+    """Write the negative prompt's embedding ``[L, D]`` atomically."""
+    data = st_save(
+        {"text_embeds": embed.contiguous().float(), "text_lens": torch.tensor([embed.shape[0]], dtype=torch.int32)},
+        metadata={"caption": caption},
+    )
+    atomic_write_bytes(root / NEGATIVE_FILE, data)
+
+
+def write_index(root: Path, info: DatasetInfo) -> None:
+    atomic_write_text(root / INDEX_FILE, json.dumps(info.to_json(), indent=1) + "\n")
+
+
+class DatasetWriter:
+    """Write a dataset shard by shard; ``finish()`` writes the index last.
+
+    Samples are buffered until a shard is full. Shard k always holds samples
+    ``[k * shard_size, (k + 1) * shard_size)``, which is what makes interrupted writes resumable.
+    """
+
+    def __init__(self, root: str | Path, *, text_dim: int, max_text_len: int, shard_size: int = 256,
+                 latent_shape: Optional[list] = None, latent_dtype: torch.dtype = torch.float32,
+                 extra: Optional[dict] = None):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.info = DatasetInfo(
+            num_samples=0, text_dim=text_dim, max_text_len=max_text_len, shard_size=shard_size,
+            latent_shape=list(latent_shape) if latent_shape is not None else None,
+            latent_dtype=dtype_name(latent_dtype), extra=dict(extra or {}),
+        )
+        self._latent_dtype = latent_dtype
+        self._buf: list[tuple] = []
+
+    def add(self, text_embed: torch.Tensor, caption: str = "", latents: Optional[torch.Tensor] = None) -> None:
+        if text_embed.ndim != 2 or text_embed.shape[1] != self.info.text_dim:
+            raise ValueError(f"text embedding must be [L, {self.info.text_dim}], got {list(text_embed.shape)}")
+        if text_embed.shape[0] > self.info.max_text_len:
+            raise ValueError(f"text embedding has {text_embed.shape[0]} tokens, more than the "
+                             f"dataset's max_text_len {self.info.max_text_len}")
+        if self.info.has_latents:
+            if latents is None or list(latents.shape) != self.info.latent_shape:
+                raise ValueError(f"latents must be {self.info.latent_shape}, got "
+                                 f"{None if latents is None else list(latents.shape)}")
+        self._buf.append((text_embed, caption, latents))
+        if len(self._buf) == self.info.shard_size:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._buf:
+            return
+        first = self.info.num_samples
+        k = first // self.info.shard_size
+        n = len(self._buf)
+        emb = torch.zeros(n, self.info.max_text_len, self.info.text_dim)
+        lens = torch.zeros(n, dtype=torch.int32)
+        for i, (e, _, _) in enumerate(self._buf):
+            emb[i, : e.shape[0]] = e.float()
+            lens[i] = e.shape[0]
+        lat = None
+        if self.info.has_latents:
+            lat = torch.stack([b[2] for b in self._buf]).to(self._latent_dtype)
+        data = encode_shard(emb, lens, [b[1] for b in self._buf], first, latents=lat)
+        atomic_write_bytes(self.root / shard_name(k), data)
+        self.info.shards.append({"file": shard_name(k), "first_index": first, "num_samples": n})
+        self.info.num_samples += n
+        self._buf = []
+
+    def finish(self, negative_embed: torch.Tensor, negative_caption: str = "") -> DatasetInfo:
+        self._flush()
+        if self.info.num_samples == 0:
+            raise ValueError("refusing to write an empty dataset")
+        if negative_embed.ndim != 2 or negative_embed.shape[1] != self.info.text_dim:
+            raise ValueError(f"negative embedding must be [L, {self.info.text_dim}]")
+        write_negative(self.root, negative_embed, negative_caption)
+        write_index(self.root, self.info)
+        return self.info
+
+
+class LatentDataset:
+    """Random access to a dataset folder. Shards are opened lazily and kept open."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.info = read_index(self.root)
+        self._starts = [s["first_index"] for s in self.info.shards]
+        self._handles: dict[int, object] = {}
+        for s in self.info.shards:
+            if not (self.root / s["file"]).is_file():
+                raise ConfigError(f"dataset {self.root} is missing its shard {s['file']}")
+        if not (self.root / NEGATIVE_FILE).is_file():
+            raise ConfigError(f"dataset {self.root} has no {NEGATIVE_FILE} (the negative prompt's embedding)")
+
+    def __len__(self) -> int:
+        return self.info.num_samples
+
+    def _locate(self, i: int) -> tuple[int, int]:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        import bisect
+
+        k = bisect.bisect_right(self._starts, i) - 1
+        return k, i - self._starts[k]
+
+    def _handle(self, k: int):
+        h = self._handles.get(k)
+        if h is None:
+            h = safe_open(str(self.root / self.info.shards[k]["file"]), framework="pt")
+            self._handles[k] = h
+        return h
+
+    def get(self, i: int) -> dict:
+        """One sample: ``text_embeds [L_max, D]``, ``text_len``, ``caption`` and ``latents`` if present."""
+        k, j = self._locate(i)
+        h = self._handle(k)
+        out = {
+            "text_embeds": h.get_slice("text_embeds")[j : j + 1][0].float(),
+            "text_len": int(h.get_slice("text_lens")[j : j + 1][0]),
+            "caption": json.loads(h.metadata()["captions"])[j],
+        }
+        if self.info.has_latents:
+            out["latents"] = h.get_slice("latents")[j : j + 1][0].float()
+        return out
+
+    def negative(self) -> tuple[torch.Tensor, str]:
+        """The negative prompt's embedding ``[L, D]`` (unpadded) and its text."""
+        with safe_open(str(self.root / NEGATIVE_FILE), framework="pt") as f:
+            emb = f.get_tensor("text_embeds").float()
+            n = int(f.get_tensor("text_lens")[0])
+            return emb[:n], (f.metadata() or {}).get("caption", "")

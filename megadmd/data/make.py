@@ -1,0 +1,32 @@
+"""Dataset makers that need no model: random datasets of any shape (tests and demos)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..config import ConfigError
+from ..io_utils import atomic_dir
+from .format import DatasetInfo, DatasetWriter
+
+
+def write_random_dataset(root: str | Path, *, num_samples: int, latent_shape: Optional[list],
+                         text_len: int, text_dim: int, seed: int = 0,
+                         shard_size: int = 256) -> DatasetInfo:
+    """Gaussian latents and embeddings with random lengths in [1, text_len]; written atomically."""
+    if num_samples <= 0:
+        raise ConfigError("--num-samples must be positive")
+    if text_len <= 0 or text_dim <= 0:
+        raise ConfigError("--text-len and --text-dim must be positive")
+    g = torch.Generator().manual_seed(seed)
+    with atomic_dir(root) as tmp:
+        w = DatasetWriter(tmp, text_dim=text_dim, max_text_len=text_len, shard_size=shard_size,
+                          latent_shape=latent_shape)
+        for i in range(num_samples):
+            n = int(torch.randint(1, text_len + 1, (1,), generator=g))
+            emb = torch.randn(n, text_dim, generator=g)
+            lat = torch.randn(*latent_shape, generator=g) if latent_shape is not None else None
+            w.add(emb, f"random sample {i}", lat)
+        info = w.finish(torch.randn(text_len, text_dim, generator=g), "random negative prompt")
+    return info

@@ -1,0 +1,1 @@
+"""DMD2: the losses (pure tensors) and the training loop."""

@@ -1,0 +1,206 @@
+"""The DMD2 training loop: one iteration = (every N-th) a generator update, then a fake-score update.
+
+Read ``train_step`` top to bottom:
+1. draw ``grad_accum_steps`` distinct micro-batches (FastVideo reuses one object for all of them,
+   a bug we do not copy);
+2. on iterations where ``step % generator_update_interval == 0``: the generator update
+   (``generator_step``), with the teacher and fake score called as bare modules under no_grad;
+3. every iteration: the fake-score update on fresh generator samples (``fake_score_step``).
+
+Each engine is called as ``engine(...)`` only in its own update (see roles.py for why).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from .. import flow
+from ..config import RunConfig
+from ..data.loader import Batch, BatchSource
+from ..metrics import MetricsWriter, ScalarWindow, StepTimer, format_line, memory_stats
+from ..models import predict_velocity
+from ..rng import Purpose, SampleRNG
+from ..sampling import generator_x0_from_data, simulate_generator, step_timesteps
+from . import losses
+
+log = logging.getLogger("megadmd")
+
+PHASE_GENERATOR = 0
+PHASE_FAKE_SCORE = 1
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # iterations completed
+    generator_updates: int = 0
+    fake_score_updates: int = 0
+
+    def state_dict(self) -> dict:
+        return dict(self.__dict__)
+
+    def load_state_dict(self, d: dict) -> None:
+        for k, v in d.items():
+            setattr(self, k, int(v))
+
+
+class DMDTrainer:
+    def __init__(self, cfg: RunConfig, models, data: BatchSource, pstate, rng: SampleRNG,
+                 writer: MetricsWriter, device: torch.device,
+                 hooks: Optional[list[Callable[["DMDTrainer"], None]]] = None):
+        self.cfg = cfg
+        self.dmd = cfg.dmd
+        self.models = models
+        self.data = data
+        self.pstate = pstate
+        self.rng = rng
+        self.writer = writer
+        self.device = device
+        self.state = TrainState()
+        self.window = ScalarWindow()
+        self.hooks = hooks or []  # called after every iteration (checkpoints, validation, metrics)
+        steps = list(self.dmd.denoising_steps)
+        self.steps = flow.warp_steps(steps, self.dmd.flow_shift) if self.dmd.warp_denoising_step else steps
+
+    # --- model calls ---------------------------------------------------------------------------
+    def velocity_fn(self, call, text: torch.Tensor):
+        dtype = self.models.dtype
+        return lambda x_t, t: predict_velocity(call, x_t, t, text, dtype)
+
+    def latent_shape(self, batch: Batch) -> tuple:
+        if batch.latents is not None:
+            return tuple(batch.latents.shape[1:])
+        return tuple(self.cfg.data.latent_shape)  # data-free mode: the configured video latent
+
+    def generator_x0(self, call, batch: Batch, phase: int) -> torch.Tensor:
+        """A generator sample for this batch: in synthetic-latent mode, a dataset latent noised
+        to a random step of the list and denoised; in data-free mode, backward simulation."""
+        pos = batch.positions.tolist()
+        n_steps = len(self.steps)
+        idx = self.rng.randint(pos, n_steps, Purpose.GEN_STEP_INDEX, phase)
+        vfn = self.velocity_fn(call, batch.text_embeds)
+        if not self.dmd.simulate_generator_forward:
+            eps = self.rng.randn(pos, batch.latents.shape[1:], Purpose.GEN_NOISE, phase)
+            t = step_timesteps(self.steps, idx, self.device)
+            return generator_x0_from_data(vfn, batch.latents.float(), t, eps)
+        shape = self.latent_shape(batch)
+        start = self.rng.randn(pos, shape, Purpose.SIM_START, phase)
+        renoise = lambda i: self.rng.randn(pos, shape, Purpose.SIM_RENOISE, phase, sub=i)  # noqa: E731
+        vfn_no_grad = self.velocity_fn(self._module_of(call), batch.text_embeds)
+        return simulate_generator(vfn_no_grad, vfn, self.steps, idx, start, renoise)
+
+    @staticmethod
+    def _module_of(call):
+        # The no-grad prefix of a simulation runs through the bare module, never the engine.
+        return getattr(call, "module", call)
+
+    def teacher_x0(self, x_t: torch.Tensor, t: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """The teacher's CFG x0 prediction; cond and uncond share one forward of batch 2B."""
+        b = x_t.shape[0]
+        text = torch.cat([batch.text_embeds, self.data.negative(b)])
+        v = predict_velocity(self.models.teacher.module, torch.cat([x_t, x_t]), torch.cat([t, t]),
+                             text, self.models.dtype)
+        sigma = flow.sigma_from_t(t)
+        x0_cond = flow.x0_from_velocity(x_t, v[:b], sigma)
+        x0_uncond = flow.x0_from_velocity(x_t, v[b:], sigma)
+        return losses.cfg_combine(x0_cond, x0_uncond, self.dmd.guidance_scale, self.dmd.cfg_form)
+
+    def score_timesteps(self, pos: list, purpose: Purpose, phase: int) -> torch.Tensor:
+        u = self.rng.rand(pos, purpose, phase)
+        return flow.sample_score_timesteps(u, self.dmd.flow_shift, self.dmd.min_timestep_ratio,
+                                           self.dmd.max_timestep_ratio)
+
+    # --- the two updates -----------------------------------------------------------------------
+    def dmd_loss(self, x0_gen: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, dict]:
+        pos = batch.positions.tolist()
+        with torch.no_grad():
+            t = self.score_timesteps(pos, Purpose.DMD_TIMESTEP, PHASE_GENERATOR)
+            eps = self.rng.randn(pos, x0_gen.shape[1:], Purpose.DMD_NOISE, PHASE_GENERATOR)
+            sigma = flow.sigma_from_t(t)
+            x_t = flow.add_noise(x0_gen.detach(), eps, sigma)
+            v_fake = predict_velocity(self.models.fake_score.module, x_t, t, batch.text_embeds,
+                                      self.models.dtype)
+            x0_fake = flow.x0_from_velocity(x_t, v_fake, sigma)
+            x0_real = self.teacher_x0(x_t, t, batch)
+            grad = losses.dmd_grad(x0_gen.detach(), x0_real, x0_fake, self.dmd.grad_norm_mean)
+        loss = losses.dmd_loss(x0_gen, grad)
+        return loss, {"stats/dmd_timestep": t.mean(), "stats/dmd_grad_abs_mean": grad.abs().mean()}
+
+    def generator_step(self, batches: list[Batch]) -> None:
+        engine = self.models.generator
+        for batch in batches:
+            x0_gen = self.generator_x0(engine, batch, PHASE_GENERATOR)
+            loss, stats = self.dmd_loss(x0_gen, batch)
+            engine.backward(loss)
+            engine.step()
+            self.window.add("loss/generator", loss.detach())
+            for k, v in stats.items():
+                self.window.add(k, v)
+        self.state.generator_updates += 1
+        self.window.add("grad_norm/generator", _grad_norm(engine))
+        self.window.add("lr/generator", engine.get_lr()[0])
+
+    def fake_score_step(self, batches: list[Batch]) -> None:
+        engine = self.models.fake_score
+        for batch in batches:
+            pos = batch.positions.tolist()
+            with torch.no_grad():
+                x0_gen = self.generator_x0(self.models.generator.module, batch, PHASE_FAKE_SCORE)
+            t = self.score_timesteps(pos, Purpose.FAKE_TIMESTEP, PHASE_FAKE_SCORE)
+            eps = self.rng.randn(pos, x0_gen.shape[1:], Purpose.FAKE_NOISE, PHASE_FAKE_SCORE)
+            x_t = flow.add_noise(x0_gen, eps, flow.sigma_from_t(t))
+            v_pred = predict_velocity(engine, x_t, t, batch.text_embeds, self.models.dtype)
+            loss = losses.fake_score_loss(v_pred, eps, x0_gen)
+            engine.backward(loss)
+            engine.step()
+            self.window.add("loss/fake_score", loss.detach())
+            self.window.add("stats/x0_generator_mean", x0_gen.mean())
+            self.window.add("stats/x0_generator_std", x0_gen.std())
+        self.state.fake_score_updates += 1
+        self.window.add("grad_norm/fake_score", _grad_norm(engine))
+        self.window.add("lr/fake_score", engine.get_lr()[0])
+
+    # --- the loop ------------------------------------------------------------------------------
+    def is_generator_iteration(self, step: int) -> bool:
+        return step % self.dmd.generator_update_interval == 0
+
+    def train_step(self, step: int) -> None:
+        batches = [self.data.next() for _ in range(self.cfg.train.grad_accum_steps)]
+        if self.is_generator_iteration(step):
+            self.generator_step(batches)
+        self.fake_score_step(batches)
+
+    def train(self) -> None:
+        max_steps = self.cfg.train.max_steps
+        timer = StepTimer()
+        t_start = time.perf_counter()
+        first = self.state.step + 1
+        samples_per_step = (self.pstate.dp_size * self.cfg.train.micro_batch_size
+                            * self.cfg.train.grad_accum_steps)
+        for step in range(first, max_steps + 1):
+            timer.start()
+            self.train_step(step)
+            dt = timer.stop(self.device)
+            self.state.step = step
+            self.window.add("time/step_s", dt)
+            self.window.add("throughput/samples_per_s", samples_per_step / max(dt, 1e-9))
+            if step % self.cfg.logging.interval_steps == 0 or step == max_steps:
+                self.log_window(step, (time.perf_counter() - t_start) / (step - first + 1) * (max_steps - step))
+            for hook in self.hooks:
+                hook(self)
+        self.writer.flush()
+
+    def log_window(self, step: int, eta_s: float) -> None:
+        values = self.window.reduce(self.pstate.world_group)
+        values.update(memory_stats(self.device))
+        self.writer.scalars(values, step)
+        log.info(format_line(step, self.cfg.train.max_steps, values, eta_s))
+
+
+def _grad_norm(engine) -> float:
+    """The global gradient norm DeepSpeed computed at its last step (before clipping)."""
+    norm = engine.get_global_grad_norm()
+    return float(norm) if norm is not None else float("nan")

@@ -1,0 +1,1 @@
+"""Parallel layout (dp x sp), process start-up, and Ulysses sequence parallelism."""

@@ -1,0 +1,116 @@
+"""Checks of a run's inputs before any process group, model or file is touched for writing.
+
+Everything here reads only small files (model config.json, dataset index.json, DeepSpeed JSON),
+so a bad input fails in well under a second with one line naming what to fix.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from .config import ROLES, ConfigError, RunConfig
+from .data.format import DatasetInfo, read_index
+from .models import read_model_config
+from .parallel.state import check_layout
+from .presets import get_preset
+from .roles import load_ds_template
+
+
+@dataclass
+class TrainPlan:
+    model_paths: dict  # role -> folder ("" never appears: built-ins are resolved)
+    model_config: dict  # the teacher's config.json
+    data_path: str
+    builtin_data: bool  # the toy dataset is written into the output folder at start-up
+    latent_shape: tuple  # [C, F, H, W] the generator produces
+    dp_size: int
+
+
+def resolve_builtin_teacher(cfg: RunConfig) -> str:
+    """``model.teacher_path`` with "" replaced by the preset's built-in teacher."""
+    if cfg.model.teacher_path:
+        return cfg.model.teacher_path
+    preset = get_preset(cfg.preset)
+    if not preset.builtin:
+        raise ConfigError(f"model.teacher_path is required for preset '{cfg.preset}' "
+                          f"(a diffusers WanTransformer3DModel or Wan pipeline folder)")
+    from .toy.builtin import builtin_teacher_dir
+
+    return str(builtin_teacher_dir())
+
+
+def check_models(cfg: RunConfig) -> tuple[dict, dict]:
+    """Every role's folder exists and holds a Wan DiT compatible with the teacher's."""
+    teacher = resolve_builtin_teacher(cfg)
+    paths = {}
+    configs = {}
+    for role in ROLES:
+        own = getattr(cfg.model, f"{role}_path")
+        p = own if role != "teacher" and own else teacher  # "" means "same as the teacher"
+        paths[role] = p
+        configs[role] = read_model_config(p, what=f"{role} model (model.{role}_path)")
+    ref = configs["teacher"]
+    for role in ("generator", "fake_score"):
+        for key in ("in_channels", "out_channels", "text_dim", "patch_size"):
+            if configs[role].get(key) != ref.get(key):
+                raise ConfigError(f"{role} model has {key}={configs[role].get(key)} but the teacher "
+                                  f"has {ref.get(key)}; all three roles must share the architecture's I/O")
+    return paths, ref
+
+
+def check_dataset(cfg: RunConfig, model_config: dict) -> tuple[str, bool, Optional[DatasetInfo]]:
+    if not cfg.data.path:
+        if not get_preset(cfg.preset).builtin:
+            raise ConfigError(f"data.path is required for preset '{cfg.preset}' (a megadmd dataset "
+                              f"folder from 'megadmd synth' or 'megadmd make-dataset')")
+        return str(Path(cfg.output_dir) / "data"), True, None
+    info = read_index(cfg.data.path)
+    in_ch = model_config.get("in_channels")
+    if not cfg.dmd.simulate_generator_forward and not info.has_latents:
+        raise ConfigError(f"dataset {cfg.data.path} holds only text embeddings; set "
+                          f"dmd.simulate_generator_forward=true for data-free training or give a "
+                          f"dataset with latents")
+    if info.has_latents and info.latent_shape[0] != in_ch:
+        raise ConfigError(f"dataset {cfg.data.path} has {info.latent_shape[0]}-channel latents but the "
+                          f"model's in_channels is {in_ch}; use a dataset made for this model")
+    if info.text_dim != model_config.get("text_dim"):
+        raise ConfigError(f"dataset {cfg.data.path} has text embeddings of dimension {info.text_dim} "
+                          f"but the model's text_dim is {model_config.get('text_dim')}")
+    return cfg.data.path, False, info
+
+
+def latent_shape_for(cfg: RunConfig, info: Optional[DatasetInfo], model_config: dict) -> tuple:
+    if cfg.dmd.simulate_generator_forward and cfg.data.latent_shape:
+        shape = tuple(int(x) for x in cfg.data.latent_shape)
+    elif info is not None and info.has_latents:
+        shape = tuple(info.latent_shape)
+    elif info is None:  # built-in toy data
+        from .toy.builtin import TOY_SPEC
+
+        shape = TOY_SPEC.latent_shape
+    else:
+        raise ConfigError("data-free training on a text-only dataset needs data.latent_shape "
+                          "([C, F, H, W] of the video latent to generate)")
+    if len(shape) != 4:
+        raise ConfigError(f"data.latent_shape must be [C, F, H, W], got {list(shape)}")
+    if shape[0] != model_config.get("in_channels"):
+        raise ConfigError(f"data.latent_shape has {shape[0]} channels but the model's in_channels "
+                          f"is {model_config.get('in_channels')}")
+    pt, ph, pw = model_config.get("patch_size", (1, 2, 2))
+    if shape[1] % pt or shape[2] % ph or shape[3] % pw:
+        raise ConfigError(f"latent shape {list(shape)} does not divide by the patch size "
+                          f"{[pt, ph, pw]}")
+    return shape
+
+
+def preflight_train(cfg: RunConfig, world_size: int) -> TrainPlan:
+    """All checks of ``megadmd train``'s inputs; returns what the run will use."""
+    paths, model_config = check_models(cfg)
+    dp = check_layout(world_size, cfg.parallel.sp_size, model_config.get("num_attention_heads"))
+    data_path, builtin, info = check_dataset(cfg, model_config)
+    shape = latent_shape_for(cfg, info, model_config)
+    for role in ROLES:
+        load_ds_template(getattr(cfg.deepspeed, role), f"deepspeed.{role}")
+    return TrainPlan(model_paths=paths, model_config=model_config, data_path=data_path,
+                     builtin_data=builtin, latent_shape=shape, dp_size=dp)

@@ -1,0 +1,133 @@
+"""Named presets: a model architecture plus the published (or, for ``tiny``, tuned) recipe.
+
+A preset is a partial config tree applied on top of the dataclass defaults and below the user's
+file and overrides. ``tiny`` is the built-in default: a Wan DiT of about half a million
+parameters, the embedded toy teacher, and the toy dataset; ``megadmd train`` with no arguments
+distills it on a CPU in a few minutes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from .config import ConfigError
+
+# The tiny Wan architecture (diffusers WanTransformer3DModel kwargs). It is also the architecture
+# of the toy teacher that ships in megadmd/assets/toy_teacher.
+TINY_WAN_CONFIG: dict[str, Any] = dict(
+    patch_size=(1, 2, 2),
+    num_attention_heads=4,
+    attention_head_dim=24,
+    in_channels=4,
+    out_channels=4,
+    text_dim=32,
+    freq_dim=64,
+    ffn_dim=384,
+    num_layers=3,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    eps=1e-6,
+    rope_max_seq_len=256,
+)
+
+# Wan2.1 architectures (diffusers configs of the released checkpoints).
+WAN21_1_3B_CONFIG: dict[str, Any] = dict(
+    patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
+    out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30,
+    cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024,
+)
+WAN21_14B_CONFIG: dict[str, Any] = dict(
+    WAN21_1_3B_CONFIG, num_attention_heads=40, ffn_dim=13824, num_layers=40,
+)
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    description: str
+    config: dict  # partial RunConfig tree
+    wan_config: Optional[dict] = None  # architecture, for built-in models and the memory planner
+    builtin: bool = False  # teacher and data ship with the package (the toy problem)
+    aliases: tuple = field(default_factory=tuple)
+
+
+_WAN21_RECIPE = {
+    "dmd": {
+        "denoising_steps": [1000, 757, 522],
+        "min_timestep_ratio": 0.02,
+        "max_timestep_ratio": 0.98,
+        "guidance_scale": 3.5,
+        "cfg_form": "offset",
+        "generator_update_interval": 5,
+    },
+    "optim": {
+        "generator": {"lr": 2e-6, "weight_decay": 0.01},
+        "fake_score": {"lr": 2e-6, "weight_decay": 0.01},
+    },
+    "train": {"max_grad_norm": 1.0, "max_steps": 4000, "micro_batch_size": 1},
+    "data": {"text_len": 512},
+}
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+PRESETS: dict[str, Preset] = {}
+
+
+def _register(p: Preset) -> None:
+    PRESETS[p.name] = p
+    for a in p.aliases:
+        PRESETS[a] = p
+
+
+_register(Preset(
+    name="tiny",
+    description="toy Wan DiT (~0.5M params), embedded toy teacher and toy data; runs on a CPU",
+    wan_config=TINY_WAN_CONFIG,
+    builtin=True,
+    aliases=("toy",),
+    config={
+        "output_dir": "runs/megadmd-tiny",
+        "dmd": {
+            "denoising_steps": [1000, 757, 522],
+            "flow_shift": 3.0,
+            "min_timestep_ratio": 0.02,
+            "max_timestep_ratio": 0.98,
+            "guidance_scale": 3.5,
+            "cfg_form": "offset",
+            "generator_update_interval": 5,
+        },
+        "optim": {
+            "generator": {"lr": 2e-4, "betas": [0.0, 0.999], "weight_decay": 0.0},
+            "fake_score": {"lr": 2e-4, "betas": [0.0, 0.999], "weight_decay": 0.0},
+        },
+        "train": {"max_steps": 300, "micro_batch_size": 8, "max_grad_norm": 1.0, "seed": 0},
+        "logging": {"interval_steps": 10},
+    },
+))
+_register(Preset(
+    name="wan2.1-t2v-1.3b",
+    description="Wan2.1-T2V-1.3B, FastVideo's published DMD recipe (shift 8, steps 1000,757,522)",
+    wan_config=WAN21_1_3B_CONFIG,
+    config=_merge(_WAN21_RECIPE, {"dmd": {"flow_shift": 8.0}}),
+))
+_register(Preset(
+    name="wan2.1-t2v-14b",
+    description="Wan2.1-T2V-14B, FastVideo's published DMD recipe (shift 3)",
+    wan_config=WAN21_14B_CONFIG,
+    config=_merge(_WAN21_RECIPE, {"dmd": {"flow_shift": 3.0}}),
+))
+
+
+def get_preset(name: str) -> Preset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ConfigError(
+            f"unknown preset '{name}'; choose one of {', '.join(sorted(PRESETS))}"
+        ) from None

@@ -1,0 +1,166 @@
+"""Build the three roles: load each model, fill its DeepSpeed config, initialize its engine.
+
+- ``generator`` and ``fake_score``: trainable, each with its own AdamW, LR schedule and ZeRO-3
+  ``deepspeed.initialize``.
+- ``teacher``: frozen (no grads, ``eval()``), ZeRO-3 inference through ``deepspeed.initialize``
+  without an optimizer.
+
+The same ``mpu`` (our ParallelState) goes to every ``deepspeed.initialize``: DeepSpeed keeps the
+first one process-wide, so a role built without it would partition over the wrong group.
+Rule from deepspeed-notes.md: a role's engine is *called* (``engine(x)``) only inside that role's
+own training step; inside another role's loss we call ``engine.module`` under no_grad.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from .config import ROLES, ConfigError, DeepSpeedConfig, OptimConfig, OptimTree, TrainConfig
+from .models import load_wan
+
+log = logging.getLogger("megadmd")
+
+# Keys our config owns. A DeepSpeed template that sets any of them is an error, so there is one
+# source of truth for batch size, precision and clipping.
+OWNED_DS_KEYS = (
+    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+    "bf16", "fp16", "gradient_clipping", "optimizer", "scheduler",
+)
+
+
+def ds_configs_dir() -> Path:
+    """``ds_configs/`` of a source checkout, or the copy a wheel installs under ``share/``."""
+    import sys
+
+    here = Path(__file__).resolve().parent.parent / "ds_configs"
+    if here.is_dir():
+        return here
+    return Path(sys.prefix) / "share" / "megadmd" / "ds_configs"
+
+
+def load_ds_template(name_or_path: str, key: str) -> dict:
+    p = Path(name_or_path)
+    if not p.suffix:
+        p = ds_configs_dir() / f"{name_or_path}.json"
+    if not p.is_file():
+        raise ConfigError(f"{key}: DeepSpeed config '{name_or_path}' not found (looked at {p})")
+    try:
+        tpl = json.loads(p.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{key}: DeepSpeed config {p} is not valid JSON: {exc}") from exc
+    owned = [k for k in OWNED_DS_KEYS if k in tpl]
+    if owned:
+        raise ConfigError(
+            f"{key}: DeepSpeed config {p} sets {', '.join(owned)}; megadmd's config owns these "
+            f"(train.micro_batch_size, train.grad_accum_steps, model.precision, "
+            f"train.max_grad_norm), remove them from the template"
+        )
+    stage = tpl.get("zero_optimization", {}).get("stage")
+    if stage != 3:
+        raise ConfigError(f"{key}: DeepSpeed config {p} must use ZeRO stage 3, got {stage}")
+    if tpl["zero_optimization"].get("reduce_scatter", True) is False:
+        # Without reduce-scatter DeepSpeed scales gradients by sp (DeepSpeed #5248).
+        raise ConfigError(f"{key}: DeepSpeed config {p} sets reduce_scatter false, which gives "
+                          f"wrong gradient scale with sequence parallelism; remove it")
+    return tpl
+
+
+def fill_ds_config(template: dict, train: TrainConfig, dp_size: int, bf16: bool, trainable: bool) -> dict:
+    cfg = json.loads(json.dumps(template))
+    cfg["train_micro_batch_size_per_gpu"] = train.micro_batch_size
+    cfg["gradient_accumulation_steps"] = train.grad_accum_steps
+    cfg["train_batch_size"] = train.micro_batch_size * train.grad_accum_steps * dp_size
+    cfg["bf16"] = {"enabled": bool(bf16)}
+    if trainable and train.max_grad_norm > 0:
+        cfg["gradient_clipping"] = float(train.max_grad_norm)
+    cfg.setdefault("steps_per_print", 1 << 30)
+    cfg.setdefault("wall_clock_breakdown", False)
+    return cfg
+
+
+def lr_lambda(opt: OptimConfig, total_steps: int):
+    """Multiplier of the base LR at optimizer step ``n``: linear warmup, then constant, cosine
+    or linear decay to ``min_lr_ratio`` at ``total_steps``."""
+    warm = opt.warmup_steps
+    floor = opt.min_lr_ratio
+    total = max(total_steps, 1)
+
+    def f(n: int) -> float:
+        if warm > 0 and n < warm:
+            return (n + 1) / warm
+        if opt.scheduler == "constant":
+            return 1.0
+        progress = min(max(n - warm, 0) / max(total - warm, 1), 1.0)
+        if opt.scheduler == "cosine":
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        return floor + (1 - floor) * (1 - progress)  # linear
+
+    return f
+
+
+@dataclass
+class Models:
+    """The three engines, by name. Code says ``models.generator``, never ``engines[0]``."""
+
+    generator: Any
+    fake_score: Any
+    teacher: Any
+    dtype: torch.dtype
+    paths: dict
+
+    def engine(self, role: str):
+        return getattr(self, role)
+
+
+def optimizer_steps_total(role: str, max_steps: int, generator_update_interval: int) -> int:
+    """How many times a role's optimizer steps in a run (the LR schedule's length)."""
+    if role == "generator":
+        return max_steps // generator_update_interval
+    return max_steps
+
+
+def build_models(paths: dict, optim: OptimTree, train: TrainConfig, ds: DeepSpeedConfig,
+                 pstate, device: torch.device, dtype: torch.dtype, generator_update_interval: int,
+                 prepare_module: Optional[Any] = None) -> Models:
+    """Load and wrap all three roles from ``paths[role]``. Collective: every rank calls it.
+
+    ``prepare_module(role, module)`` runs on each loaded module before DeepSpeed wraps it (to install
+    attention processors, activation checkpointing, extra parameters).
+    """
+    import deepspeed
+
+    engines: dict[str, Any] = {}
+    for role in ROLES:
+        trainable = role != "teacher"
+        path = paths[role]
+        module = load_wan(path, dtype=torch.float32 if trainable else dtype, what=f"{role} model")
+        if prepare_module is not None:
+            prepare_module(role, module)
+        ds_cfg = fill_ds_config(load_ds_template(getattr(ds, role), f"deepspeed.{role}"), train,
+                                pstate.dp_size, bf16=dtype == torch.bfloat16, trainable=trainable)
+        if trainable:
+            module.train()
+            o: OptimConfig = getattr(optim, role)
+            params = [p for p in module.parameters() if p.requires_grad]
+            opt = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay,
+                                    eps=o.eps)
+            sched = torch.optim.lr_scheduler.LambdaLR(
+                opt, lr_lambda(o, optimizer_steps_total(role, train.max_steps, generator_update_interval)))
+            engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, lr_scheduler=sched,
+                                                   config=ds_cfg, mpu=pstate)
+        else:
+            module.requires_grad_(False)
+            module.eval()
+            engine, _, _, _ = deepspeed.initialize(model=module, config=ds_cfg, mpu=pstate)
+            engine.eval()
+        engines[role] = engine
+        log.info("%s: %s (%.2fM parameters)", role, path,
+                 sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters()) / 1e6)
+    return Models(generator=engines["generator"], fake_score=engines["fake_score"],
+                  teacher=engines["teacher"], dtype=dtype, paths=dict(paths))

@@ -1,0 +1,88 @@
+"""Samplers, written against a velocity function ``v(x_t, t) -> velocity``.
+
+- ``generator_x0_from_data``: the generator's training input in synthetic-latent mode.
+- ``simulate_generator``: DMD2's backward simulation (data-free mode, paper section 4.5).
+- ``sample_generator``: the few-step inference sampler (denoise, re-noise with fresh noise).
+- ``sample_teacher``: N-step flow-matching Euler with CFG.
+
+The velocity functions close over a model; the code here only does the schedule arithmetic.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from . import flow
+from .dmd.losses import cfg_combine
+
+VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def step_timesteps(steps: Sequence[float], idx: torch.Tensor, device) -> torch.Tensor:
+    """Per-sample timesteps ``steps[idx]`` as a float tensor."""
+    table = torch.tensor([float(s) for s in steps], dtype=torch.float32, device=device)
+    return table[idx.to(device)]
+
+
+def generator_x0_from_data(vfn: VelocityFn, x0_data: torch.Tensor, t: torch.Tensor,
+                           eps: torch.Tensor) -> torch.Tensor:
+    """Noise a data latent to the generator's step ``t`` and predict x0 from there."""
+    sigma = flow.sigma_from_t(t)
+    x_t = flow.add_noise(x0_data, eps, sigma)
+    return flow.x0_from_velocity(x_t, vfn(x_t, t), sigma)
+
+
+def simulate_generator(vfn_no_grad: VelocityFn, vfn_exit: VelocityFn, steps: Sequence[float],
+                       exit_idx: torch.Tensor, start_noise: torch.Tensor,
+                       renoise: Callable[[int], torch.Tensor]) -> torch.Tensor:
+    """Backward simulation: run the generator's own sampler from pure noise, exit at step ``k``.
+
+    For each sample, steps ``0..k-1`` run without grad, re-noising with fresh noise
+    (``renoise(i)`` gives the noise used after step i) to the next step's level; step ``k`` runs
+    through ``vfn_exit`` (with grad in the generator update) and its x0 is returned. Samples may
+    exit at different k; the trajectory is advanced only up to the largest k in the batch.
+    """
+    device = start_noise.device
+    k_max = int(exit_idx.max())
+    x = start_noise
+    with torch.no_grad():
+        for i in range(k_max):
+            t_i = torch.full((x.shape[0],), float(steps[i]), device=device)
+            x0 = flow.x0_from_velocity(x, vfn_no_grad(x, t_i), flow.sigma_from_t(t_i))
+            t_next = torch.full_like(t_i, float(steps[i + 1]))
+            x_next = flow.add_noise(x0, renoise(i), flow.sigma_from_t(t_next))
+            # Samples whose exit point is at or before step i keep their current input.
+            advance = (exit_idx.to(device) > i).reshape(-1, *([1] * (x.ndim - 1)))
+            x = torch.where(advance, x_next, x)
+    t_exit = step_timesteps(steps, exit_idx, device)
+    return flow.x0_from_velocity(x, vfn_exit(x, t_exit), flow.sigma_from_t(t_exit))
+
+
+def sample_generator(vfn: VelocityFn, steps: Sequence[float], noise: torch.Tensor,
+                     renoise: Callable[[int], torch.Tensor]) -> torch.Tensor:
+    """Few-step DMD sampling: denoise to x0 at each step, re-noise to the next; no CFG."""
+    x = noise
+    x0 = noise
+    for i, t in enumerate(steps):
+        t_i = torch.full((x.shape[0],), float(t), device=x.device)
+        x0 = flow.x0_from_velocity(x, vfn(x, t_i), flow.sigma_from_t(t_i))
+        if i + 1 < len(steps):
+            t_next = torch.full_like(t_i, float(steps[i + 1]))
+            x = flow.add_noise(x0, renoise(i), flow.sigma_from_t(t_next))
+    return x0
+
+
+def sample_teacher(vfn_cond: VelocityFn, vfn_uncond: Optional[VelocityFn], noise: torch.Tensor,
+                   sigmas: Sequence[float], guidance_scale: float = 0.0,
+                   cfg_form: str = "standard") -> torch.Tensor:
+    """Flow-matching Euler from pure noise over ``sigmas`` (decreasing, ending at 0), with CFG
+    when ``vfn_uncond`` is given. ``flow.euler_sigmas(N, shift)`` gives Wan's N-step schedule."""
+    x = noise
+    for i in range(len(sigmas) - 1):
+        t = torch.full((x.shape[0],), sigmas[i] * flow.NUM_TRAIN_TIMESTEPS, device=x.device)
+        v = vfn_cond(x, t)
+        if vfn_uncond is not None:
+            v = cfg_combine(v, vfn_uncond(x, t), guidance_scale, cfg_form)
+        x = flow.euler_step(x, v, sigmas[i], sigmas[i + 1])
+    return x

@@ -1,0 +1,1 @@
+"""The toy problem: a conditional video-latent distribution with known modes (issue 3)."""
