@@ -59,8 +59,12 @@ def _resolve(config_file, overrides, preset, output_dir, max_steps):
 
 @click.group()
 @click.version_option(package_name="megadmd")
-def main() -> None:
+@click.option("--local_rank", "--local-rank", "local_rank", type=int, default=None, hidden=True,
+              help="set by 'deepspeed --module megadmd', which puts it before the command")
+def main(local_rank) -> None:
     """megadmd: DMD2 distillation of Wan video DiTs on DeepSpeed ZeRO-3."""
+    if local_rank is not None:
+        os.environ["LOCAL_RANK"] = str(local_rank)
 
 
 @main.command()

@@ -45,11 +45,11 @@ def check_models(cfg: RunConfig) -> tuple[dict, dict]:
     teacher = resolve_builtin_teacher(cfg)
     paths = {}
     configs = {}
-    for role in ROLES:
+    for role in ("teacher", "generator", "fake_score"):  # the teacher first: the others default to it
         own = getattr(cfg.model, f"{role}_path")
         p = own if role != "teacher" and own else teacher  # "" means "same as the teacher"
         paths[role] = p
-        configs[role] = read_model_config(p, what=f"{role} model (model.{role}_path)")
+        configs[role] = read_model_config(p, what=f"{role} model")
     ref = configs["teacher"]
     for role in ("generator", "fake_score"):
         for key in ("in_channels", "out_channels", "text_dim", "patch_size"):

@@ -43,7 +43,8 @@ def prepare_outputs(cfg: RunConfig, plan: TrainPlan, pstate: ParallelState) -> N
     dist.barrier()
 
 
-def run_train(cfg: RunConfig, local_rank: int | None = None) -> DMDTrainer:
+def build_trainer(cfg: RunConfig, local_rank: int | None = None) -> DMDTrainer:
+    """Everything before the first iteration: checks, processes, outputs, engines, data."""
     plan = preflight_train(cfg, env_world_size())  # raises ConfigError before anything is written
     proc = init_distributed(cfg.parallel.backend, local_rank)
     setup_logging(proc.rank)
@@ -51,18 +52,23 @@ def run_train(cfg: RunConfig, local_rank: int | None = None) -> DMDTrainer:
     log.info("layout: %s, device %s", pstate.describe(), proc.device)
     prepare_outputs(cfg, plan, pstate)
     dtype = compute_dtype(cfg.model.precision, proc.device)
-    models = build_models(plan.model_paths, cfg.optim, cfg.train, cfg.deepspeed, pstate, proc.device, dtype,
-                          cfg.dmd.generator_update_interval)
+    models = build_models(plan.model_paths, cfg.optim, cfg.train, cfg.deepspeed, pstate, proc.device,
+                          dtype, cfg.dmd.generator_update_interval)
     data = BatchSource(LatentDataset(plan.data_path), micro_batch=cfg.train.micro_batch_size,
                        dp_rank=pstate.dp_rank, dp_size=pstate.dp_size, seed=cfg.train.seed,
                        text_len=cfg.data.text_len, device=proc.device)
     writer = MetricsWriter(cfg.output_dir, enabled=pstate.rank == 0 and cfg.logging.tensorboard)
-    trainer = DMDTrainer(cfg, models, data, pstate, SampleRNG(cfg.train.seed, proc.device), writer,
-                         proc.device)
+    return DMDTrainer(cfg, models, data, pstate, SampleRNG(cfg.train.seed, proc.device), writer,
+                      proc.device)
+
+
+def run_train(cfg: RunConfig, local_rank: int | None = None) -> DMDTrainer:
+    """``megadmd train``: build, run every iteration, close."""
+    trainer = build_trainer(cfg, local_rank)
     try:
         trainer.train()
     finally:
-        writer.close()
+        trainer.writer.close()
     log.info("done: %d iterations (%d generator updates) in %s", trainer.state.step,
              trainer.state.generator_updates, cfg.output_dir)
     return trainer

@@ -61,6 +61,7 @@ class DMDTrainer:
         self.device = device
         self.state = TrainState()
         self.window = ScalarWindow()
+        self.history: list[tuple[int, dict]] = []  # (step, logged values), for tests and summaries
         self.hooks = hooks or []  # called after every iteration (checkpoints, validation, metrics)
         steps = list(self.dmd.denoising_steps)
         self.steps = flow.warp_steps(steps, self.dmd.flow_shift) if self.dmd.warp_denoising_step else steps
@@ -114,7 +115,8 @@ class DMDTrainer:
                                            self.dmd.max_timestep_ratio)
 
     # --- the two updates -----------------------------------------------------------------------
-    def dmd_loss(self, x0_gen: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, dict]:
+    def dmd_loss(self, x0_gen: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """The generator's DMD loss; also returns the normalized direction ``grad``."""
         pos = batch.positions.tolist()
         with torch.no_grad():
             t = self.score_timesteps(pos, Purpose.DMD_TIMESTEP, PHASE_GENERATOR)
@@ -127,13 +129,13 @@ class DMDTrainer:
             x0_real = self.teacher_x0(x_t, t, batch)
             grad = losses.dmd_grad(x0_gen.detach(), x0_real, x0_fake, self.dmd.grad_norm_mean)
         loss = losses.dmd_loss(x0_gen, grad)
-        return loss, {"stats/dmd_timestep": t.mean(), "stats/dmd_grad_abs_mean": grad.abs().mean()}
+        return loss, grad, {"stats/dmd_timestep": t.mean(), "stats/dmd_grad_abs_mean": grad.abs().mean()}
 
     def generator_step(self, batches: list[Batch]) -> None:
         engine = self.models.generator
         for batch in batches:
             x0_gen = self.generator_x0(engine, batch, PHASE_GENERATOR)
-            loss, stats = self.dmd_loss(x0_gen, batch)
+            loss, _, stats = self.dmd_loss(x0_gen, batch)
             engine.backward(loss)
             engine.step()
             self.window.add("loss/generator", loss.detach())
@@ -196,6 +198,7 @@ class DMDTrainer:
     def log_window(self, step: int, eta_s: float) -> None:
         values = self.window.reduce(self.pstate.world_group)
         values.update(memory_stats(self.device))
+        self.history.append((step, values))
         self.writer.scalars(values, step)
         log.info(format_line(step, self.cfg.train.max_steps, values, eta_s))
 

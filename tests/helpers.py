@@ -1,0 +1,67 @@
+"""Shared test helpers: tiny models and datasets built from configs and saved to folders, so the
+real loading code runs; a 2-process gloo launcher; a one-process DeepSpeed world."""
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+import torch
+
+# A Wan DiT small enough for many test iterations: 2 heads (so sp=2 divides), 2 layers.
+TEST_WAN_CONFIG = dict(
+    patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4,
+    out_channels=4, text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2, cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=64,
+)
+TEST_LATENT_SHAPE = [4, 2, 4, 4]  # [C, F, H, W] -> 2 x 2 x 2 = 8 tokens after the (1, 2, 2) patch
+TEST_TEXT_LEN = 6
+TEST_TEXT_DIM = 32
+
+
+def save_test_model(path: Path, seed: int = 0, config: dict | None = None) -> Path:
+    from megadmd.models import build_wan
+
+    model = build_wan(config or TEST_WAN_CONFIG, seed=seed)
+    model.save_pretrained(str(path))
+    return path
+
+
+def save_test_dataset(path: Path, num_samples: int = 16, seed: int = 0, text_only: bool = False,
+                      latent_shape=None) -> Path:
+    from megadmd.data.make import write_random_dataset
+
+    write_random_dataset(path, num_samples=num_samples,
+                         latent_shape=None if text_only else list(latent_shape or TEST_LATENT_SHAPE),
+                         text_len=TEST_TEXT_LEN, text_dim=TEST_TEXT_DIM, seed=seed)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn_entry(rank: int, world: int, port: int, fn, args) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    fn(rank, world, *args)
+
+
+def spawn(fn, world: int, *args) -> None:
+    """Run ``fn(rank, world, *args)`` in ``world`` fresh processes on gloo; raise if any fails."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_spawn_entry, args=(world, free_port(), fn, args), nprocs=world, join=True)
+
+
+def cli_env() -> dict:
+    """Environment for CLI subprocesses: no launcher variables leak in from the test process."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parent.parent)] + sys.path)
+    return env

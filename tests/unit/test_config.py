@@ -1,0 +1,85 @@
+"""The config tree: presets, files, overrides, and errors that name the key."""
+import json
+
+import pytest
+
+from megadmd.config import ConfigError, RunConfig, apply_dict, parse_override, resolve, save_resolved
+
+
+def test_default_is_the_tiny_preset():
+    cfg = resolve()
+    assert cfg.preset == "tiny"
+    assert cfg.dmd.denoising_steps == [1000, 757, 522]
+    assert cfg.dmd.cfg_form == "offset" and cfg.dmd.guidance_scale == 3.5
+
+
+def test_spec_defaults_without_a_preset_recipe():
+    cfg = RunConfig()
+    assert cfg.dmd.min_timestep_ratio == 0.2 and cfg.dmd.max_timestep_ratio == 0.98
+    assert cfg.dmd.generator_update_interval == 5
+    assert cfg.train.max_grad_norm == 1.0
+    assert cfg.dmd.grad_norm_mean == "sample"
+
+
+def test_wan_preset_uses_published_recipe():
+    cfg = resolve(overrides=["preset=wan2.1-t2v-1.3b"])
+    assert cfg.dmd.flow_shift == 8.0
+    assert cfg.dmd.min_timestep_ratio == 0.02 and cfg.dmd.max_timestep_ratio == 0.98
+
+
+def test_file_then_overrides_win(tmp_path):
+    f = tmp_path / "run.json"
+    f.write_text(json.dumps({"dmd": {"guidance_scale": 2.0, "flow_shift": 5}, "train": {"max_steps": 7}}))
+    cfg = resolve(str(f), ["dmd.guidance_scale=4.5", "optim.generator.betas=[0.0,0.99]"])
+    assert cfg.dmd.guidance_scale == 4.5
+    assert cfg.dmd.flow_shift == 5.0 and isinstance(cfg.dmd.flow_shift, float)
+    assert cfg.train.max_steps == 7
+    assert cfg.optim.generator.betas == [0.0, 0.99]
+
+
+def test_yaml_file(tmp_path):
+    f = tmp_path / "run.yaml"
+    f.write_text("dmd:\n  cfg_form: standard\n  guidance_scale: 4.5\n")
+    cfg = resolve(str(f))
+    assert cfg.dmd.cfg_form == "standard"
+
+
+def test_unknown_key_names_the_key():
+    with pytest.raises(ConfigError, match="unknown config key 'dmd.guidance'"):
+        resolve(overrides=["dmd.guidance=3"])
+
+
+def test_wrong_type_names_the_key():
+    with pytest.raises(ConfigError, match="'train.max_steps' must be int"):
+        resolve(overrides=["train.max_steps=ten"])
+    with pytest.raises(ConfigError, match="'dmd.simulate_generator_forward' must be bool"):
+        apply_dict(RunConfig(), {"dmd": {"simulate_generator_forward": 1}})
+
+
+def test_bad_values_name_the_key():
+    with pytest.raises(ConfigError, match="dmd.cfg_form"):
+        resolve(overrides=["dmd.cfg_form=both"])
+    with pytest.raises(ConfigError, match="decreasing"):
+        resolve(overrides=["dmd.denoising_steps=[522,757,1000]"])
+    with pytest.raises(ConfigError, match="unknown preset"):
+        resolve(overrides=["preset=sd15"])
+
+
+def test_override_parsing():
+    assert parse_override("a.b=3") == {"a": {"b": 3}}
+    assert parse_override("a=1000,757,522") == {"a": [1000, 757, 522]}
+    assert parse_override("p=wan2.1-t2v-1.3b") == {"p": "wan2.1-t2v-1.3b"}
+    with pytest.raises(ConfigError):
+        parse_override("novalue")
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="config file not found"):
+        resolve("/nonexistent/run.yaml")
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = resolve(overrides=["dmd.guidance_scale=2.5"])
+    save_resolved(cfg, tmp_path / "config.json")
+    again = resolve(str(tmp_path / "config.json"))
+    assert again == cfg

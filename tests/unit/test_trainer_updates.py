@@ -1,0 +1,83 @@
+"""One-process DeepSpeed engines: what each update changes, and how often each role steps."""
+import pytest
+import torch
+
+from megadmd.config import resolve
+from megadmd.dmd.trainer import PHASE_GENERATOR
+from megadmd.runner import build_trainer
+from megadmd.zero import full_state_dict
+
+
+def _cfg(tmp_path, model_dir, data_dir, *extra):
+    return resolve(overrides=[
+        f"model.teacher_path={model_dir}", f"data.path={data_dir}", f"output_dir={tmp_path / 'out'}",
+        "train.micro_batch_size=2", "logging.tensorboard=false", "train.max_steps=12",
+        "optim.generator.lr=1e-3", "optim.fake_score.lr=1e-3", *extra])
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture
+def trainer(tmp_path, test_model_dir, test_dataset_dir, single_process_world):
+    return build_trainer(_cfg(tmp_path, test_model_dir, test_dataset_dir))
+
+
+def test_generator_step_moves_x0_against_grad_and_touches_nothing_else(trainer):
+    m = trainer.models
+    batch = trainer.data.next()
+    x0 = trainer.generator_x0(m.generator, batch, PHASE_GENERATOR)
+    _, grad, _ = trainer.dmd_loss(x0, batch)
+    before = {r: full_state_dict(m.engine(r).module) for r in ("teacher", "fake_score", "generator")}
+    trainer.generator_step([batch])
+    with torch.no_grad():  # same batch, same keyed noise and step index as before the update
+        x0_after = trainer.generator_x0(m.generator.module, batch, PHASE_GENERATOR)
+    assert float(((x0_after - x0.detach()) * grad).sum()) < 0
+    assert _same(before["teacher"], full_state_dict(m.teacher.module))
+    assert _same(before["fake_score"], full_state_dict(m.fake_score.module))
+    assert not _same(before["generator"], full_state_dict(m.generator.module))
+
+
+def test_fake_score_step_changes_only_the_fake_score(trainer):
+    m = trainer.models
+    before = {r: full_state_dict(m.engine(r).module) for r in ("teacher", "fake_score", "generator")}
+    trainer.fake_score_step([trainer.data.next()])
+    assert _same(before["teacher"], full_state_dict(m.teacher.module))
+    assert _same(before["generator"], full_state_dict(m.generator.module))
+    assert not _same(before["fake_score"], full_state_dict(m.fake_score.module))
+
+
+def test_update_counts_and_frozen_teacher(trainer):
+    m = trainer.models
+    teacher_before = full_state_dict(m.teacher.module)
+    trainer.train()  # 12 iterations, generator_update_interval 5
+    assert m.generator.global_steps == 2  # iterations 5 and 10
+    assert m.fake_score.global_steps == 12
+    assert trainer.state.generator_updates == 2 and trainer.state.fake_score_updates == 12
+    # the generator's LR schedule steps only with the generator
+    assert m.generator.lr_scheduler.last_epoch == 2
+    assert m.fake_score.lr_scheduler.last_epoch == 12
+    assert _same(teacher_before, full_state_dict(m.teacher.module))
+    assert all(not p.requires_grad for p in m.teacher.module.parameters())
+    assert not m.teacher.module.training
+
+
+def test_gradient_accumulation_draws_distinct_micro_batches(tmp_path, test_model_dir, test_dataset_dir,
+                                                            single_process_world):
+    t = build_trainer(_cfg(tmp_path, test_model_dir, test_dataset_dir, "train.grad_accum_steps=2",
+                           "train.max_steps=5"))
+    seen = []
+    original = t.data.next
+
+    def spy():
+        b = original()
+        seen.append(b.positions.tolist())
+        return b
+
+    t.data.next = spy
+    t.train()
+    assert len(seen) == 10  # 2 micro-batches per iteration
+    flat = [p for ps in seen for p in ps]
+    assert len(set(flat)) == len(flat)  # no micro-batch reused
+    assert t.models.generator.global_steps == 1 and t.models.fake_score.global_steps == 5
