@@ -43,6 +43,17 @@ class DataConfig:
 
 
 @dataclass
+class GANConfig:
+    """DMD2's GAN term (off by default; needs real latents, so not in data-free mode)."""
+
+    enabled: bool = False
+    block_index: Optional[int] = None  # fake-score block whose output tokens feed the head; None: middle
+    generator_weight: float = 1e-3  # the paper uses 3e-3 (ImageNet), 1e-3 (SD1.5), 5e-3 (SDXL)
+    discriminator_weight: float = 1e-2
+    hidden_dim: int = 256
+
+
+@dataclass
 class DMDConfig:
     denoising_steps: list = field(default_factory=lambda: [1000, 757, 522])
     warp_denoising_step: bool = False
@@ -54,6 +65,7 @@ class DMDConfig:
     generator_update_interval: int = 5
     grad_norm_mean: str = "sample"  # sample (per-sample mean) | batch (FastVideo's global mean)
     simulate_generator_forward: bool = False
+    gan: GANConfig = field(default_factory=GANConfig)
 
 
 @dataclass
@@ -284,6 +296,12 @@ def validate(cfg: RunConfig) -> None:
     _choice("dmd.grad_norm_mean", d.grad_norm_mean, ("sample", "batch"))
     _positive("dmd.generator_update_interval", d.generator_update_interval)
     _positive("dmd.flow_shift", d.flow_shift)
+    if d.gan.enabled:
+        if d.simulate_generator_forward:
+            raise ConfigError("dmd.gan.enabled needs real latents, but dmd.simulate_generator_forward "
+                              "(data-free mode) has none; turn one of them off")
+        if d.gan.generator_weight < 0 or d.gan.discriminator_weight < 0 or d.gan.hidden_dim <= 0:
+            raise ConfigError("dmd.gan weights must be >= 0 and dmd.gan.hidden_dim positive")
     _choice("model.precision", cfg.model.precision, ("auto", "fp32", "bf16"))
     for role in TRAINABLE_ROLES:
         o: OptimConfig = getattr(cfg.optim, role)

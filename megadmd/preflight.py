@@ -109,6 +109,11 @@ def preflight_train(cfg: RunConfig, world_size: int) -> TrainPlan:
     paths, model_config = check_models(cfg)
     dp = check_layout(world_size, cfg.parallel.sp_size, model_config.get("num_attention_heads"))
     data_path, builtin, info = check_dataset(cfg, model_config)
+    if cfg.dmd.gan.enabled and cfg.dmd.gan.block_index is not None:
+        n = model_config.get("num_layers", 0)
+        if not -n <= cfg.dmd.gan.block_index < n:
+            raise ConfigError(f"dmd.gan.block_index={cfg.dmd.gan.block_index} is out of range for a "
+                              f"fake score with {n} blocks")
     shape = latent_shape_for(cfg, info, model_config)
     for role in ROLES:
         load_ds_template(getattr(cfg.deepspeed, role), f"deepspeed.{role}")

@@ -43,6 +43,14 @@ def prepare_outputs(cfg: RunConfig, plan: TrainPlan, pstate: ParallelState) -> N
     dist.barrier()
 
 
+def prepare_module(cfg: RunConfig, role: str, module) -> None:
+    """Role-specific additions to a loaded model, before DeepSpeed wraps it."""
+    if role == "fake_score" and cfg.dmd.gan.enabled:
+        from .dmd.gan import attach_gan_head
+
+        attach_gan_head(module, cfg.dmd.gan.hidden_dim, seed=cfg.train.seed)
+
+
 def build_trainer(cfg: RunConfig, local_rank: int | None = None) -> DMDTrainer:
     """Everything before the first iteration: checks, processes, outputs, engines, data."""
     plan = preflight_train(cfg, env_world_size())  # raises ConfigError before anything is written
@@ -53,7 +61,8 @@ def build_trainer(cfg: RunConfig, local_rank: int | None = None) -> DMDTrainer:
     prepare_outputs(cfg, plan, pstate)
     dtype = compute_dtype(cfg.model.precision, proc.device)
     models = build_models(plan.model_paths, cfg.optim, cfg.train, cfg.deepspeed, pstate, proc.device,
-                          dtype, cfg.dmd.generator_update_interval)
+                          dtype, cfg.dmd.generator_update_interval,
+                          prepare_module=lambda role, module: prepare_module(cfg, role, module))
     data = BatchSource(LatentDataset(plan.data_path), micro_batch=cfg.train.micro_batch_size,
                        dp_rank=pstate.dp_rank, dp_size=pstate.dp_size, seed=cfg.train.seed,
                        text_len=cfg.data.text_len, device=proc.device)

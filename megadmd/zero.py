@@ -17,6 +17,8 @@ def full_state_dict(module: torch.nn.Module, dtype: torch.dtype | None = None) -
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
         for name, p in module.named_parameters():
             out[name] = p.detach().to("cpu", dtype or p.dtype).clone()
+    persistent = set(module.state_dict(keep_vars=True).keys())  # skips non-persistent buffers
     for name, b in module.named_buffers():
-        out[name] = b.detach().to("cpu").clone()
+        if name in persistent:
+            out[name] = b.detach().to("cpu").clone()
     return out

@@ -25,7 +25,7 @@ from ..metrics import MetricsWriter, ScalarWindow, StepTimer, format_line, memor
 from ..models import predict_velocity
 from ..rng import Purpose, SampleRNG
 from ..sampling import generator_x0_from_data, simulate_generator, step_timesteps
-from . import losses
+from . import gan, losses
 
 log = logging.getLogger("megadmd")
 
@@ -131,11 +131,30 @@ class DMDTrainer:
         loss = losses.dmd_loss(x0_gen, grad)
         return loss, grad, {"stats/dmd_timestep": t.mean(), "stats/dmd_grad_abs_mean": grad.abs().mean()}
 
+    def gan_block(self) -> int:
+        b = self.dmd.gan.block_index
+        return len(self.models.fake_score.module.blocks) // 2 if b is None else b
+
+    def gan_generator_loss(self, x0_gen: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """The generator's non-saturating GAN loss on its noised samples (gan.generator_gan_loss
+        freezes the fake score, so the gradient reaches the generator through x0_gen only)."""
+        pos = batch.positions.tolist()
+        t = self.score_timesteps(pos, Purpose.GAN_TIMESTEP, PHASE_GENERATOR)
+        eps = self.rng.randn(pos, x0_gen.shape[1:], Purpose.GAN_NOISE, PHASE_GENERATOR)
+        x_t = flow.add_noise(x0_gen, eps, flow.sigma_from_t(t))
+        return gan.generator_gan_loss(self.models.fake_score.module, self.gan_block(), x_t, t,
+                                      batch.text_embeds, self.models.dtype)
+
     def generator_step(self, batches: list[Batch]) -> None:
         engine = self.models.generator
         for batch in batches:
             x0_gen = self.generator_x0(engine, batch, PHASE_GENERATOR)
             loss, _, stats = self.dmd_loss(x0_gen, batch)
+            if self.dmd.gan.enabled:
+                self.window.add("loss/generator_dmd", loss.detach())
+                g_loss = self.gan_generator_loss(x0_gen, batch)
+                loss = loss + self.dmd.gan.generator_weight * g_loss
+                self.window.add("loss/generator_gan", g_loss.detach())
             engine.backward(loss)
             engine.step()
             self.window.add("loss/generator", loss.detach())
@@ -145,22 +164,44 @@ class DMDTrainer:
         self.window.add("grad_norm/generator", _grad_norm(engine))
         self.window.add("lr/generator", engine.get_lr()[0])
 
+    def fake_score_loss(self, batch: Batch) -> torch.Tensor:
+        """Flow matching on a fresh generator sample; with the GAN term, the discriminator loss on
+        the same forward, which also carries the noised real latents (one batch of 2B)."""
+        engine = self.models.fake_score
+        pos = batch.positions.tolist()
+        with torch.no_grad():
+            x0_gen = self.generator_x0(self.models.generator.module, batch, PHASE_FAKE_SCORE)
+        t = self.score_timesteps(pos, Purpose.FAKE_TIMESTEP, PHASE_FAKE_SCORE)
+        eps = self.rng.randn(pos, x0_gen.shape[1:], Purpose.FAKE_NOISE, PHASE_FAKE_SCORE)
+        x_t = flow.add_noise(x0_gen, eps, flow.sigma_from_t(t))
+        self.window.add("stats/x0_generator_mean", x0_gen.mean())
+        self.window.add("stats/x0_generator_std", x0_gen.std())
+        if not self.dmd.gan.enabled:
+            v_pred = predict_velocity(engine, x_t, t, batch.text_embeds, self.models.dtype)
+            return losses.fake_score_loss(v_pred, eps, x0_gen)
+        b = x_t.shape[0]
+        t_real = self.score_timesteps(pos, Purpose.GAN_TIMESTEP, PHASE_FAKE_SCORE)
+        eps_real = self.rng.randn(pos, x0_gen.shape[1:], Purpose.GAN_NOISE, PHASE_FAKE_SCORE)
+        x_real = flow.add_noise(batch.latents.float(), eps_real, flow.sigma_from_t(t_real))
+        with gan.head_logits(engine.module, self.gan_block()) as out:
+            v_pred = predict_velocity(engine, torch.cat([x_t, x_real]), torch.cat([t, t_real]),
+                                      torch.cat([batch.text_embeds, batch.text_embeds]), self.models.dtype)
+        logits = out["logits"]
+        d_loss = gan.discriminator_loss(logits[b:], logits[:b])
+        denoise = losses.fake_score_loss(v_pred[:b], eps, x0_gen)
+        self.window.add("loss/fake_score_denoise", denoise.detach())
+        self.window.add("loss/discriminator", d_loss.detach())
+        self.window.add("stats/d_real_logit", logits[b:].mean().detach())
+        self.window.add("stats/d_fake_logit", logits[:b].mean().detach())
+        return denoise + self.dmd.gan.discriminator_weight * d_loss
+
     def fake_score_step(self, batches: list[Batch]) -> None:
         engine = self.models.fake_score
         for batch in batches:
-            pos = batch.positions.tolist()
-            with torch.no_grad():
-                x0_gen = self.generator_x0(self.models.generator.module, batch, PHASE_FAKE_SCORE)
-            t = self.score_timesteps(pos, Purpose.FAKE_TIMESTEP, PHASE_FAKE_SCORE)
-            eps = self.rng.randn(pos, x0_gen.shape[1:], Purpose.FAKE_NOISE, PHASE_FAKE_SCORE)
-            x_t = flow.add_noise(x0_gen, eps, flow.sigma_from_t(t))
-            v_pred = predict_velocity(engine, x_t, t, batch.text_embeds, self.models.dtype)
-            loss = losses.fake_score_loss(v_pred, eps, x0_gen)
+            loss = self.fake_score_loss(batch)
             engine.backward(loss)
             engine.step()
             self.window.add("loss/fake_score", loss.detach())
-            self.window.add("stats/x0_generator_mean", x0_gen.mean())
-            self.window.add("stats/x0_generator_std", x0_gen.std())
         self.state.fake_score_updates += 1
         self.window.add("grad_norm/fake_score", _grad_norm(engine))
         self.window.add("lr/fake_score", engine.get_lr()[0])
