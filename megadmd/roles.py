@@ -144,6 +144,11 @@ def build_models(paths: dict, optim: OptimTree, train: TrainConfig, ds: DeepSpee
             prepare_module(role, module)
         ds_cfg = fill_ds_config(load_ds_template(getattr(ds, role), f"deepspeed.{role}"), train,
                                 pstate.dp_size, bf16=dtype == torch.bfloat16, trainable=trainable)
+        # Partition over all dp x sp ranks. Left to deepspeed.initialize, a module that was not
+        # built under zero.Init is partitioned over mpu.get_data_parallel_group() only: with sp > 1
+        # the sp ranks would then neither share shards nor reduce gradients with each other.
+        deepspeed.zero.Init(module=module, data_parallel_group=pstate.get_sequence_data_parallel_group(),
+                            config_dict_or_path=ds_cfg, dtype=dtype, mpu=pstate)
         if trainable:
             module.train()
             o: OptimConfig = getattr(optim, role)

@@ -43,8 +43,12 @@ def prepare_outputs(cfg: RunConfig, plan: TrainPlan, pstate: ParallelState) -> N
     dist.barrier()
 
 
-def prepare_module(cfg: RunConfig, role: str, module) -> None:
-    """Role-specific additions to a loaded model, before DeepSpeed wraps it."""
+def prepare_module(cfg: RunConfig, pstate: ParallelState, role: str, module) -> None:
+    """Role-specific additions to a loaded model, before DeepSpeed wraps it: our attention
+    processor (Ulysses over the sp group when sp > 1), and the GAN head on the fake score."""
+    from .attention.processor import configure_attention
+
+    configure_attention(module, sp_group=pstate.sp_group, sp_size=pstate.sp_size, sp_rank=pstate.sp_rank)
     if role == "fake_score" and cfg.dmd.gan.enabled:
         from .dmd.gan import attach_gan_head
 
@@ -62,7 +66,7 @@ def build_trainer(cfg: RunConfig, local_rank: int | None = None) -> DMDTrainer:
     dtype = compute_dtype(cfg.model.precision, proc.device)
     models = build_models(plan.model_paths, cfg.optim, cfg.train, cfg.deepspeed, pstate, proc.device,
                           dtype, cfg.dmd.generator_update_interval,
-                          prepare_module=lambda role, module: prepare_module(cfg, role, module))
+                          prepare_module=lambda role, module: prepare_module(cfg, pstate, role, module))
     data = BatchSource(LatentDataset(plan.data_path), micro_batch=cfg.train.micro_batch_size,
                        dp_rank=pstate.dp_rank, dp_size=pstate.dp_size, seed=cfg.train.seed,
                        text_len=cfg.data.text_len, device=proc.device)

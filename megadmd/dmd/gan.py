@@ -36,8 +36,11 @@ class GANHead(nn.Module):
     def token_features(self, tokens_bsd: torch.Tensor) -> torch.Tensor:
         return F.silu(self.proj(self.norm(tokens_bsd.float()).to(self.proj.weight.dtype)))
 
-    def forward(self, tokens_bsd: torch.Tensor) -> torch.Tensor:
-        pooled = self.token_features(tokens_bsd).mean(dim=1)
+    def forward(self, tokens_bsd: torch.Tensor, seq_ctx=None) -> torch.Tensor:
+        """``seq_ctx``: the model's SequenceContext when its tokens are sp-sharded."""
+        from ..parallel.ulysses import pool_tokens
+
+        pooled = pool_tokens(self.token_features(tokens_bsd), seq_ctx)
         return self.out(pooled).squeeze(-1).float()
 
 
@@ -60,9 +63,10 @@ def head_logits(module: nn.Module, block_index: int) -> Iterator[dict]:
     """
     box: dict = {}
     head = getattr(module, HEAD_ATTR)
+    seq_ctx = getattr(module, "megadmd_sequence_context", None)
 
     def hook(_mod, _inputs, output):
-        box["logits"] = head(output)
+        box["logits"] = head(output, seq_ctx)
 
     handle = module.blocks[block_index].register_forward_hook(hook)
     try:

@@ -42,6 +42,14 @@ def check_layout(world_size: int, sp_size: int, num_heads: Optional[int] = None)
     return world_size // sp_size
 
 
+def layout_groups(world_size: int, sp_size: int) -> tuple[list, list]:
+    """The sp groups (consecutive ranks) and dp groups (strided) of ``rank = dp_rank * sp + sp_rank``."""
+    dp_size = check_layout(world_size, sp_size)
+    sp_groups = [[d * sp_size + s for s in range(sp_size)] for d in range(dp_size)]
+    dp_groups = [[d * sp_size + s for d in range(dp_size)] for s in range(sp_size)]
+    return sp_groups, dp_groups
+
+
 @dataclass
 class ParallelState:
     world_size: int
@@ -67,13 +75,12 @@ class ParallelState:
         world_group = dist.new_group(list(range(world)))
         sp_group = dp_group = mp_group = None
         sp_ranks = dp_ranks = None
-        for d in range(dp_size):
-            ranks = [d * sp_size + s for s in range(sp_size)]
+        sp_layout, dp_layout = layout_groups(world, sp_size)
+        for ranks in sp_layout:
             g = dist.new_group(ranks)
             if rank in ranks:
                 sp_group, sp_ranks = g, ranks
-        for s in range(sp_size):
-            ranks = [d * sp_size + s for d in range(dp_size)]
+        for ranks in dp_layout:
             g = dist.new_group(ranks)
             if rank in ranks:
                 dp_group, dp_ranks = g, ranks

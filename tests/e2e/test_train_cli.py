@@ -62,6 +62,8 @@ def test_bad_input_fails_with_one_line_and_writes_nothing(tmp_path, tiny_dataset
 @pytest.mark.parametrize("override, message", [
     ("dmd.guidance=3", "unknown config key 'dmd.guidance'"),
     ("train.max_steps=many", "'train.max_steps' must be int"),
+    ("parallel.sp_size=2", "world size 1 is not divisible by parallel.sp_size=2"),
+    ("parallel.sp_size=0", "parallel.sp_size must be positive"),
 ])
 def test_config_errors_name_the_key(tmp_path, override, message):
     r = subprocess.run([sys.executable, "-m", "megadmd", "train", "-o", str(tmp_path / "x"), "--set", override],
