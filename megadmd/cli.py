@@ -100,6 +100,68 @@ def make_dataset(out, num_samples, latent_shape, text_len, text_dim, text_only, 
     click.echo(f"wrote {info.num_samples} samples to {out}")
 
 
+@main.command("encode-text")
+@click.option("--prompts", required=True, type=click.Path(dir_okay=False), help="prompts file: .txt (one per line) or .jsonl")
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="text-only dataset folder to write")
+@click.option("--text-encoder", required=True, type=click.Path(), help="UMT5EncoderModel folder, or a Wan pipeline folder")
+@click.option("--tokenizer", default=None, type=click.Path(), help="tokenizer folder (default: with the encoder)")
+@click.option("--negative-prompt", default="", help="the unconditional prompt for the teacher's CFG")
+@click.option("--max-len", type=int, default=512, show_default=True)
+@click.option("--shard-size", type=int, default=256, show_default=True)
+@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True)
+@user_errors
+def encode_text(prompts, out, text_encoder, tokenizer, negative_prompt, max_len, shard_size, batch_size, precision):
+    """Encode prompts with UMT5 into a text-only dataset (data-free training, or input to synth)."""
+    from .data.text import run_encode_text
+
+    info = run_encode_text(prompts, out, text_encoder, tokenizer, negative_prompt, max_len, shard_size,
+                           batch_size, precision)
+    if os.environ.get("RANK", "0") == "0":
+        click.echo(f"encoded {info.num_samples} prompts into {out}")
+
+
+@main.command()
+@click.option("--teacher", required=True, type=click.Path(), help="diffusers Wan DiT folder or pipeline folder")
+@click.option("--text-data", required=True, type=click.Path(file_okay=False), help="from megadmd encode-text")
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="synthetic-latent dataset to write")
+@click.option("--latent-shape", default=None, help="C,F,H,W of the latents to sample")
+@click.option("--video-size", default=None, help="FRAMES,HEIGHT,WIDTH in pixels; latent = 16,(F-1)/4+1,H/8,W/8 (Wan VAE)")
+@click.option("--steps", type=int, default=50, show_default=True)
+@click.option("--guidance-scale", type=float, default=5.0, show_default=True)
+@click.option("--cfg-form", type=click.Choice(["standard", "offset"]), default="standard", show_default=True)
+@click.option("--flow-shift", type=float, default=3.0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--batch-size", type=int, default=4, show_default=True)
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True)
+@click.option("--vae", default=None, type=click.Path(), help="AutoencoderKLWan folder: decode a few samples to mp4/png")
+@click.option("--decode", "num_decode", type=int, default=4, show_default=True, help="samples to decode with --vae")
+@user_errors
+def synth(teacher, text_data, out, latent_shape, video_size, steps, guidance_scale, cfg_form, flow_shift,
+          seed, batch_size, precision, vae, num_decode):
+    """Sample clean teacher latents for every prompt (resumable; split across ranks)."""
+    from .data.synth import SynthOptions, run_synth
+
+    shape = _latent_shape(latent_shape, video_size)
+    info = run_synth(SynthOptions(
+        teacher=teacher, text_data=text_data, out=out, latent_shape=tuple(shape), num_steps=steps,
+        guidance_scale=guidance_scale, cfg_form=cfg_form, flow_shift=flow_shift, seed=seed,
+        batch_size=batch_size, precision=precision, vae=vae, num_decode=num_decode if vae else 0))
+    if os.environ.get("RANK", "0") == "0":
+        click.echo(f"synthesized {info.num_samples} latents of shape {shape} into {out}")
+
+
+def _latent_shape(latent_shape, video_size) -> list[int]:
+    if (latent_shape is None) == (video_size is None):
+        raise ConfigError("give exactly one of --latent-shape C,F,H,W and --video-size FRAMES,HEIGHT,WIDTH")
+    if latent_shape is not None:
+        return _int_list(latent_shape, "--latent-shape", 4)
+    f, h, w = _int_list(video_size, "--video-size", 3)
+    if (f - 1) % 4 or h % 8 or w % 8:
+        raise ConfigError(f"--video-size {video_size}: frames must be 4k+1 and height/width multiples of 8")
+    return [16, (f - 1) // 4 + 1, h // 8, w // 8]
+
+
 def _int_list(text: str, name: str, n: int) -> list[int]:
     try:
         vals = [int(x) for x in text.split(",")]

@@ -128,3 +128,31 @@ def format_line(step: int, max_steps: int, values: dict[str, float], eta_s: floa
     m, s = divmod(int(eta_s), 60)
     parts.append(f"eta {m}m{s:02d}s")
     return " | ".join(parts)
+
+
+class ProgressBar:
+    """A dependency-free progress bar on stderr (rank 0 only): redrawn in place on a terminal,
+    one line per update otherwise (logs, CI)."""
+
+    def __init__(self, total: int, desc: str, enabled: bool = True, width: int = 30):
+        self.total = max(total, 1)
+        self.desc = desc
+        self.enabled = enabled
+        self.width = width
+        self.done = 0
+        self._t0 = time.perf_counter()
+        self._tty = sys.stderr.isatty()
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        if not self.enabled:
+            return
+        frac = min(self.done / self.total, 1.0)
+        bar = "#" * int(frac * self.width) + "-" * (self.width - int(frac * self.width))
+        elapsed = time.perf_counter() - self._t0
+        eta = elapsed / max(self.done, 1e-9) * (self.total - self.done)
+        line = f"{self.desc} [{bar}] {self.done}/{self.total} {elapsed:.0f}s elapsed, eta {eta:.0f}s"
+        sys.stderr.write(("\r" + line) if self._tty else line + "\n")
+        if self._tty and self.done >= self.total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()

@@ -86,3 +86,15 @@ def sample_teacher(vfn_cond: VelocityFn, vfn_uncond: Optional[VelocityFn], noise
             v = cfg_combine(v, vfn_uncond(x, t), guidance_scale, cfg_form)
         x = flow.euler_step(x, v, sigmas[i], sigmas[i + 1])
     return x
+
+
+def cfg_velocity(v_pair: Callable[[torch.Tensor, torch.Tensor], tuple], guidance_scale: float,
+                 cfg_form: str) -> VelocityFn:
+    """A guided velocity function from one returning ``(v_cond, v_uncond)`` (e.g. one forward of
+    batch 2B); pass it to ``sample_teacher`` with ``vfn_uncond=None``."""
+
+    def v(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        cond, uncond = v_pair(x_t, t)
+        return cfg_combine(cond, uncond, guidance_scale, cfg_form)
+
+    return v

@@ -65,3 +65,36 @@ def cli_env() -> dict:
     env["OMP_NUM_THREADS"] = "1"
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parent.parent)] + sys.path)
     return env
+
+
+TOY_WORDS = ("a cat dog runs on the beach in snow red blue video of bird flies over sea city at night "
+             "slow motion close up").split()
+
+
+def save_tiny_text_encoder(path: Path, d_model: int = TEST_TEXT_DIM) -> Path:
+    """A tiny UMT5EncoderModel and a word-level tokenizer, saved like a real text-encoder folder."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    for w in TOY_WORDS:
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    torch.manual_seed(0)
+    cfg = UMT5Config(vocab_size=len(vocab), d_model=d_model, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                     relative_attention_num_buckets=8)
+    UMT5EncoderModel(cfg).save_pretrained(str(path))
+    fast.save_pretrained(str(path))
+    return path
+
+
+def save_tiny_vae(path: Path, z_dim: int = 4) -> Path:
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(base_dim=8, z_dim=z_dim, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                           latents_mean=[0.0] * z_dim, latents_std=[1.0] * z_dim)
+    vae.save_pretrained(str(path))
+    return path

@@ -11,10 +11,12 @@ A dataset is a folder::
 Each shard holds stacked tensors for its samples:
 
     latents      [n, C, F, H, W]   clean (normalized) latents; absent in text-only datasets
-    text_embeds  [n, L_max, D]     text embeddings, zero-padded to the dataset's L_max
+    text_embeds  [n, L, D]         text embeddings, zero-padded to the shard's longest (<= L_max)
     text_lens    [n]               int32, the unpadded length of each embedding (its mask)
 
-and, in the safetensors metadata, ``captions`` (a JSON list of strings) and ``first_index``.
+and, in the safetensors metadata under the single key ``megadmd``, a JSON object with ``captions``
+(the prompts) and ``first_index``. (One key, because safetensors stores metadata as an unordered
+map: with one key the file's bytes depend on its content only.)
 ``negative.safetensors`` holds ``text_embeds [L, D]`` and ``text_lens [1]``, with the negative
 prompt in its metadata under ``caption``.
 
@@ -139,8 +141,13 @@ def encode_shard(
         tensors["latents"] = latents.contiguous()
     for k, v in (extra_tensors or {}).items():
         tensors[k] = v.contiguous()
-    meta = {"captions": json.dumps(captions), "first_index": str(first_index)}
+    meta = {"megadmd": json.dumps({"captions": captions, "first_index": first_index})}
     return st_save(tensors, metadata=meta)
+
+
+def shard_meta(handle) -> dict:
+    """``{"captions": [...], "first_index": n}`` of an open shard."""
+    return json.loads((handle.metadata() or {})["megadmd"])
 
 
 def write_negative(root: Path, embed: torch.Tensor, caption: str) -> None:
@@ -154,6 +161,43 @@ def write_negative(root: Path, embed: torch.Tensor, caption: str) -> None:
 
 def write_index(root: Path, info: DatasetInfo) -> None:
     atomic_write_text(root / INDEX_FILE, json.dumps(info.to_json(), indent=1) + "\n")
+
+
+def write_shard(root: Path, k: int, *, text_embeds: list, captions: list, first_index: int,
+                max_text_len: int, text_dim: int, latents: Optional[torch.Tensor] = None,
+                latent_dtype: torch.dtype = torch.float32) -> dict:
+    """Write shard ``k`` atomically from per-sample embeddings ``[L_i, D]``; return its index entry."""
+    n = len(text_embeds)
+    width = max(e.shape[0] for e in text_embeds)  # pad to the shard's longest, not the dataset's
+    if width > max_text_len:
+        raise ValueError(f"a text embedding has {width} tokens, more than max_text_len {max_text_len}")
+    emb = torch.zeros(n, width, text_dim)
+    lens = torch.zeros(n, dtype=torch.int32)
+    for i, e in enumerate(text_embeds):
+        emb[i, : e.shape[0]] = e.float()
+        lens[i] = e.shape[0]
+    lat = latents.to(latent_dtype) if latents is not None else None
+    atomic_write_bytes(Path(root) / shard_name(k), encode_shard(emb, lens, list(captions), first_index, latents=lat))
+    return {"file": shard_name(k), "first_index": first_index, "num_samples": n}
+
+
+def existing_shard(root: Path, k: int) -> Optional[dict]:
+    """The index entry of shard ``k`` if its file exists (files appear only when complete)."""
+    f = Path(root) / shard_name(k)
+    if not f.is_file():
+        return None
+    with safe_open(str(f), framework="pt") as h:
+        first = int(shard_meta(h)["first_index"])
+        n = int(h.get_slice("text_lens").get_shape()[0])
+    return {"file": shard_name(k), "first_index": first, "num_samples": n}
+
+
+def read_shard(root: Path, k: int) -> dict:
+    """All tensors of shard ``k`` plus its captions (for tools that copy or transform shards)."""
+    with safe_open(str(Path(root) / shard_name(k)), framework="pt") as h:
+        out = {key: h.get_tensor(key) for key in h.keys()}
+        out["captions"] = shard_meta(h)["captions"]
+    return out
 
 
 class DatasetWriter:
@@ -194,20 +238,13 @@ class DatasetWriter:
         if not self._buf:
             return
         first = self.info.num_samples
-        k = first // self.info.shard_size
-        n = len(self._buf)
-        emb = torch.zeros(n, self.info.max_text_len, self.info.text_dim)
-        lens = torch.zeros(n, dtype=torch.int32)
-        for i, (e, _, _) in enumerate(self._buf):
-            emb[i, : e.shape[0]] = e.float()
-            lens[i] = e.shape[0]
-        lat = None
-        if self.info.has_latents:
-            lat = torch.stack([b[2] for b in self._buf]).to(self._latent_dtype)
-        data = encode_shard(emb, lens, [b[1] for b in self._buf], first, latents=lat)
-        atomic_write_bytes(self.root / shard_name(k), data)
-        self.info.shards.append({"file": shard_name(k), "first_index": first, "num_samples": n})
-        self.info.num_samples += n
+        lat = torch.stack([b[2] for b in self._buf]) if self.info.has_latents else None
+        entry = write_shard(self.root, first // self.info.shard_size, text_embeds=[b[0] for b in self._buf],
+                            captions=[b[1] for b in self._buf], first_index=first,
+                            max_text_len=self.info.max_text_len, text_dim=self.info.text_dim, latents=lat,
+                            latent_dtype=self._latent_dtype)
+        self.info.shards.append(entry)
+        self.info.num_samples += entry["num_samples"]
         self._buf = []
 
     def finish(self, negative_embed: torch.Tensor, negative_caption: str = "") -> DatasetInfo:
@@ -229,6 +266,7 @@ class LatentDataset:
         self.info = read_index(self.root)
         self._starts = [s["first_index"] for s in self.info.shards]
         self._handles: dict[int, object] = {}
+        self._caption_cache: dict[int, list] = {}
         for s in self.info.shards:
             if not (self.root / s["file"]).is_file():
                 raise ConfigError(f"dataset {self.root} is missing its shard {s['file']}")
@@ -253,6 +291,11 @@ class LatentDataset:
             self._handles[k] = h
         return h
 
+    def _captions(self, k: int, handle) -> list:
+        if k not in self._caption_cache:
+            self._caption_cache[k] = shard_meta(handle)["captions"]
+        return self._caption_cache[k]
+
     def get(self, i: int) -> dict:
         """One sample: ``text_embeds [L_max, D]``, ``text_len``, ``caption`` and ``latents`` if present."""
         k, j = self._locate(i)
@@ -260,7 +303,7 @@ class LatentDataset:
         out = {
             "text_embeds": h.get_slice("text_embeds")[j : j + 1][0].float(),
             "text_len": int(h.get_slice("text_lens")[j : j + 1][0]),
-            "caption": json.loads(h.metadata()["captions"])[j],
+            "caption": self._captions(k, h)[j],
         }
         if self.info.has_latents:
             out["latents"] = h.get_slice("latents")[j : j + 1][0].float()
