@@ -34,6 +34,8 @@ def config_options(fn):
     """``--config``, ``--set`` and the common shortcuts, shared by commands that take a run config."""
     fn = click.option("--local_rank", "--local-rank", "local_rank", type=int, default=None, hidden=True,
                       help="set by the deepspeed launcher")(fn)
+    fn = click.option("--resume", default=None, metavar="auto|PATH",
+                      help="same as --set checkpoint.resume=...: 'auto' = newest intact checkpoint")(fn)
     fn = click.option("--max-steps", type=int, default=None, help="same as --set train.max_steps=N")(fn)
     fn = click.option("--output-dir", "-o", default=None, help="same as --set output_dir=DIR")(fn)
     fn = click.option("--preset", default=None, help="same as --set preset=NAME (e.g. tiny, wan2.1-t2v-1.3b)")(fn)
@@ -44,10 +46,12 @@ def config_options(fn):
     return fn
 
 
-def _resolve(config_file, overrides, preset, output_dir, max_steps):
+def _resolve(config_file, overrides, preset, output_dir, max_steps, resume=None):
     from .config import resolve
 
     extra = list(overrides)
+    if resume is not None:
+        extra.append(f"checkpoint.resume={resume}")
     if preset is not None:
         extra.insert(0, f"preset={preset}")
     if output_dir is not None:
@@ -70,14 +74,14 @@ def main(local_rank) -> None:
 @main.command()
 @config_options
 @user_errors
-def train(config_file, overrides, preset, output_dir, max_steps, local_rank):
+def train(config_file, overrides, preset, output_dir, max_steps, local_rank, resume):
     """Distill a teacher into a few-step generator with DMD2.
 
     With no arguments it distills the built-in toy teacher (preset 'tiny') on this machine.
     """
     from .runner import run_train
 
-    cfg = _resolve(config_file, overrides, preset, output_dir, max_steps)
+    cfg = _resolve(config_file, overrides, preset, output_dir, max_steps, resume)
     run_train(cfg, local_rank=local_rank)
 
 
@@ -149,6 +153,104 @@ def synth(teacher, text_data, out, latent_shape, video_size, steps, guidance_sca
         batch_size=batch_size, precision=precision, vae=vae, num_decode=num_decode if vae else 0))
     if os.environ.get("RANK", "0") == "0":
         click.echo(f"synthesized {info.num_samples} latents of shape {shape} into {out}")
+
+
+@main.group()
+def convert() -> None:
+    """Checkpoints to diffusers folders, universal checkpoints, and role initializations."""
+
+
+@convert.command("to-diffusers")
+@click.argument("checkpoint", type=click.Path(file_okay=False))
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False))
+@click.option("--role", type=click.Choice(["generator", "fake_score"]), default="generator", show_default=True)
+@click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
+@click.option("--max-shard-size", default="5GB", show_default=True)
+@click.option("--config", "model_config", default=None, type=click.Path(),
+              help="model config.json, for a bare DeepSpeed checkpoint folder")
+@user_errors
+def convert_to_diffusers(checkpoint, out, role, dtype, max_shard_size, model_config):
+    """A megadmd (or DeepSpeed) checkpoint -> a diffusers WanTransformer3DModel folder."""
+    from .convert import to_diffusers
+
+    click.echo(f"wrote {to_diffusers(checkpoint, out, role, dtype, max_shard_size, model_config)}")
+
+
+@convert.command("to-universal")
+@click.argument("checkpoint", type=click.Path(file_okay=False))
+@user_errors
+def convert_to_universal(checkpoint):
+    """Add DeepSpeed universal copies to a checkpoint (resuming at another world size does this itself)."""
+    from .convert import to_universal
+
+    for p in to_universal(checkpoint):
+        click.echo(f"wrote {p}")
+
+
+@convert.command("init")
+@click.argument("weights", type=click.Path(dir_okay=False))
+@click.option("--config", "model_config", required=True, help="config.json, a folder with one, or a preset name")
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False))
+@click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
+@user_errors
+def convert_init(weights, model_config, out, dtype):
+    """Plain safetensors weights (diffusers or original Wan names) -> a folder usable as any role's path."""
+    from .convert import init_from_weights
+
+    click.echo(f"wrote {init_from_weights(weights, model_config, out, dtype)}")
+
+
+@main.command("export-ema")
+@click.argument("checkpoint", type=click.Path(file_okay=False))
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False))
+@click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
+@click.option("--max-shard-size", default="5GB", show_default=True)
+@user_errors
+def export_ema_cmd(checkpoint, out, dtype, max_shard_size):
+    """The generator's EMA weights of a checkpoint -> a diffusers folder."""
+    from .convert import export_ema
+
+    click.echo(f"wrote {export_ema(checkpoint, out, dtype, max_shard_size)}")
+
+
+@main.command()
+@click.option("--model", required=True, type=click.Path(), help="the distilled generator (diffusers folder)")
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False))
+@click.option("--prompts", default=None, type=click.Path(dir_okay=False), help=".txt or .jsonl prompts")
+@click.option("--text-encoder", default=None, type=click.Path(), help="UMT5 folder or Wan pipeline folder")
+@click.option("--tokenizer", default=None, type=click.Path())
+@click.option("--embeds", default=None, type=click.Path(file_okay=False), help="a megadmd dataset's embeddings")
+@click.option("--latent-shape", default=None, help="C,F,H,W")
+@click.option("--video-size", default=None, help="FRAMES,HEIGHT,WIDTH (Wan VAE factors)")
+@click.option("--steps", default="1000,757,522", show_default=True, help="the DMD denoising steps")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--batch-size", type=int, default=1, show_default=True)
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True)
+@click.option("--vae", default=None, type=click.Path(), help="decode to mp4 and a png grid")
+@click.option("--compare-teacher", default=None, type=click.Path(), help="also time this teacher")
+@click.option("--teacher-steps", type=int, default=50, show_default=True)
+@click.option("--guidance-scale", type=float, default=5.0, show_default=True)
+@click.option("--cfg-form", type=click.Choice(["standard", "offset"]), default="standard", show_default=True)
+@click.option("--flow-shift", type=float, default=3.0, show_default=True)
+@click.option("--negative-prompt", default="", help="the teacher's unconditional prompt (with --prompts)")
+@user_errors
+def generate(model, out, prompts, text_encoder, tokenizer, embeds, latent_shape, video_size, steps, seed,
+             batch_size, precision, vae, compare_teacher, teacher_steps, guidance_scale, cfg_form, flow_shift,
+             negative_prompt):
+    """Few-step sampling with a distilled generator; optionally timed against the teacher."""
+    from .generate import GenerateOptions, run_generate
+
+    res = run_generate(GenerateOptions(
+        model=model, out=out, latent_shape=tuple(_latent_shape(latent_shape, video_size)), prompts=prompts,
+        text_encoder=text_encoder, tokenizer=tokenizer, embeds=embeds, negative_prompt=negative_prompt,
+        steps=[float(x) for x in steps.split(",")], seed=seed, batch_size=batch_size, precision=precision,
+        vae=vae, compare_teacher=compare_teacher, teacher_steps=teacher_steps, guidance_scale=guidance_scale,
+        cfg_form=cfg_form, flow_shift=flow_shift))
+    click.echo(f"student, {res['student_steps']} steps: {res['student_s_per_sample']:.4f} s/sample")
+    if "teacher_s_per_sample" in res:
+        click.echo(f"teacher, {res['teacher_steps']} steps + CFG: {res['teacher_s_per_sample']:.4f} s/sample")
+        click.echo(f"speedup: {res['speedup']:.1f}x")
+    click.echo(f"wrote {res['num_samples']} samples to {out}")
 
 
 def _latent_shape(latent_shape, video_size) -> list[int]:

@@ -109,6 +109,42 @@ class DeepSpeedConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    interval_steps: int = 500  # save every N iterations (0: only at the end); always at the end
+    keep_last: int = 3  # keep the newest N checkpoints (0: keep all)
+    resume: str = ""  # "" (fresh start), "auto" (newest intact checkpoint in output_dir), or a path
+
+
+@dataclass
+class EMAConfig:
+    decay: float = 0.0  # 0 disables the EMA; FastVideo's CLI default is 0.999
+    start_step: int = 0  # first iteration whose generator update starts (and seeds) the EMA
+
+
+@dataclass
+class ValidationConfig:
+    interval_steps: int = 0  # sample and log every N iterations (0: off)
+    data_path: str = ""  # text-only dataset of prompts; "" uses the first samples of the training data
+    num_samples: int = 4
+    seed: int = 42
+    vae_path: str = ""  # an AutoencoderKLWan folder: log decoded frames and write mp4s
+
+
+@dataclass
+class AttentionConfig:
+    """Video Sparse Attention for the generator (the teacher and fake score stay dense)."""
+
+    vsa_sparsity: float = 0.0  # target fraction of key cubes skipped; 0 = dense generator
+    vsa_backend: str = "auto"  # auto | torch | flex | fastvideo
+    vsa_decay_rate: float = 0.0  # ramp: +rate every interval_steps iterations up to the target
+    vsa_decay_interval_steps: int = 1  # (FastVideo's VSA_decay_rate / VSA_decay_interval_steps)
+
+    @property
+    def vsa_enabled(self) -> bool:
+        return self.vsa_sparsity > 0
+
+
+@dataclass
 class LoggingConfig:
     interval_steps: int = 10  # log line and TensorBoard scalars every N iterations
     tensorboard: bool = True
@@ -125,6 +161,10 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
@@ -321,6 +361,21 @@ def validate(cfg: RunConfig) -> None:
     _positive("parallel.sp_size", cfg.parallel.sp_size)
     _choice("parallel.backend", cfg.parallel.backend, ("auto", "nccl", "gloo"))
     _positive("logging.interval_steps", cfg.logging.interval_steps)
+    c = cfg.checkpoint
+    if c.interval_steps < 0 or c.keep_last < 0:
+        raise ConfigError("checkpoint.interval_steps and checkpoint.keep_last must be >= 0")
+    if not (cfg.ema.decay == 0 or 0 < cfg.ema.decay < 1) or cfg.ema.start_step < 0:
+        raise ConfigError(f"ema.decay must be 0 (off) or in (0, 1), and ema.start_step >= 0; "
+                          f"got {cfg.ema.decay}, {cfg.ema.start_step}")
+    v = cfg.validation
+    if v.interval_steps < 0 or v.num_samples < 1:
+        raise ConfigError("validation.interval_steps must be >= 0 and validation.num_samples >= 1")
+    a = cfg.attention
+    if not 0 <= a.vsa_sparsity < 1:
+        raise ConfigError(f"attention.vsa_sparsity must be in [0, 1), got {a.vsa_sparsity}")
+    _choice("attention.vsa_backend", a.vsa_backend, ("auto", "torch", "flex", "fastvideo"))
+    if a.vsa_decay_rate < 0 or a.vsa_decay_interval_steps < 1:
+        raise ConfigError("attention.vsa_decay_rate must be >= 0 and attention.vsa_decay_interval_steps >= 1")
     if cfg.data.text_len < 0:
         raise ConfigError("data.text_len must be >= 0")
 

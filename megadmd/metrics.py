@@ -42,6 +42,13 @@ class ScalarWindow:
         self._sum[name] += float(value)
         self._count[name] += 1
 
+    def state_dict(self) -> dict:
+        return {"sum": dict(self._sum), "count": dict(self._count)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._sum = defaultdict(float, state["sum"])
+        self._count = defaultdict(int, state["count"])
+
     def reduce(self, group=None) -> dict[str, float]:
         """Window means, averaged over the ranks of ``group`` (collective on that group).
 

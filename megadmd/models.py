@@ -90,3 +90,34 @@ def predict_velocity(
         **kwargs,
     )[0]
     return out.float()
+
+
+def attach_vsa_gates(module: torch.nn.Module, model_dir: str | Path | None) -> int:
+    """Give every block's self-attention a VSA gate projection (``attn1.to_gate_compress``).
+
+    Gates found in the folder's safetensors (if a folder is given) are loaded; missing ones start
+    at zero, so a dense
+    checkpoint stays exactly itself at sparsity 0. Returns how many gates were loaded.
+    """
+    from safetensors import safe_open
+
+    from .attention.processor import GATE_ATTR
+
+    dim = module.config.num_attention_heads * module.config.attention_head_dim
+    for block in module.blocks:
+        gate = torch.nn.Linear(dim, dim, bias=True, dtype=block.attn1.to_q.weight.dtype)
+        torch.nn.init.zeros_(gate.weight)
+        torch.nn.init.zeros_(gate.bias)
+        setattr(block.attn1, GATE_ATTR, gate)
+    found = {}
+    files = sorted(resolve_model_dir(model_dir).glob("*.safetensors")) if model_dir is not None else []
+    for f in files:
+        with safe_open(str(f), framework="pt") as h:
+            for key in h.keys():
+                if f".{GATE_ATTR}." in key:
+                    found[key] = h.get_tensor(key)
+    if found:
+        missing, unexpected = module.load_state_dict(found, strict=False)
+        if unexpected:
+            raise ConfigError(f"VSA gate weights in {model_dir} do not fit the model: {unexpected[:3]}")
+    return len(found) // 2

@@ -5,7 +5,7 @@ so a bad input fails in well under a second with one line naming what to fix.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -25,6 +25,9 @@ class TrainPlan:
     builtin_data: bool  # the toy dataset is written into the output folder at start-up
     latent_shape: tuple  # [C, F, H, W] the generator produces
     dp_size: int
+    role_configs: dict = field(default_factory=dict)  # role -> config.json
+    resume_from: Optional[Path] = None  # the checkpoint to resume from
+    resume_universal: bool = False  # it was saved at another world size
 
 
 def resolve_builtin_teacher(cfg: RunConfig) -> str:
@@ -40,7 +43,7 @@ def resolve_builtin_teacher(cfg: RunConfig) -> str:
     return str(builtin_teacher_dir())
 
 
-def check_models(cfg: RunConfig) -> tuple[dict, dict]:
+def check_models(cfg: RunConfig) -> tuple[dict, dict, dict]:
     """Every role's folder exists and holds a Wan DiT compatible with the teacher's."""
     teacher = resolve_builtin_teacher(cfg)
     paths = {}
@@ -56,7 +59,7 @@ def check_models(cfg: RunConfig) -> tuple[dict, dict]:
             if configs[role].get(key) != ref.get(key):
                 raise ConfigError(f"{role} model has {key}={configs[role].get(key)} but the teacher "
                                   f"has {ref.get(key)}; all three roles must share the architecture's I/O")
-    return paths, ref
+    return paths, ref, configs
 
 
 def check_dataset(cfg: RunConfig, model_config: dict) -> tuple[str, bool, Optional[DatasetInfo]]:
@@ -104,9 +107,21 @@ def latent_shape_for(cfg: RunConfig, info: Optional[DatasetInfo], model_config: 
     return shape
 
 
+def check_vsa_backend(name: str) -> None:
+    import torch
+
+    from .attention.vsa import resolve_vsa_backend
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolve_vsa_backend(name, device)
+    except (RuntimeError, ValueError) as exc:
+        raise ConfigError(f"attention.vsa_backend: {exc}") from exc
+
+
 def preflight_train(cfg: RunConfig, world_size: int) -> TrainPlan:
     """All checks of ``megadmd train``'s inputs; returns what the run will use."""
-    paths, model_config = check_models(cfg)
+    paths, model_config, role_configs = check_models(cfg)
     dp = check_layout(world_size, cfg.parallel.sp_size, model_config.get("num_attention_heads"))
     data_path, builtin, info = check_dataset(cfg, model_config)
     if cfg.dmd.gan.enabled and cfg.dmd.gan.block_index is not None:
@@ -117,5 +132,12 @@ def preflight_train(cfg: RunConfig, world_size: int) -> TrainPlan:
     shape = latent_shape_for(cfg, info, model_config)
     for role in ROLES:
         load_ds_template(getattr(cfg.deepspeed, role), f"deepspeed.{role}")
+    if cfg.attention.vsa_enabled:
+        check_vsa_backend(cfg.attention.vsa_backend)
+    from .checkpoint import find_resume, read_state
+
+    resume = find_resume(cfg.output_dir, cfg.checkpoint.resume)
+    universal = resume is not None and read_state(resume)["world_size"] != world_size
     return TrainPlan(model_paths=paths, model_config=model_config, data_path=data_path,
-                     builtin_data=builtin, latent_shape=shape, dp_size=dp)
+                     builtin_data=builtin, latent_shape=shape, dp_size=dp, role_configs=role_configs,
+                     resume_from=resume, resume_universal=universal)

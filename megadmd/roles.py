@@ -71,8 +71,11 @@ def load_ds_template(name_or_path: str, key: str) -> dict:
     return tpl
 
 
-def fill_ds_config(template: dict, train: TrainConfig, dp_size: int, bf16: bool, trainable: bool) -> dict:
+def fill_ds_config(template: dict, train: TrainConfig, dp_size: int, bf16: bool, trainable: bool,
+                   load_universal: bool = False) -> dict:
     cfg = json.loads(json.dumps(template))
+    if load_universal:  # resuming a checkpoint saved at another world size
+        cfg.setdefault("checkpoint", {})["load_universal"] = True
     cfg["train_micro_batch_size_per_gpu"] = train.micro_batch_size
     cfg["gradient_accumulation_steps"] = train.grad_accum_steps
     cfg["train_batch_size"] = train.micro_batch_size * train.grad_accum_steps * dp_size
@@ -127,7 +130,7 @@ def optimizer_steps_total(role: str, max_steps: int, generator_update_interval: 
 
 def build_models(paths: dict, optim: OptimTree, train: TrainConfig, ds: DeepSpeedConfig,
                  pstate, device: torch.device, dtype: torch.dtype, generator_update_interval: int,
-                 prepare_module: Optional[Any] = None) -> Models:
+                 prepare_module: Optional[Any] = None, load_universal: bool = False) -> Models:
     """Load and wrap all three roles from ``paths[role]``. Collective: every rank calls it.
 
     ``prepare_module(role, module)`` runs on each loaded module before DeepSpeed wraps it (to install
@@ -143,7 +146,8 @@ def build_models(paths: dict, optim: OptimTree, train: TrainConfig, ds: DeepSpee
         if prepare_module is not None:
             prepare_module(role, module)
         ds_cfg = fill_ds_config(load_ds_template(getattr(ds, role), f"deepspeed.{role}"), train,
-                                pstate.dp_size, bf16=dtype == torch.bfloat16, trainable=trainable)
+                                pstate.dp_size, bf16=dtype == torch.bfloat16, trainable=trainable,
+                                load_universal=load_universal and trainable)
         # Partition over all dp x sp ranks. Left to deepspeed.initialize, a module that was not
         # built under zero.Init is partitioned over mpu.get_data_parallel_group() only: with sp > 1
         # the sp ranks would then neither share shards nor reduce gradients with each other.

@@ -7,16 +7,20 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from .checkpoint import Checkpointer, step_name
 from .config import RunConfig, save_resolved
 from .data.format import LatentDataset
 from .data.loader import BatchSource
 from .dmd.trainer import DMDTrainer
+from .ema import PartitionEMA
 from .metrics import MetricsWriter, setup_logging
 from .parallel.init import env_world_size, init_distributed
 from .parallel.state import ParallelState
+from .preemption import PreemptionFlag
 from .preflight import TrainPlan, preflight_train
 from .rng import SampleRNG
 from .roles import build_models
+from .validation import build_validator
 
 log = logging.getLogger("megadmd")
 
@@ -43,12 +47,19 @@ def prepare_outputs(cfg: RunConfig, plan: TrainPlan, pstate: ParallelState) -> N
     dist.barrier()
 
 
-def prepare_module(cfg: RunConfig, pstate: ParallelState, role: str, module) -> None:
+def prepare_module(cfg: RunConfig, pstate: ParallelState, vsa, paths: dict, role: str, module) -> None:
     """Role-specific additions to a loaded model, before DeepSpeed wraps it: our attention
-    processor (Ulysses over the sp group when sp > 1), and the GAN head on the fake score."""
+    processor (Ulysses over the sp group when sp > 1; VSA for the generator only, as in
+    FastVideo's sparse distillation), and the GAN head on the fake score."""
     from .attention.processor import configure_attention
+    from .models import attach_vsa_gates
 
-    configure_attention(module, sp_group=pstate.sp_group, sp_size=pstate.sp_size, sp_rank=pstate.sp_rank)
+    role_vsa = vsa if role == "generator" else None
+    if role_vsa is not None:
+        n = attach_vsa_gates(module, paths[role])
+        log.info("generator: VSA gates %s", f"loaded for {n} blocks" if n else "zero-initialized")
+    configure_attention(module, sp_group=pstate.sp_group, sp_size=pstate.sp_size, sp_rank=pstate.sp_rank,
+                        vsa=role_vsa)
     if role == "fake_score" and cfg.dmd.gan.enabled:
         from .dmd.gan import attach_gan_head
 
@@ -56,7 +67,8 @@ def prepare_module(cfg: RunConfig, pstate: ParallelState, role: str, module) -> 
 
 
 def build_trainer(cfg: RunConfig, local_rank: int | None = None) -> DMDTrainer:
-    """Everything before the first iteration: checks, processes, outputs, engines, data."""
+    """Everything before the first iteration: checks, processes, outputs, engines, data, and the
+    state of the checkpoint being resumed."""
     plan = preflight_train(cfg, env_world_size())  # raises ConfigError before anything is written
     proc = init_distributed(cfg.parallel.backend, local_rank)
     setup_logging(proc.rank)
@@ -64,24 +76,50 @@ def build_trainer(cfg: RunConfig, local_rank: int | None = None) -> DMDTrainer:
     log.info("layout: %s, device %s", pstate.describe(), proc.device)
     prepare_outputs(cfg, plan, pstate)
     dtype = compute_dtype(cfg.model.precision, proc.device)
-    models = build_models(plan.model_paths, cfg.optim, cfg.train, cfg.deepspeed, pstate, proc.device,
-                          dtype, cfg.dmd.generator_update_interval,
-                          prepare_module=lambda role, module: prepare_module(cfg, pstate, role, module))
+    vsa = None
+    if cfg.attention.vsa_enabled:
+        from .attention.processor import VSASettings
+        from .attention.vsa import resolve_vsa_backend
+
+        vsa = VSASettings(sparsity=0.0, backend=resolve_vsa_backend(cfg.attention.vsa_backend, proc.device))
+    models = build_models(
+        plan.model_paths, cfg.optim, cfg.train, cfg.deepspeed, pstate, proc.device, dtype,
+        cfg.dmd.generator_update_interval, load_universal=plan.resume_universal,
+        prepare_module=lambda role, module: prepare_module(cfg, pstate, vsa, plan.model_paths, role, module))
     data = BatchSource(LatentDataset(plan.data_path), micro_batch=cfg.train.micro_batch_size,
                        dp_rank=pstate.dp_rank, dp_size=pstate.dp_size, seed=cfg.train.seed,
                        text_len=cfg.data.text_len, device=proc.device)
     writer = MetricsWriter(cfg.output_dir, enabled=pstate.rank == 0 and cfg.logging.tensorboard)
-    return DMDTrainer(cfg, models, data, pstate, SampleRNG(cfg.train.seed, proc.device), writer,
-                      proc.device)
+    ema = PartitionEMA(models.generator.module, cfg.ema.decay, cfg.ema.start_step) if cfg.ema.decay else None
+    trainer = DMDTrainer(cfg, models, data, pstate, SampleRNG(cfg.train.seed, proc.device), writer,
+                         proc.device, vsa=vsa, ema=ema)
+    validator = build_validator(cfg, plan, data.dataset, trainer.steps, pstate.rank)
+    if validator is not None:
+        trainer.hooks.append(validator.maybe_run)
+    trainer.checkpointer = Checkpointer(cfg, pstate, plan.role_configs)
+    trainer.hooks.append(trainer.checkpointer.maybe_save)
+    if plan.resume_from is not None:
+        trainer.checkpointer.load(trainer, plan.resume_from)
+    return trainer
 
 
 def run_train(cfg: RunConfig, local_rank: int | None = None) -> DMDTrainer:
-    """``megadmd train``: build, run every iteration, close."""
+    """``megadmd train``: build, run the iterations, save a last checkpoint, close.
+
+    SIGTERM or SIGUSR1 on any rank stops all ranks after the current iteration; they save and
+    return normally (exit status 0), ready to be resumed with ``checkpoint.resume=auto``.
+    """
     trainer = build_trainer(cfg, local_rank)
+    trainer.preemption = PreemptionFlag().install()
     try:
         trainer.train()
+        ckpt = trainer.checkpointer
+        if trainer.state.step > 0 and not (ckpt.root / step_name(trainer.state.step)).is_dir():
+            ckpt.save(trainer)
     finally:
+        trainer.preemption.uninstall()
         trainer.writer.close()
-    log.info("done: %d iterations (%d generator updates) in %s", trainer.state.step,
+    what = "preempted" if trainer.preempted else "done"
+    log.info("%s: %d iterations (%d generator updates) in %s", what, trainer.state.step,
              trainer.state.generator_updates, cfg.output_dir)
     return trainer

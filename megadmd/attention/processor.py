@@ -42,6 +42,21 @@ def dense_attention(q_bshd: torch.Tensor, k_bshd: torch.Tensor, v_bshd: torch.Te
     return out.transpose(1, 2)
 
 
+def vsa_sparsity_at(step: int, target: float, decay_rate: float, interval_steps: int) -> float:
+    """The generator's VSA sparsity at an iteration: constant, or a staircase ramp.
+
+    With ``interval_steps > 1`` and a positive rate, the sparsity grows by ``decay_rate`` every
+    ``interval_steps`` iterations until it reaches the largest multiple of the rate not above the
+    target (FastVideo's VSA_decay_rate / VSA_decay_interval_steps). Deliberate difference:
+    FastVideo's ``target // rate`` in floating point stops one step short for targets such as
+    0.9 / 0.03; we round the ratio first.
+    """
+    if interval_steps <= 1 or decay_rate <= 0:
+        return target
+    n_max = int(target / decay_rate + 1e-9)
+    return min(step // interval_steps, n_max) * decay_rate
+
+
 @dataclass
 class VSASettings:
     """Mutable, so the trainer can ramp the sparsity without reinstalling processors."""

@@ -19,6 +19,7 @@ from typing import Callable, Optional
 import torch
 
 from .. import flow
+from ..attention.processor import vsa_sparsity_at
 from ..config import RunConfig
 from ..data.loader import Batch, BatchSource
 from ..metrics import MetricsWriter, ScalarWindow, StepTimer, format_line, memory_stats
@@ -49,7 +50,7 @@ class TrainState:
 
 class DMDTrainer:
     def __init__(self, cfg: RunConfig, models, data: BatchSource, pstate, rng: SampleRNG,
-                 writer: MetricsWriter, device: torch.device,
+                 writer: MetricsWriter, device: torch.device, vsa=None, ema=None, preemption=None,
                  hooks: Optional[list[Callable[["DMDTrainer"], None]]] = None):
         self.cfg = cfg
         self.dmd = cfg.dmd
@@ -60,8 +61,13 @@ class DMDTrainer:
         self.writer = writer
         self.device = device
         self.state = TrainState()
+        self.current_step = 0
         self.window = ScalarWindow()
         self.history: list[tuple[int, dict]] = []  # (step, logged values), for tests and summaries
+        self.vsa = vsa  # the generator's VSASettings (shared by its attention processors), or None
+        self.ema = ema  # PartitionEMA of the generator, or None
+        self.preemption = preemption  # PreemptionFlag, or None
+        self.preempted = False
         self.hooks = hooks or []  # called after every iteration (checkpoints, validation, metrics)
         steps = list(self.dmd.denoising_steps)
         self.steps = flow.warp_steps(steps, self.dmd.flow_shift) if self.dmd.warp_denoising_step else steps
@@ -161,6 +167,8 @@ class DMDTrainer:
             for k, v in stats.items():
                 self.window.add(k, v)
         self.state.generator_updates += 1
+        if self.ema is not None:
+            self.ema.update(self.current_step)
         self.window.add("grad_norm/generator", _grad_norm(engine))
         self.window.add("lr/generator", engine.get_lr()[0])
 
@@ -211,6 +219,11 @@ class DMDTrainer:
         return step % self.dmd.generator_update_interval == 0
 
     def train_step(self, step: int) -> None:
+        self.current_step = step  # the iteration being run; state.step counts finished ones
+        if self.vsa is not None:
+            a = self.cfg.attention
+            self.vsa.sparsity = vsa_sparsity_at(step, a.vsa_sparsity, a.vsa_decay_rate, a.vsa_decay_interval_steps)
+            self.window.add("attention/vsa_sparsity", self.vsa.sparsity)
         batches = [self.data.next() for _ in range(self.cfg.train.grad_accum_steps)]
         if self.is_generator_iteration(step):
             self.generator_step(batches)
@@ -234,6 +247,10 @@ class DMDTrainer:
                 self.log_window(step, (time.perf_counter() - t_start) / (step - first + 1) * (max_steps - step))
             for hook in self.hooks:
                 hook(self)
+            if self.preemption is not None and self.preemption.any_rank(self.pstate.world_group):
+                self.preempted = True
+                log.info("preemption signal received: stopping after iteration %d", step)
+                break
         self.writer.flush()
 
     def log_window(self, step: int, eta_s: float) -> None:

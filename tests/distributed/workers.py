@@ -45,9 +45,23 @@ def dump_json(path: str, obj) -> None:
         json.dump(obj, f)
 
 
-def ulysses_forward_backward(rank: int, world: int, latent_shape: list, out_file: str) -> None:
-    """sp=world Wan forward/backward against the single-process model, inside each rank."""
-    from megadmd.attention.processor import configure_attention
+def _with_random_gates(model, seed: int):
+    from megadmd.attention.processor import GATE_ATTR
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for block in model.blocks:
+            gate = getattr(block.attn1, GATE_ATTR)
+            gate.weight.copy_(torch.randn(gate.weight.shape, generator=g) * 0.1)
+            gate.bias.copy_(torch.randn(gate.bias.shape, generator=g) * 0.1)
+
+
+def ulysses_forward_backward(rank: int, world: int, latent_shape: list, out_file: str,
+                             vsa_sparsity: float = 0.0) -> None:
+    """sp=world Wan forward/backward against the single-process model, inside each rank; with
+    ``vsa_sparsity > 0`` both models run VSA (random non-zero gates)."""
+    from megadmd.attention.processor import VSASettings, configure_attention
+    from megadmd.models import attach_vsa_gates
     from megadmd.models import build_wan
     from megadmd.parallel.init import init_distributed
     from megadmd.parallel.state import ParallelState
@@ -66,7 +80,14 @@ def ulysses_forward_backward(rank: int, world: int, latent_shape: list, out_file
                   and torch.equal(head_to_seq(heads, ps.sp_group, world), local))
     ref = build_wan(TEST_WAN_CONFIG, seed=0)
     sp_model = build_wan(TEST_WAN_CONFIG, seed=0)
-    ctx = configure_attention(sp_model, sp_group=ps.sp_group, sp_size=ps.sp_size, sp_rank=ps.sp_rank)
+    vsa = None
+    if vsa_sparsity > 0:
+        vsa = VSASettings(sparsity=vsa_sparsity, backend="torch")
+        for m in (ref, sp_model):
+            attach_vsa_gates(m, None)
+            _with_random_gates(m, seed=5)
+        configure_attention(ref, vsa=vsa)
+    ctx = configure_attention(sp_model, sp_group=ps.sp_group, sp_size=ps.sp_size, sp_rank=ps.sp_rank, vsa=vsa)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, *latent_shape, generator=g)
     t = torch.tensor([250.0, 900.0])
@@ -87,3 +108,38 @@ def ulysses_forward_backward(rank: int, world: int, latent_shape: list, out_file
     if rank == 0:
         torch.save({"ref_out": results["ref"][0], "sp_out": results["sp"][0], "ref_grads": results["ref"][1],
                     "sp_avg_grads": avg, "seq_len": ctx.seq_len, "layouts_ok": layouts_ok}, out_file)
+
+
+def load_and_gather(rank: int, world: int, overrides: list, out_file: str) -> None:
+    """Build a trainer that resumes (per ``overrides``) and save its full, gathered state."""
+    from megadmd.config import resolve
+    from megadmd.runner import build_trainer
+    from megadmd.zero import full_state_dict
+
+    t = build_trainer(resolve(overrides=overrides))
+    got = {r: full_state_dict(t.models.engine(r).module) for r in ("generator", "fake_score")}
+    got["ema"] = t.ema.full_state_dict() if t.ema is not None else None
+    if rank == 0:
+        torch.save({**got, "step": t.state.step}, out_file)
+
+
+def train_save_and_probe(rank: int, world: int, overrides: list, out_file: str) -> None:
+    """Train (per ``overrides``), save a checkpoint, and record each trainable role's module
+    output on a fixed input: what the converted folders must reproduce."""
+    from megadmd.config import resolve
+    from megadmd.runner import build_trainer
+
+    t = build_trainer(resolve(overrides=overrides))
+    t.train()
+    path = t.checkpointer.save(t)
+    g = torch.Generator().manual_seed(3)
+    shape = t.data.dataset.info.latent_shape
+    x = torch.randn(2, *shape, generator=g)
+    text = torch.randn(2, 5, 32, generator=g)
+    step = torch.tensor([900.0, 400.0])
+    outs = {}
+    with torch.no_grad():
+        for role in ("generator", "fake_score"):
+            outs[role] = t.models.engine(role).module(x, step, text, return_dict=False)[0]
+    if rank == 0:
+        torch.save({"x": x, "t": step, "text": text, "outputs": outs, "checkpoint": str(path)}, out_file)

@@ -1,0 +1,167 @@
+"""Conversions: checkpoints to diffusers folders, the EMA export, universal checkpoints, and
+plain weights to role initializations.
+
+- ``to_diffusers``: a megadmd checkpoint (or a bare DeepSpeed ZeRO checkpoint folder) -> a diffusers
+  ``WanTransformer3DModel`` folder for any trainable role, through DeepSpeed's zero-to-fp32 code
+  (no need for the training world size). The fake score's GAN head is dropped; the generator's
+  VSA gates are kept (``attn1.to_gate_compress``; vanilla diffusers ignores them, megadmd loads them).
+- ``export_ema``: the gathered EMA saved in a checkpoint -> the same kind of folder.
+- ``to_universal``: DeepSpeed's universal checkpoint, to resume at another world size (resuming
+  does this by itself; this is for doing it ahead of time).
+- ``init_from_weights``: a safetensors file in diffusers or original Wan key names plus a config ->
+  a folder usable as any role's path.
+
+Folders are written under a temporary name and renamed when complete; weights are sharded
+safetensors (with an index) above ``max_shard_size``.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .config import TRAINABLE_ROLES, ConfigError
+from .io_utils import atomic_dir
+
+WEIGHTS_PATTERN = "diffusion_pytorch_model{suffix}.safetensors"
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _dtype(name: str) -> torch.dtype:
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise ConfigError(f"--dtype must be one of {', '.join(_DTYPES)}, got {name}") from None
+
+
+def write_diffusers_folder(state: dict, config: dict, out: str | Path, dtype: str = "fp32",
+                           max_shard_size: str = "5GB") -> Path:
+    """A diffusers ``WanTransformer3DModel`` folder: config.json plus (sharded) safetensors."""
+    from huggingface_hub import save_torch_state_dict
+
+    cfg = {k: v for k, v in config.items() if k != "_name_or_path"}
+    cfg["_class_name"] = "WanTransformer3DModel"
+    dt = _dtype(dtype)
+    tensors = {k: v.detach().to("cpu", dt if v.is_floating_point() else v.dtype).contiguous() for k, v in state.items()}
+    with atomic_dir(out) as tmp:
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        save_torch_state_dict(tensors, tmp, filename_pattern=WEIGHTS_PATTERN, max_shard_size=max_shard_size)
+    return Path(out)
+
+
+def _is_megadmd_checkpoint(path: Path) -> bool:
+    return (path / "trainer_state.json").is_file()
+
+
+def role_state_dict(ckpt: str | Path, role: str, config: Optional[str] = None) -> tuple[dict, dict]:
+    """(fp32 state dict, model config) of a role in a megadmd checkpoint or a DeepSpeed folder."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from .checkpoint import DS_TAG, verify
+    from .dmd.gan import HEAD_ATTR
+
+    path = Path(ckpt)
+    if not path.is_dir():
+        raise ConfigError(f"checkpoint folder not found: {path}")
+    if _is_megadmd_checkpoint(path):
+        if role not in TRAINABLE_ROLES:
+            raise ConfigError(f"--role must be one of {', '.join(TRAINABLE_ROLES)} (the teacher is not trained)")
+        problem = verify(path)
+        if problem:
+            raise ConfigError(f"checkpoint {problem}")
+        ds_dir, tag = path / role, DS_TAG
+        model_cfg = json.loads((path / role / "config.json").read_text())
+    else:  # a bare DeepSpeed checkpoint folder (with 'latest' or tag folders)
+        if config is None:
+            raise ConfigError(f"{path} is a DeepSpeed checkpoint without a model config; pass --config "
+                              f"with the model's config.json")
+        ds_dir, tag = path, None
+        model_cfg = json.loads(Path(config).read_text())
+    state = get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag=tag)
+    state = {k: v for k, v in state.items() if not k.startswith(f"{HEAD_ATTR}.")}
+    return state, model_cfg
+
+
+def to_diffusers(ckpt: str, out: str, role: str = "generator", dtype: str = "fp32",
+                 max_shard_size: str = "5GB", config: Optional[str] = None) -> Path:
+    state, model_cfg = role_state_dict(ckpt, role, config)
+    return write_diffusers_folder(state, model_cfg, out, dtype, max_shard_size)
+
+
+def export_ema(ckpt: str, out: str, dtype: str = "fp32", max_shard_size: str = "5GB") -> Path:
+    """The generator's EMA weights as a diffusers folder."""
+    from safetensors.torch import load_file
+
+    from .checkpoint import verify
+
+    path = Path(ckpt)
+    if not _is_megadmd_checkpoint(path):
+        raise ConfigError(f"{path} is not a megadmd checkpoint (no trainer_state.json)")
+    problem = verify(path)
+    if problem:
+        raise ConfigError(f"checkpoint {problem}")
+    ema_file = path / "ema" / "ema.safetensors"
+    if not ema_file.is_file():
+        raise ConfigError(f"checkpoint {path.name} holds no EMA (train with ema.decay > 0, and past "
+                          f"ema.start_step)")
+    model_cfg = json.loads((path / "generator" / "config.json").read_text())
+    return write_diffusers_folder(load_file(str(ema_file)), model_cfg, out, dtype, max_shard_size)
+
+
+def to_universal(ckpt: str) -> list[Path]:
+    """Universal copies of every trainable role of a megadmd checkpoint."""
+    from .checkpoint import to_universal as convert_role
+
+    path = Path(ckpt)
+    if not _is_megadmd_checkpoint(path):
+        raise ConfigError(f"{path} is not a megadmd checkpoint (no trainer_state.json)")
+    return [convert_role(path / role) for role in TRAINABLE_ROLES]
+
+
+def init_from_weights(weights: str, config: str, out: str, dtype: str = "fp32",
+                      max_shard_size: str = "5GB") -> Path:
+    """Plain weights (diffusers or original Wan key names) + a config -> a role folder.
+
+    ``config`` is a config.json, a diffusers folder holding one, or a preset name.
+    """
+    from safetensors.torch import load_file
+
+    cfg = _load_config(config)
+    p = Path(weights)
+    if not p.is_file():
+        raise ConfigError(f"weights file not found: {p}")
+    state = load_file(str(p))
+    if "patch_embedding.weight" in state and not any(k.startswith("condition_embedder.") for k in state):
+        # original Wan key names (head, text_embedding, ...): use diffusers' own mapping
+        from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+
+        state = convert_wan_transformer_to_diffusers(state)
+    _check_keys(state, cfg)
+    return write_diffusers_folder(state, cfg, out, dtype, max_shard_size)
+
+
+def _load_config(config: str) -> dict:
+    from .presets import PRESETS
+
+    if config in PRESETS and PRESETS[config].wan_config is not None:
+        return dict(PRESETS[config].wan_config, _class_name="WanTransformer3DModel")
+    p = Path(config)
+    if p.is_dir():
+        p = p / "config.json"
+    if not p.is_file():
+        raise ConfigError(f"--config: no config.json or preset named {config}")
+    return json.loads(p.read_text())
+
+
+def _check_keys(state: dict, cfg: dict) -> None:
+    from diffusers import WanTransformer3DModel
+
+    args = {k: v for k, v in cfg.items() if not k.startswith("_")}
+    with torch.device("meta"):
+        model = WanTransformer3DModel(**args)
+    expected = set(model.state_dict().keys())
+    missing = sorted(expected - set(state))
+    if missing:
+        raise ConfigError(f"the weights do not fit the config: {len(missing)} keys missing, e.g. {missing[0]}")

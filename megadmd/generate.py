@@ -1,0 +1,215 @@
+"""``megadmd generate``: few-step sampling with a distilled generator (and a timed teacher baseline).
+
+The generator samples on the DMD schedule (default 1000, 757, 522): predict x0 at each step,
+re-noise it with fresh noise to the next step, no CFG. Prompts go through the UMT5 text encoder,
+or embeddings come from a megadmd dataset. Latents are saved as safetensors; with a Wan VAE they
+are also decoded to mp4 files and a png grid. ``--compare-teacher`` times the teacher at N Euler
+steps with CFG on the same prompts, in the same run, and prints both seconds per sample.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from . import flow
+from .config import ConfigError
+from .io_utils import atomic_write_bytes
+from .models import load_wan, predict_velocity, read_model_config
+from .rng import sample_seed
+from .sampling import cfg_velocity, sample_generator, sample_teacher
+
+log = logging.getLogger("megadmd")
+PURPOSE_START, PURPOSE_RENOISE = 201, 202
+
+
+@dataclass
+class GenerateOptions:
+    model: str
+    out: str
+    latent_shape: tuple
+    prompts: Optional[str] = None
+    text_encoder: Optional[str] = None
+    tokenizer: Optional[str] = None
+    embeds: Optional[str] = None  # a megadmd dataset: its text embeddings (and negative prompt)
+    negative_prompt: str = ""
+    steps: list = field(default_factory=lambda: [1000, 757, 522])
+    seed: int = 0
+    batch_size: int = 1
+    precision: str = "auto"
+    vae: Optional[str] = None
+    compare_teacher: Optional[str] = None
+    teacher_steps: int = 50
+    guidance_scale: float = 5.0
+    cfg_form: str = "standard"
+    flow_shift: float = 3.0
+    max_text_len: int = 512
+
+
+def load_conditions(o: GenerateOptions, device) -> tuple[list[torch.Tensor], torch.Tensor, list[str]]:
+    """Per-sample text embeddings ``[L_i, D]``, the negative embedding, and the captions."""
+    if (o.prompts is None) == (o.embeds is None):
+        raise ConfigError("give exactly one of --prompts (with --text-encoder) and --embeds (a megadmd dataset)")
+    if o.embeds is not None:
+        from .data.format import LatentDataset
+
+        ds = LatentDataset(o.embeds)
+        samples = [ds.get(i) for i in range(len(ds))]
+        return ([s["text_embeds"][: s["text_len"]] for s in samples], ds.negative()[0],
+                [s["caption"] for s in samples])
+    from .data.text import encode_prompts, load_text_encoder, read_prompts
+
+    if o.text_encoder is None:
+        raise ConfigError("--prompts needs --text-encoder (a UMT5EncoderModel folder or Wan pipeline folder)")
+    prompts = read_prompts(o.prompts)
+    tok, enc = load_text_encoder(o.text_encoder, o.tokenizer, device, torch.float32)
+    embeds = encode_prompts(tok, enc, prompts, o.max_text_len, device)
+    negative = encode_prompts(tok, enc, [o.negative_prompt], o.max_text_len, device)[0]
+    return embeds, negative, prompts
+
+
+def _pad(embeds: list[torch.Tensor], device) -> torch.Tensor:
+    width = max(e.shape[0] for e in embeds)
+    out = torch.zeros(len(embeds), width, embeds[0].shape[1], device=device)
+    for i, e in enumerate(embeds):
+        out[i, : e.shape[0]] = e.to(device)
+    return out
+
+
+def _noise(seed: int, index: int, purpose: int, shape, device, sub: int = 0) -> torch.Tensor:
+    g = torch.Generator(device=device).manual_seed(sample_seed(seed, index, purpose, sub=sub))
+    return torch.randn(tuple(shape), generator=g, device=device)
+
+
+def _timed(fn, device) -> tuple[torch.Tensor, float]:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return out, time.perf_counter() - t0
+
+
+@torch.no_grad()
+def sample_student(model, embeds: list, o: GenerateOptions, dtype, device) -> tuple[torch.Tensor, float]:
+    outs, seconds = [], 0.0
+    for i in range(0, len(embeds), o.batch_size):
+        idx = list(range(i, min(i + o.batch_size, len(embeds))))
+        text = _pad([embeds[j] for j in idx], device)
+        noise = torch.stack([_noise(o.seed, j, PURPOSE_START, o.latent_shape, device) for j in idx])
+
+        def renoise(step, idx=idx):
+            return torch.stack([_noise(o.seed, j, PURPOSE_RENOISE, o.latent_shape, device, sub=step) for j in idx])
+
+        vfn = lambda x, t, text=text: predict_velocity(model, x, t, text, dtype)  # noqa: E731
+        x0, dt = _timed(lambda: sample_generator(vfn, o.steps, noise, renoise), device)
+        outs.append(x0.cpu())
+        seconds += dt
+    return torch.cat(outs), seconds
+
+
+@torch.no_grad()
+def sample_baseline(teacher, embeds: list, negative: torch.Tensor, o: GenerateOptions, dtype,
+                    device) -> tuple[torch.Tensor, float]:
+    sigmas = flow.euler_sigmas(o.teacher_steps, o.flow_shift)
+    outs, seconds = [], 0.0
+    for i in range(0, len(embeds), o.batch_size):
+        idx = list(range(i, min(i + o.batch_size, len(embeds))))
+        both = _pad([embeds[j] for j in idx] + [negative] * len(idx), device)
+        b = len(idx)
+
+        def pair(x, t, both=both, b=b):
+            v = predict_velocity(teacher, torch.cat([x, x]), torch.cat([t, t]), both, dtype)
+            return v[:b], v[b:]
+
+        noise = torch.stack([_noise(o.seed, j, PURPOSE_START, o.latent_shape, device) for j in idx])
+        guided = cfg_velocity(pair, o.guidance_scale, o.cfg_form)
+        x0, dt = _timed(lambda: sample_teacher(guided, None, noise, sigmas), device)
+        outs.append(x0.cpu())
+        seconds += dt
+    return torch.cat(outs), seconds
+
+
+def check_generate_inputs(o: GenerateOptions) -> dict:
+    cfg = read_model_config(o.model, what="generator model")
+    if len(o.latent_shape) != 4 or o.latent_shape[0] != cfg.get("in_channels"):
+        raise ConfigError(f"latent shape {list(o.latent_shape)} must be C,F,H,W with C = the model's "
+                          f"in_channels {cfg.get('in_channels')}")
+    if list(o.steps) != sorted(o.steps, reverse=True) or not all(0 < s <= 1000 for s in o.steps):
+        raise ConfigError(f"--steps must decrease within (0, 1000], got {o.steps}")
+    if o.compare_teacher is not None:
+        read_model_config(o.compare_teacher, what="teacher model")
+    return cfg
+
+
+def run_generate(o: GenerateOptions) -> dict:
+    from .runner import compute_dtype
+
+    model_cfg = check_generate_inputs(o)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = compute_dtype(o.precision, device)
+    embeds, negative, captions = load_conditions(o, device)
+    if embeds[0].shape[1] != model_cfg.get("text_dim"):
+        raise ConfigError(f"text embeddings have dimension {embeds[0].shape[1]} but the model's text_dim "
+                          f"is {model_cfg.get('text_dim')}")
+    model = _load_generator(o.model, dtype, device)
+    _warm_up(model, embeds[0], o, dtype, device)  # first-call costs out of the timings
+    latents, student_s = sample_student(model, embeds, o, dtype, device)
+    result = {"num_samples": len(embeds), "student_steps": len(o.steps),
+              "student_s_per_sample": student_s / len(embeds)}
+    if o.compare_teacher is not None:
+        teacher = load_wan(o.compare_teacher, dtype=dtype, what="teacher model").to(device).eval()
+        _warm_up(teacher, embeds[0], o, dtype, device)
+        _, teacher_s = sample_baseline(teacher, embeds, negative, o, dtype, device)
+        result.update(teacher_steps=o.teacher_steps, teacher_s_per_sample=teacher_s / len(embeds),
+                      speedup=teacher_s / max(student_s, 1e-12))
+    _write_outputs(o, latents, captions, result, device)
+    return result
+
+
+@torch.no_grad()
+def _warm_up(model, embed: torch.Tensor, o: GenerateOptions, dtype, device) -> None:
+    x = torch.zeros(1, *o.latent_shape, device=device)
+    predict_velocity(model, x, torch.full((1,), 500.0, device=device), embed.unsqueeze(0).to(device), dtype)
+
+
+def _load_generator(path: str, dtype, device):
+    from .attention.processor import GATE_ATTR
+    from .models import attach_vsa_gates, resolve_model_dir
+
+    model = load_wan(path, dtype=dtype, what="generator model")
+    weights = list(resolve_model_dir(path).glob("*.safetensors"))
+    has_gates = any(GATE_ATTR in k for f in weights for k in _keys(f))
+    if has_gates:  # a sparse-distilled generator: its gates only matter with VSA at sampling time
+        attach_vsa_gates(model, path)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def _keys(f: Path) -> list:
+    from safetensors import safe_open
+
+    with safe_open(str(f), framework="pt") as h:
+        return list(h.keys())
+
+
+def _write_outputs(o: GenerateOptions, latents: torch.Tensor, captions: list, result: dict, device) -> None:
+    from safetensors.torch import save
+
+    out = Path(o.out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out / "latents.safetensors",
+                       save({"latents": latents.contiguous()}, metadata={"megadmd": json.dumps({"captions": captions})}))
+    (out / "timing.json").write_text(json.dumps(result, indent=1) + "\n")
+    if o.vae is not None:
+        from .data.video import decode_latents, frames_grid, load_vae, write_mp4, write_png
+
+        videos = decode_latents(load_vae(o.vae, device), latents)
+        for i, v in enumerate(videos):
+            write_mp4(out / f"sample_{i:04d}.mp4", v)
+        write_png(out / "grid.png", torch.cat([frames_grid(v) for v in videos], dim=0))

@@ -1,0 +1,113 @@
+"""Validation during training: fixed prompts sampled by the generator (and its EMA), logged.
+
+Every ``validation.interval_steps`` iterations the generator samples the same prompts from the
+same noise with the few-step DMD sampler. Every rank takes part (ZeRO-3 gathers parameters for
+each forward); rank 0 logs to TensorBoard under ``validation/<model>/<i>``: decoded frame strips
+when ``validation.vae_path`` is set (and mp4 files in ``<output_dir>/validation/step-N``), otherwise
+the latents rendered as images (channels 0-2 as RGB, frames side by side). With an EMA that has
+started, the EMA weights are sampled as well (``validation/ema/<i>``).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .config import ValidationConfig
+from .data.format import LatentDataset
+from .data.loader import pad_text
+from .models import predict_velocity
+from .rng import sample_seed
+from .sampling import sample_generator
+
+log = logging.getLogger("megadmd")
+PURPOSE_START, PURPOSE_RENOISE = 301, 302
+
+
+def latents_to_image(latents_cfhw: torch.Tensor) -> torch.Tensor:
+    """A latent ``[C, F, H, W]`` as a ``[3, H, F * W]`` float image in [0, 1] (per-image min-max)."""
+    c = latents_cfhw.shape[0]
+    rgb = latents_cfhw[[i % c for i in range(3)]].float()  # [3, F, H, W]
+    lo, hi = rgb.amin(), rgb.amax()
+    rgb = (rgb - lo) / (hi - lo + 1e-8)
+    return torch.cat(list(rgb.unbind(1)), dim=-1)
+
+
+class Validator:
+    def __init__(self, vcfg: ValidationConfig, steps: list, latent_shape: tuple, text_len: int,
+                 training_data: LatentDataset, output_dir: str, rank: int):
+        self.cfg = vcfg
+        self.steps = steps
+        self.latent_shape = tuple(latent_shape)
+        self.rank = rank
+        self.output_dir = Path(output_dir)
+        ds = LatentDataset(vcfg.data_path) if vcfg.data_path else training_data
+        n = min(vcfg.num_samples, len(ds))
+        samples = [ds.get(i) for i in range(n)]
+        self.text = torch.stack([pad_text(s["text_embeds"][: s["text_len"]], text_len)[0] for s in samples])
+        self.captions = [s["caption"] for s in samples]
+        self._vae = None
+
+    def maybe_run(self, trainer) -> None:
+        n = self.cfg.interval_steps
+        if n and trainer.state.step % n == 0:
+            self.run(trainer)
+
+    def _noise(self, i: int, purpose: int, device, sub: int = 0) -> torch.Tensor:
+        g = torch.Generator(device=device).manual_seed(sample_seed(self.cfg.seed, i, purpose, sub=sub))
+        return torch.randn(self.latent_shape, generator=g, device=device)
+
+    @torch.no_grad()
+    def sample(self, module, dtype, device) -> torch.Tensor:
+        n = self.text.shape[0]
+        text = self.text.to(device)
+        noise = torch.stack([self._noise(i, PURPOSE_START, device) for i in range(n)])
+
+        def renoise(step):
+            return torch.stack([self._noise(i, PURPOSE_RENOISE, device, sub=step) for i in range(n)])
+
+        vfn = lambda x, t: predict_velocity(module, x, t, text, dtype)  # noqa: E731
+        return sample_generator(vfn, self.steps, noise, renoise).cpu()
+
+    def run(self, trainer) -> dict[str, torch.Tensor]:
+        """Sample with the generator (and the EMA); log from rank 0. Collective."""
+        gen = trainer.models.generator.module
+        dtype, device = trainer.models.dtype, trainer.device
+        results = {"generator": self.sample(gen, dtype, device)}
+        if trainer.ema is not None and trainer.ema.started:
+            with trainer.ema.applied():
+                results["ema"] = self.sample(gen, dtype, device)
+        if self.rank == 0:
+            self._log(trainer, results)
+        return results
+
+    def _log(self, trainer, results: dict) -> None:
+        step = trainer.state.step
+        for name, latents in results.items():
+            for i, lat in enumerate(latents):
+                trainer.writer.image(f"validation/{name}/{i}", latents_to_image(lat), step)
+            if self.cfg.vae_path:
+                self._log_decoded(trainer, name, latents, step)
+        trainer.writer.text("validation/prompts", "\n\n".join(self.captions), step)
+        log.info("validation at step %d: %d samples logged", step, sum(len(v) for v in results.values()))
+
+    def _log_decoded(self, trainer, name: str, latents: torch.Tensor, step: int) -> None:
+        from .data.video import decode_latents, frames_grid, load_vae, write_mp4
+
+        if self._vae is None:
+            self._vae = load_vae(self.cfg.vae_path, trainer.device)
+        videos = decode_latents(self._vae, latents)
+        out = self.output_dir / "validation" / f"step-{step:08d}"
+        out.mkdir(parents=True, exist_ok=True)
+        for i, v in enumerate(videos):
+            trainer.writer.image(f"validation/{name}_frames/{i}", frames_grid(v).permute(2, 0, 1).float() / 255, step)
+            write_mp4(out / f"{name}_{i:02d}.mp4", v)
+
+
+def build_validator(cfg, plan, data: LatentDataset, steps: list, rank: int) -> Optional[Validator]:
+    if not cfg.validation.interval_steps:
+        return None
+    return Validator(cfg.validation, steps, plan.latent_shape, cfg.data.text_len or data.info.max_text_len,
+                     data, cfg.output_dir, rank)
