@@ -25,6 +25,13 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class RoleFlags:
+    generator: bool = False
+    fake_score: bool = False
+    teacher: bool = False
+
+
+@dataclass
 class ModelConfig:
     # Diffusers-format folders (or a pipeline folder with a ``transformer`` subfolder).
     # "" for teacher means the preset's built-in model; "" for the others means "same as teacher",
@@ -33,6 +40,9 @@ class ModelConfig:
     generator_path: str = ""
     fake_score_path: str = ""
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    # recompute each block in backward instead of storing its activations (the teacher never
+    # runs backward, so its flag only matters for symmetry with FastVideo's recipes)
+    activation_checkpointing: RoleFlags = field(default_factory=RoleFlags)
 
 
 @dataclass

@@ -39,6 +39,10 @@ WAN21_1_3B_CONFIG: dict[str, Any] = dict(
 WAN21_14B_CONFIG: dict[str, Any] = dict(
     WAN21_1_3B_CONFIG, num_attention_heads=40, ffn_dim=13824, num_layers=40,
 )
+# Wan2.2-TI2V-5B: 48 latent channels from its 4x16x16 VAE.
+WAN22_TI2V_5B_CONFIG: dict[str, Any] = dict(
+    WAN21_1_3B_CONFIG, num_attention_heads=24, in_channels=48, out_channels=48, ffn_dim=14336, num_layers=30,
+)
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,14 @@ class Preset:
     wan_config: Optional[dict] = None  # architecture, for built-in models and the memory planner
     builtin: bool = False  # teacher and data ship with the package (the toy problem)
     aliases: tuple = field(default_factory=tuple)
+    video_size: Optional[tuple] = None  # (frames, height, width) in pixels of the published recipe
+    vae_scale: tuple = (4, 8)  # (temporal, spatial) compression of the model's VAE
+
+    def latent_shape(self, video_size: Optional[tuple] = None) -> tuple:
+        """[C, F, H, W] of the latent for a (frames, height, width) video."""
+        frames, height, width = video_size or self.video_size
+        t, sp = self.vae_scale
+        return (self.wan_config["in_channels"], (frames - 1) // t + 1, height // sp, width // sp)
 
 
 _WAN21_RECIPE = {
@@ -66,6 +78,9 @@ _WAN21_RECIPE = {
     },
     "train": {"max_grad_norm": 1.0, "max_steps": 4000, "micro_batch_size": 1},
     "data": {"text_len": 512},
+    "model": {"activation_checkpointing": {"generator": True, "fake_score": True, "teacher": True}},
+    "ema": {"decay": 0.999},
+    "checkpoint": {"interval_steps": 500, "keep_last": 3},
 }
 
 
@@ -114,13 +129,28 @@ _register(Preset(
     name="wan2.1-t2v-1.3b",
     description="Wan2.1-T2V-1.3B, FastVideo's published DMD recipe (shift 8, steps 1000,757,522)",
     wan_config=WAN21_1_3B_CONFIG,
+    video_size=(77, 448, 832),  # the Wan-Syn set: 20 x 56 x 104 latents, 29,120 tokens
     config=_merge(_WAN21_RECIPE, {"dmd": {"flow_shift": 8.0}}),
 ))
 _register(Preset(
     name="wan2.1-t2v-14b",
     description="Wan2.1-T2V-14B, FastVideo's published DMD recipe (shift 3)",
     wan_config=WAN21_14B_CONFIG,
+    video_size=(77, 448, 832),
     config=_merge(_WAN21_RECIPE, {"dmd": {"flow_shift": 3.0}}),
+))
+_register(Preset(
+    name="wan2.2-ti2v-5b",
+    description="Wan2.2-TI2V-5B, FastVideo's data-free DMD recipe (shift 5, 121 x 704 x 1280)",
+    wan_config=WAN22_TI2V_5B_CONFIG,
+    video_size=(121, 704, 1280),  # 31 x 44 x 80 latents, 27,280 tokens
+    vae_scale=(4, 16),
+    config=_merge(_WAN21_RECIPE, {
+        "dmd": {"flow_shift": 5.0, "guidance_scale": 3.0, "simulate_generator_forward": True},
+        "optim": {"generator": {"lr": 4e-6, "scheduler": "cosine", "warmup_steps": 100, "min_lr_ratio": 0.5},
+                  "fake_score": {"lr": 2e-6, "scheduler": "cosine", "warmup_steps": 100, "min_lr_ratio": 0.5}},
+        "train": {"max_steps": 3000},
+    }),
 ))
 
 

@@ -9,6 +9,10 @@ and a purpose code. Hence:
 - the draws do not depend on the dp layout or the per-rank batch size, so dp=2 x b equals
   dp=1 x 2b exactly;
 - resuming needs no RNG state: the step counter and the loader position determine every draw.
+
+A few draws must be the same on *every* rank, because they decide which modules run and ZeRO-3
+gathers parameters collectively (all ranks must run the same forwards). Those are keyed by the
+global micro-step instead of a sample's position: the exit step of a simulated trajectory.
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ class Purpose(IntEnum):
     SIM_RENOISE = 8  # fresh noise between simulated steps (sub-keyed by the step)
     GAN_TIMESTEP = 9
     GAN_NOISE = 10
+    SIM_EXIT = 11  # the simulation's exit step: one per global micro-step, shared by all ranks
 
 
 def _splitmix64(x: int) -> int:

@@ -60,6 +60,8 @@ def prepare_module(cfg: RunConfig, pstate: ParallelState, vsa, paths: dict, role
         log.info("generator: VSA gates %s", f"loaded for {n} blocks" if n else "zero-initialized")
     configure_attention(module, sp_group=pstate.sp_group, sp_size=pstate.sp_size, sp_rank=pstate.sp_rank,
                         vsa=role_vsa)
+    if getattr(cfg.model.activation_checkpointing, role):
+        module.enable_gradient_checkpointing()  # torch.utils.checkpoint per block, non-reentrant
     if role == "fake_score" and cfg.dmd.gan.enabled:
         from .dmd.gan import attach_gan_head
 

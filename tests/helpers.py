@@ -51,11 +51,23 @@ def _spawn_entry(rank: int, world: int, port: int, fn, args) -> None:
     fn(rank, world, *args)
 
 
-def spawn(fn, world: int, *args) -> None:
-    """Run ``fn(rank, world, *args)`` in ``world`` fresh processes on gloo; raise if any fails."""
+def spawn(fn, world: int, *args, timeout_s: float = 420) -> None:
+    """Run ``fn(rank, world, *args)`` in ``world`` fresh processes on gloo; raise if any fails,
+    and fail (rather than hang) if they have not finished after ``timeout_s`` -- a collective that
+    only some ranks reach would otherwise wait forever."""
+    import time
+
     import torch.multiprocessing as mp
 
-    mp.spawn(_spawn_entry, args=(world, free_port(), fn, args), nprocs=world, join=True)
+    ctx = mp.start_processes(_spawn_entry, args=(world, free_port(), fn, args), nprocs=world, join=False,
+                             start_method="spawn")
+    deadline = time.time() + timeout_s
+    while not ctx.join(timeout=1):
+        if time.time() > deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.terminate()
+            raise TimeoutError(f"{fn.__name__} on {world} ranks did not finish in {timeout_s:.0f} s (a hang?)")
 
 
 def cli_env() -> dict:

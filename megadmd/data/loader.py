@@ -27,6 +27,7 @@ class Batch:
     text_mask: torch.Tensor  # [B, L] bool
     latents: Optional[torch.Tensor]  # [B, C, F, H, W], or None for text-only (data-free) data
     captions: list
+    micro_step: int = 0  # the global micro-step: the same on every rank (keys draws all ranks share)
 
     @property
     def size(self) -> int:
@@ -75,10 +76,11 @@ class BatchSource:
 
     def next(self) -> Batch:
         positions = self.positions_for(self.micro_step)
+        batch = self.collate(positions, self.micro_step)
         self.micro_step += 1
-        return self.collate(positions)
+        return batch
 
-    def collate(self, positions: list[int]) -> Batch:
+    def collate(self, positions: list[int], micro_step: int = 0) -> Batch:
         embeds, masks, lats, caps = [], [], [], []
         for p in positions:
             s = self.dataset.get(self._index_at(p))
@@ -95,6 +97,7 @@ class BatchSource:
             text_mask=torch.stack(masks).to(dev),
             latents=torch.stack(lats).to(dev) if lats else None,
             captions=caps,
+            micro_step=micro_step,
         )
 
     # --- the unconditional input --------------------------------------------------------------

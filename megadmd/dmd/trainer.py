@@ -86,18 +86,26 @@ class DMDTrainer:
         """A generator sample for this batch: in synthetic-latent mode, a dataset latent noised
         to a random step of the list and denoised; in data-free mode, backward simulation."""
         pos = batch.positions.tolist()
-        n_steps = len(self.steps)
-        idx = self.rng.randint(pos, n_steps, Purpose.GEN_STEP_INDEX, phase)
         vfn = self.velocity_fn(call, batch.text_embeds)
         if not self.dmd.simulate_generator_forward:
+            idx = self.rng.randint(pos, len(self.steps), Purpose.GEN_STEP_INDEX, phase)
             eps = self.rng.randn(pos, batch.latents.shape[1:], Purpose.GEN_NOISE, phase)
             t = step_timesteps(self.steps, idx, self.device)
             return generator_x0_from_data(vfn, batch.latents.float(), t, eps)
+        idx = self.exit_indices(batch, phase)
         shape = self.latent_shape(batch)
         start = self.rng.randn(pos, shape, Purpose.SIM_START, phase)
         renoise = lambda i: self.rng.randn(pos, shape, Purpose.SIM_RENOISE, phase, sub=i)  # noqa: E731
         vfn_no_grad = self.velocity_fn(self._module_of(call), batch.text_embeds)
         return simulate_generator(vfn_no_grad, vfn, self.steps, idx, start, renoise)
+
+    def exit_indices(self, batch: Batch, phase: int) -> torch.Tensor:
+        """The step at which data-free simulation exits: one draw per global micro-step, shared by
+        all samples and all ranks. Every rank must run the same number of generator forwards, or
+        ZeRO-3's parameter gathers would wait on each other forever (DMD2's reference code
+        broadcasts this step for the same reason)."""
+        k = self.rng.randint([batch.micro_step], len(self.steps), Purpose.SIM_EXIT, phase)
+        return k.expand(batch.size)
 
     @staticmethod
     def _module_of(call):
