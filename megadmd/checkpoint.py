@@ -6,7 +6,8 @@ Layout (``<output_dir>/checkpoints``)::
     step-00000500/
       generator/zero/...         DeepSpeed save_checkpoint: partitioned weights, optimizer, LR schedule
       fake_score/zero/...        (the GAN head, when present, is part of the fake score's module)
-      <role>/config.json         the role's model config, for `megadmd convert`
+      <role>/config.json         the role's model config, for `megadmd convert` (config_2.json:
+                                 the low-noise expert of a two-expert model)
       ema/rank_<r>.pt            each rank's EMA partitions
       ema/ema.safetensors        the gathered EMA (resuming at another world size; export)
       ranks/rank_<r>.pt          per-rank RNG states and the open logging window
@@ -178,8 +179,11 @@ class Checkpointer:
         }
         atomic_write_text(tmp / STATE, json.dumps(state, indent=1) + "\n")
         save_resolved(self.cfg, tmp / "config.json")
-        for role, mcfg in self.model_configs.items():
-            atomic_write_text(tmp / role / "config.json", json.dumps(mcfg, indent=1) + "\n")
+        for key, mcfg in self.model_configs.items():  # "<role>" and, for two experts, "<role>:low"
+            role, _, low = key.partition(":")
+            if role in TRAINABLE_ROLES:
+                name = "config_2.json" if low else "config.json"
+                atomic_write_text(tmp / role / name, json.dumps(mcfg, indent=1) + "\n")
         atomic_write_text(tmp / MANIFEST, json.dumps(_manifest(tmp), indent=1) + "\n")
         if final.exists():
             shutil.rmtree(final)

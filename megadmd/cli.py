@@ -168,12 +168,14 @@ def convert() -> None:
 @click.option("--max-shard-size", default="5GB", show_default=True)
 @click.option("--config", "model_config", default=None, type=click.Path(),
               help="model config.json, for a bare DeepSpeed checkpoint folder")
+@click.option("--pipeline-from", default=None, type=click.Path(file_okay=False),
+              help="a diffusers Wan pipeline folder: write a complete pipeline (its other components linked)")
 @user_errors
-def convert_to_diffusers(checkpoint, out, role, dtype, max_shard_size, model_config):
+def convert_to_diffusers(checkpoint, out, role, dtype, max_shard_size, model_config, pipeline_from):
     """A megadmd (or DeepSpeed) checkpoint -> a diffusers WanTransformer3DModel folder."""
     from .convert import to_diffusers
 
-    click.echo(f"wrote {to_diffusers(checkpoint, out, role, dtype, max_shard_size, model_config)}")
+    click.echo(f"wrote {to_diffusers(checkpoint, out, role, dtype, max_shard_size, model_config, pipeline_from)}")
 
 
 @convert.command("to-universal")
@@ -205,12 +207,14 @@ def convert_init(weights, model_config, out, dtype):
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False))
 @click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
 @click.option("--max-shard-size", default="5GB", show_default=True)
+@click.option("--pipeline-from", default=None, type=click.Path(file_okay=False),
+              help="a diffusers Wan pipeline folder: write a complete pipeline (its other components linked)")
 @user_errors
-def export_ema_cmd(checkpoint, out, dtype, max_shard_size):
+def export_ema_cmd(checkpoint, out, dtype, max_shard_size, pipeline_from):
     """The generator's EMA weights of a checkpoint -> a diffusers folder."""
     from .convert import export_ema
 
-    click.echo(f"wrote {export_ema(checkpoint, out, dtype, max_shard_size)}")
+    click.echo(f"wrote {export_ema(checkpoint, out, dtype, max_shard_size, pipeline_from)}")
 
 
 @main.command()

@@ -43,6 +43,9 @@ class ModelConfig:
     # recompute each block in backward instead of storing its activations (the teacher never
     # runs backward, so its flag only matters for symmetry with FastVideo's recipes)
     activation_checkpointing: RoleFlags = field(default_factory=RoleFlags)
+    # Wan2.2 two-expert models: every role path is a pipeline folder with transformer (high-noise,
+    # t >= boundary_ratio * 1000) and transformer_2 (low-noise). None: one transformer per role.
+    boundary_ratio: Optional[float] = None
 
 
 @dataclass
@@ -353,6 +356,8 @@ def validate(cfg: RunConfig) -> None:
         if d.gan.generator_weight < 0 or d.gan.discriminator_weight < 0 or d.gan.hidden_dim <= 0:
             raise ConfigError("dmd.gan weights must be >= 0 and dmd.gan.hidden_dim positive")
     _choice("model.precision", cfg.model.precision, ("auto", "fp32", "bf16"))
+    if cfg.model.boundary_ratio is not None and not 0 < cfg.model.boundary_ratio < 1:
+        raise ConfigError(f"model.boundary_ratio must be in (0, 1), got {cfg.model.boundary_ratio}")
     for role in TRAINABLE_ROLES:
         o: OptimConfig = getattr(cfg.optim, role)
         key = f"optim.{role}"

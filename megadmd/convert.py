@@ -2,7 +2,8 @@
 plain weights to role initializations.
 
 - ``to_diffusers``: a megadmd checkpoint (or a bare DeepSpeed ZeRO checkpoint folder) -> a diffusers
-  ``WanTransformer3DModel`` folder for any trainable role, through DeepSpeed's zero-to-fp32 code
+  ``WanTransformer3DModel`` folder for any trainable role (a two-expert model becomes
+  ``transformer`` and ``transformer_2``; ``pipeline_from`` makes a complete pipeline folder), through DeepSpeed's zero-to-fp32 code
   (no need for the training world size). The fake score's GAN head is dropped; the generator's
   VSA gates are kept (``attn1.to_gate_compress``; vanilla diffusers ignores them, megadmd loads them).
 - ``export_ema``: the gathered EMA saved in a checkpoint -> the same kind of folder.
@@ -51,6 +52,52 @@ def write_diffusers_folder(state: dict, config: dict, out: str | Path, dtype: st
     return Path(out)
 
 
+def split_experts(state: dict) -> dict:
+    """``{"transformer": state}``, or for a two-expert model ``{"transformer": high, "transformer_2": low}``."""
+    if not any(k.startswith("high.") for k in state):
+        return {"transformer": state}
+    return {"transformer": {k[5:]: v for k, v in state.items() if k.startswith("high.")},
+            "transformer_2": {k[4:]: v for k, v in state.items() if k.startswith("low.")}}
+
+
+def write_role(state: dict, configs: dict, out: str | Path, dtype: str, max_shard_size: str,
+               pipeline_from: Optional[str] = None) -> Path:
+    """Write a role's weights: a transformer folder, or a pipeline-style folder.
+
+    ``configs`` maps ``transformer`` (and ``transformer_2``) to config dicts. A two-expert model,
+    or any model with ``pipeline_from`` (a diffusers Wan pipeline folder to take the other
+    components from), is written as ``out/transformer[_2]``; with ``pipeline_from`` the text
+    encoder, tokenizer, VAE and scheduler are linked from it and its ``model_index.json`` copied,
+    so ``WanPipeline.from_pretrained(out)`` loads the distilled model.
+    """
+    parts = split_experts(state)
+    if len(parts) == 1 and pipeline_from is None:
+        return write_diffusers_folder(parts["transformer"], configs["transformer"], out, dtype, max_shard_size)
+    with atomic_dir(out) as tmp:
+        for name, sub in parts.items():
+            write_diffusers_folder(sub, configs[name], tmp / name, dtype, max_shard_size)
+        if pipeline_from is not None:
+            _link_pipeline(Path(pipeline_from), tmp, list(parts))
+    return Path(out)
+
+
+def _link_pipeline(base: Path, out: Path, transformers: list) -> None:
+    index = base / "model_index.json"
+    if not index.is_file():
+        raise ConfigError(f"--pipeline-from {base} is not a diffusers pipeline folder (no model_index.json)")
+    spec = json.loads(index.read_text())
+    for name, value in spec.items():
+        if name.startswith("_") or name in transformers or not isinstance(value, list) or value[0] is None:
+            continue
+        if (base / name).exists():
+            (out / name).symlink_to((base / name).resolve(), target_is_directory=True)
+    missing = [t for t in transformers if t not in spec]
+    if missing:
+        raise ConfigError(f"--pipeline-from {base} has no {', '.join(missing)} component; use a pipeline of "
+                          f"the same kind (two experts need a Wan2.2 pipeline with transformer_2)")
+    (out / "model_index.json").write_text(json.dumps(spec, indent=2) + "\n")
+
+
 def _is_megadmd_checkpoint(path: Path) -> bool:
     return (path / "trainer_state.json").is_file()
 
@@ -72,25 +119,34 @@ def role_state_dict(ckpt: str | Path, role: str, config: Optional[str] = None) -
         if problem:
             raise ConfigError(f"checkpoint {problem}")
         ds_dir, tag = path / role, DS_TAG
-        model_cfg = json.loads((path / role / "config.json").read_text())
+        model_cfg = _role_configs(path / role)
     else:  # a bare DeepSpeed checkpoint folder (with 'latest' or tag folders)
         if config is None:
             raise ConfigError(f"{path} is a DeepSpeed checkpoint without a model config; pass --config "
                               f"with the model's config.json")
         ds_dir, tag = path, None
-        model_cfg = json.loads(Path(config).read_text())
+        model_cfg = {"transformer": json.loads(Path(config).read_text())}
     state = get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag=tag)
     state = {k: v for k, v in state.items() if not k.startswith(f"{HEAD_ATTR}.")}
     return state, model_cfg
 
 
+def _role_configs(role_dir: Path) -> dict:
+    configs = {"transformer": json.loads((role_dir / "config.json").read_text())}
+    if (role_dir / "config_2.json").is_file():
+        configs["transformer_2"] = json.loads((role_dir / "config_2.json").read_text())
+    return configs
+
+
 def to_diffusers(ckpt: str, out: str, role: str = "generator", dtype: str = "fp32",
-                 max_shard_size: str = "5GB", config: Optional[str] = None) -> Path:
-    state, model_cfg = role_state_dict(ckpt, role, config)
-    return write_diffusers_folder(state, model_cfg, out, dtype, max_shard_size)
+                 max_shard_size: str = "5GB", config: Optional[str] = None,
+                 pipeline_from: Optional[str] = None) -> Path:
+    state, configs = role_state_dict(ckpt, role, config)
+    return write_role(state, configs, out, dtype, max_shard_size, pipeline_from)
 
 
-def export_ema(ckpt: str, out: str, dtype: str = "fp32", max_shard_size: str = "5GB") -> Path:
+def export_ema(ckpt: str, out: str, dtype: str = "fp32", max_shard_size: str = "5GB",
+               pipeline_from: Optional[str] = None) -> Path:
     """The generator's EMA weights as a diffusers folder."""
     from safetensors.torch import load_file
 
@@ -106,8 +162,8 @@ def export_ema(ckpt: str, out: str, dtype: str = "fp32", max_shard_size: str = "
     if not ema_file.is_file():
         raise ConfigError(f"checkpoint {path.name} holds no EMA (train with ema.decay > 0, and past "
                           f"ema.start_step)")
-    model_cfg = json.loads((path / "generator" / "config.json").read_text())
-    return write_diffusers_folder(load_file(str(ema_file)), model_cfg, out, dtype, max_shard_size)
+    return write_role(load_file(str(ema_file)), _role_configs(path / "generator"), out, dtype, max_shard_size,
+                      pipeline_from)
 
 
 def to_universal(ckpt: str) -> list[Path]:

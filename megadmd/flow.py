@@ -95,3 +95,30 @@ def euler_step(x_t: torch.Tensor, v: torch.Tensor, sigma: float, sigma_next: flo
     """One flow-matching Euler step along ``dx/dsigma = v``."""
     return x_t + (sigma_next - sigma) * v
 
+
+
+def unshift_sigma(sigma: float, shift: float) -> float:
+    """The inverse of ``shift_sigma``: ``sigma / (s - (s - 1) * sigma)``."""
+    return sigma / (shift - (shift - 1) * sigma)
+
+
+def expert_split_u(boundary_ratio: float, shift: float, min_ratio: float, max_ratio: float) -> float:
+    """The uniform draw ``u_b`` above which ``sample_score_timesteps`` gives ``t >= boundary``:
+    the high-noise expert gets a share ``1 - u_b`` of score timesteps."""
+    if boundary_ratio <= min_ratio:
+        return 0.0
+    if boundary_ratio > max_ratio:
+        return 1.0
+    return unshift_sigma(boundary_ratio, shift)
+
+
+def stratified_u(u_sample: torch.Tensor, u_shared: float, split: float) -> torch.Tensor:
+    """Uniform draws confined to one side of ``split``, the side chosen by ``u_shared``.
+
+    With ``u_shared`` uniform, the side is the high one with probability ``1 - split``, and given
+    the side ``u_sample`` is spread uniformly over it: each returned value is still uniform on
+    [0, 1), while every sample of the batch falls on the same side (the same expert).
+    """
+    if u_shared >= split:
+        return split + (1.0 - split) * u_sample
+    return split * u_sample

@@ -20,7 +20,7 @@ import torch
 from . import flow
 from .config import ConfigError
 from .io_utils import atomic_write_bytes
-from .models import load_wan, predict_velocity, read_model_config
+from .models import load_role_model, predict_velocity, read_model_config
 from .rng import sample_seed
 from .sampling import cfg_velocity, sample_generator, sample_teacher
 
@@ -164,7 +164,8 @@ def run_generate(o: GenerateOptions) -> dict:
     result = {"num_samples": len(embeds), "student_steps": len(o.steps),
               "student_s_per_sample": student_s / len(embeds)}
     if o.compare_teacher is not None:
-        teacher = load_wan(o.compare_teacher, dtype=dtype, what="teacher model").to(device).eval()
+        teacher = load_role_model(o.compare_teacher, dtype, _boundary_of(o.compare_teacher),
+                                  what="teacher model").to(device).eval()
         _warm_up(teacher, embeds[0], o, dtype, device)
         _, teacher_s = sample_baseline(teacher, embeds, negative, o, dtype, device)
         result.update(teacher_steps=o.teacher_steps, teacher_s_per_sample=teacher_s / len(embeds),
@@ -179,12 +180,25 @@ def _warm_up(model, embed: torch.Tensor, o: GenerateOptions, dtype, device) -> N
     predict_velocity(model, x, torch.full((1,), 500.0, device=device), embed.unsqueeze(0).to(device), dtype)
 
 
+def _boundary_of(path: str) -> Optional[float]:
+    """A Wan2.2 pipeline folder with transformer_2: its boundary_ratio (from model_index.json)."""
+    root = Path(path)
+    if not (root / "transformer_2" / "config.json").is_file():
+        return None
+    index = root / "model_index.json"
+    ratio = json.loads(index.read_text()).get("boundary_ratio") if index.is_file() else None
+    if ratio is None:
+        raise ConfigError(f"{root} holds two experts but no boundary_ratio in model_index.json")
+    return float(ratio)
+
+
 def _load_generator(path: str, dtype, device):
     from .attention.processor import GATE_ATTR
-    from .models import attach_vsa_gates, resolve_model_dir
+    from .models import attach_vsa_gates, experts_of, load_role_model, resolve_model_dir
 
-    model = load_wan(path, dtype=dtype, what="generator model")
-    weights = list(resolve_model_dir(path).glob("*.safetensors"))
+    model = load_role_model(path, dtype, _boundary_of(path), what="generator model")
+    weights = [f for m in (["transformer", "transformer_2"] if len(experts_of(model)) == 2 else [""])
+               for f in resolve_model_dir(Path(path) / m if m else path).glob("*.safetensors")]
     has_gates = any(GATE_ATTR in k for f in weights for k in _keys(f))
     if has_gates:  # a sparse-distilled generator: its gates only matter with VSA at sampling time
         attach_vsa_gates(model, path)

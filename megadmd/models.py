@@ -2,6 +2,8 @@
 
 Every role is a diffusers ``WanTransformer3DModel`` loaded with ``from_pretrained`` from a
 diffusers-format folder, or from the ``transformer`` subfolder of a diffusers pipeline folder.
+Wan2.2's two-expert models (A14B) hold a high-noise expert (``transformer``) and a low-noise
+expert (``transformer_2``); ``WanExperts`` wraps the pair as one module that routes by timestep.
 """
 from __future__ import annotations
 
@@ -104,20 +106,118 @@ def attach_vsa_gates(module: torch.nn.Module, model_dir: str | Path | None) -> i
     from .attention.processor import GATE_ATTR
 
     dim = module.config.num_attention_heads * module.config.attention_head_dim
-    for block in module.blocks:
+    blocks = [b for m in experts_of(module) for b in m.blocks]
+    for block in blocks:
         gate = torch.nn.Linear(dim, dim, bias=True, dtype=block.attn1.to_q.weight.dtype)
         torch.nn.init.zeros_(gate.weight)
         torch.nn.init.zeros_(gate.bias)
         setattr(block.attn1, GATE_ATTR, gate)
     found = {}
-    files = sorted(resolve_model_dir(model_dir).glob("*.safetensors")) if model_dir is not None else []
-    for f in files:
-        with safe_open(str(f), framework="pt") as h:
-            for key in h.keys():
-                if f".{GATE_ATTR}." in key:
-                    found[key] = h.get_tensor(key)
+    for prefix, folder in _weight_folders(module, model_dir):
+        for f in sorted(folder.glob("*.safetensors")):
+            with safe_open(str(f), framework="pt") as h:
+                for key in h.keys():
+                    if f".{GATE_ATTR}." in key:
+                        found[prefix + key] = h.get_tensor(key)
     if found:
         missing, unexpected = module.load_state_dict(found, strict=False)
         if unexpected:
             raise ConfigError(f"VSA gate weights in {model_dir} do not fit the model: {unexpected[:3]}")
     return len(found) // 2
+
+
+def _weight_folders(module, model_dir) -> list:
+    if model_dir is None:
+        return []
+    if isinstance(module, WanExperts):
+        high, low = expert_dirs(model_dir)
+        return [("high.", high), ("low.", low)]
+    return [("", resolve_model_dir(model_dir))]
+
+
+class WanExperts(torch.nn.Module):
+    """Wan2.2's two experts as one module: ``high`` for ``t >= boundary_ratio * 1000``, ``low`` below.
+
+    One module (so one ZeRO-3 engine per role, see docs/moe.md) whose forward routes each sample
+    by its timestep. The trainer draws timesteps so that a micro-batch never mixes experts across
+    ranks (ZeRO-3 gathers are collective); a mixed batch (e.g. at inference) is split and run
+    expert by expert. ``used`` records which experts ran with trainable parameters since the
+    last reset, so an update can leave the other expert untouched.
+    """
+
+    def __init__(self, high: torch.nn.Module, low: torch.nn.Module, boundary_ratio: float):
+        super().__init__()
+        self.high = high
+        self.low = low
+        self.boundary_ratio = float(boundary_ratio)
+        self.used: set = set()
+
+    @property
+    def config(self):
+        return self.high.config
+
+    @property
+    def boundary_t(self) -> float:
+        return self.boundary_ratio * 1000.0
+
+    def experts(self) -> dict:
+        return {"high": self.high, "low": self.low}
+
+    def forward(self, hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image=None,
+                return_dict: bool = False, **kwargs):
+        high = timestep >= self.boundary_t
+        out = None
+        for name, mask in (("high", high), ("low", ~high)):
+            if not bool(mask.any()):
+                continue
+            expert = getattr(self, name)
+            if torch.is_grad_enabled() and any(p.requires_grad for p in expert.parameters()):
+                self.used.add(name)
+            if bool(mask.all()):
+                return (expert(hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image,
+                               return_dict=False, **kwargs)[0],)
+            img = encoder_hidden_states_image[mask] if encoder_hidden_states_image is not None else None
+            part = expert(hidden_states[mask], timestep[mask], encoder_hidden_states[mask], img,
+                          return_dict=False, **kwargs)[0]
+            if out is None:
+                out = part.new_zeros(hidden_states.shape[0], *part.shape[1:])
+            out = out.index_put((mask.nonzero().squeeze(1),), part)
+        return (out,)
+
+
+def expert_for(module: torch.nn.Module, t: torch.Tensor) -> torch.nn.Module:
+    """The bare Wan DiT that handles timesteps ``t`` (all on one side of the boundary)."""
+    if not isinstance(module, WanExperts):
+        return module
+    high = t >= module.boundary_t
+    if bool(high.all()):
+        return module.high
+    if not bool(high.any()):
+        return module.low
+    raise ValueError("these timesteps span both experts; run them through the WanExperts module")
+
+
+def experts_of(module: torch.nn.Module) -> list:
+    """The Wan DiTs inside a role's module: itself, or the two experts."""
+    return list(module.experts().values()) if isinstance(module, WanExperts) else [module]
+
+
+def expert_dirs(path: str | Path, what: str = "model") -> tuple[Path, Path]:
+    """``transformer`` and ``transformer_2`` of a Wan2.2 pipeline folder."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ConfigError(f"{what} folder not found: {p}")
+    high, low = p / "transformer", p / "transformer_2"
+    missing = [d.name for d in (high, low) if not (d / "config.json").is_file()]
+    if missing:
+        raise ConfigError(f"{what} folder {p} has no {' or '.join(missing)}/config.json; a two-expert "
+                          f"(Wan2.2) model needs both transformer and transformer_2, or unset model.boundary_ratio")
+    return high, low
+
+
+def load_role_model(path: str | Path, dtype: torch.dtype, boundary_ratio: Optional[float], what: str = "model"):
+    """One Wan DiT, or the two experts of a Wan2.2 pipeline folder when ``boundary_ratio`` is set."""
+    if boundary_ratio is None:
+        return load_wan(path, dtype=dtype, what=what)
+    high, low = expert_dirs(path, what)
+    return WanExperts(load_wan(high, dtype=dtype, what=what), load_wan(low, dtype=dtype, what=what), boundary_ratio)

@@ -11,7 +11,7 @@ from typing import Optional
 
 from .config import ROLES, ConfigError, RunConfig
 from .data.format import DatasetInfo, read_index
-from .models import read_model_config
+from .models import expert_dirs, read_model_config
 from .parallel.state import check_layout
 from .presets import get_preset
 from .roles import load_ds_template
@@ -53,6 +53,9 @@ def check_models(cfg: RunConfig) -> tuple[dict, dict, dict]:
         p = own if role != "teacher" and own else teacher  # "" means "same as the teacher"
         paths[role] = p
         configs[role] = read_model_config(p, what=f"{role} model")
+        if cfg.model.boundary_ratio is not None:
+            _, low = expert_dirs(p, what=f"{role} model")
+            configs[f"{role}:low"] = read_model_config(low, what=f"{role} low-noise expert")
     ref = configs["teacher"]
     for role in ("generator", "fake_score"):
         for key in ("in_channels", "out_channels", "text_dim", "patch_size"):

@@ -154,6 +154,18 @@ _register(Preset(
 ))
 
 
+_register(Preset(
+    name="wan2.2-t2v-a14b",
+    description="Wan2.2-T2V-A14B: two 14B experts (high noise t >= 875, low noise below), 4 steps",
+    wan_config=WAN21_14B_CONFIG,  # each expert has the Wan2.1-14B architecture
+    video_size=(81, 720, 1280),
+    config=_merge(_WAN21_RECIPE, {
+        "model": {"boundary_ratio": 0.875},
+        "dmd": {"flow_shift": 12.0, "denoising_steps": [1000, 750, 500, 250]},
+    }),
+))
+
+
 def get_preset(name: str) -> Preset:
     try:
         return PRESETS[name]

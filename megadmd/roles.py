@@ -22,7 +22,7 @@ from typing import Any, Optional
 import torch
 
 from .config import ROLES, ConfigError, DeepSpeedConfig, OptimConfig, OptimTree, TrainConfig
-from .models import load_wan
+from .models import WanExperts, load_role_model
 
 log = logging.getLogger("megadmd")
 
@@ -128,9 +128,39 @@ def optimizer_steps_total(role: str, max_steps: int, generator_update_interval: 
     return max_steps
 
 
+def param_groups(module: torch.nn.Module) -> list[dict]:
+    """Optimizer groups: one per expert of a two-expert model (so an update can skip the expert
+    that did not run), plus everything else (e.g. the GAN head)."""
+    trainable = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    if not isinstance(module, WanExperts):
+        return [{"params": [p for _, p in trainable], "name": "all"}]
+    groups = []
+    for name in ("high", "low"):
+        groups.append({"params": [p for n, p in trainable if n.startswith(f"{name}.")], "name": name})
+    rest = [p for n, p in trainable if not n.startswith(("high.", "low."))]
+    if rest:
+        groups.append({"params": rest, "name": "other"})
+    return groups
+
+
+def restrict_step_to_used_experts(engine) -> None:
+    """Before an engine step: give the expert that did not run in this update a zero learning
+    rate, so its parameters (and, through AdamW's decoupled decay, its weights) stay exactly as
+    they are. Its Adam moments still decay by beta that step. The LR scheduler restores every
+    group's rate when it steps. A no-op for one-expert models and between accumulation steps."""
+    module = engine.module
+    if not isinstance(module, WanExperts) or not engine.is_gradient_accumulation_boundary():
+        return
+    for group in engine.optimizer.param_groups:
+        if group.get("name") in ("high", "low") and group["name"] not in module.used:
+            group["lr"] = 0.0
+    module.used.clear()
+
+
 def build_models(paths: dict, optim: OptimTree, train: TrainConfig, ds: DeepSpeedConfig,
                  pstate, device: torch.device, dtype: torch.dtype, generator_update_interval: int,
-                 prepare_module: Optional[Any] = None, load_universal: bool = False) -> Models:
+                 prepare_module: Optional[Any] = None, load_universal: bool = False,
+                 boundary_ratio: Optional[float] = None) -> Models:
     """Load and wrap all three roles from ``paths[role]``. Collective: every rank calls it.
 
     ``prepare_module(role, module)`` runs on each loaded module before DeepSpeed wraps it (to install
@@ -142,7 +172,7 @@ def build_models(paths: dict, optim: OptimTree, train: TrainConfig, ds: DeepSpee
     for role in ROLES:
         trainable = role != "teacher"
         path = paths[role]
-        module = load_wan(path, dtype=torch.float32 if trainable else dtype, what=f"{role} model")
+        module = load_role_model(path, torch.float32 if trainable else dtype, boundary_ratio, what=f"{role} model")
         if prepare_module is not None:
             prepare_module(role, module)
         ds_cfg = fill_ds_config(load_ds_template(getattr(ds, role), f"deepspeed.{role}"), train,
@@ -156,8 +186,7 @@ def build_models(paths: dict, optim: OptimTree, train: TrainConfig, ds: DeepSpee
         if trainable:
             module.train()
             o: OptimConfig = getattr(optim, role)
-            params = [p for p in module.parameters() if p.requires_grad]
-            opt = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay,
+            opt = torch.optim.AdamW(param_groups(module), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay,
                                     eps=o.eps)
             sched = torch.optim.lr_scheduler.LambdaLR(
                 opt, lr_lambda(o, optimizer_steps_total(role, train.max_steps, generator_update_interval)))

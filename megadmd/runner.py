@@ -52,7 +52,7 @@ def prepare_module(cfg: RunConfig, pstate: ParallelState, vsa, paths: dict, role
     processor (Ulysses over the sp group when sp > 1; VSA for the generator only, as in
     FastVideo's sparse distillation), and the GAN head on the fake score."""
     from .attention.processor import configure_attention
-    from .models import attach_vsa_gates
+    from .models import attach_vsa_gates, experts_of
 
     role_vsa = vsa if role == "generator" else None
     if role_vsa is not None:
@@ -61,7 +61,8 @@ def prepare_module(cfg: RunConfig, pstate: ParallelState, vsa, paths: dict, role
     configure_attention(module, sp_group=pstate.sp_group, sp_size=pstate.sp_size, sp_rank=pstate.sp_rank,
                         vsa=role_vsa)
     if getattr(cfg.model.activation_checkpointing, role):
-        module.enable_gradient_checkpointing()  # torch.utils.checkpoint per block, non-reentrant
+        for expert in experts_of(module):
+            expert.enable_gradient_checkpointing()  # torch.utils.checkpoint per block, non-reentrant
     if role == "fake_score" and cfg.dmd.gan.enabled:
         from .dmd.gan import attach_gan_head
 
@@ -87,6 +88,7 @@ def build_trainer(cfg: RunConfig, local_rank: int | None = None) -> DMDTrainer:
     models = build_models(
         plan.model_paths, cfg.optim, cfg.train, cfg.deepspeed, pstate, proc.device, dtype,
         cfg.dmd.generator_update_interval, load_universal=plan.resume_universal,
+        boundary_ratio=cfg.model.boundary_ratio,
         prepare_module=lambda role, module: prepare_module(cfg, pstate, vsa, plan.model_paths, role, module))
     data = BatchSource(LatentDataset(plan.data_path), micro_batch=cfg.train.micro_batch_size,
                        dp_rank=pstate.dp_rank, dp_size=pstate.dp_size, seed=cfg.train.seed,

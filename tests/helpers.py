@@ -110,3 +110,23 @@ def save_tiny_vae(path: Path, z_dim: int = 4) -> Path:
                            latents_mean=[0.0] * z_dim, latents_std=[1.0] * z_dim)
     vae.save_pretrained(str(path))
     return path
+
+
+def save_tiny_wan22_pipeline(path: Path, boundary_ratio: float = 0.875) -> Path:
+    """A diffusers Wan2.2 pipeline folder with two tiny experts, a tiny VAE, UMT5 and tokenizer."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
+    from transformers import AutoTokenizer, UMT5EncoderModel
+
+    from megadmd.models import build_wan
+
+    parts = path.parent / f".{path.name}-parts"
+    enc = save_tiny_text_encoder(parts / "umt5")
+    vae = save_tiny_vae(parts / "vae")
+    pipe = WanPipeline(tokenizer=AutoTokenizer.from_pretrained(str(enc)),
+                       text_encoder=UMT5EncoderModel.from_pretrained(str(enc)),
+                       vae=AutoencoderKLWan.from_pretrained(str(vae)),
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                       transformer=build_wan(TEST_WAN_CONFIG, seed=0), transformer_2=build_wan(TEST_WAN_CONFIG, seed=1),
+                       boundary_ratio=boundary_ratio)
+    pipe.save_pretrained(str(path))
+    return path

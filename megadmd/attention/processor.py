@@ -108,10 +108,12 @@ class WanSelfAttention:
 
 def configure_attention(model: torch.nn.Module, *, sp_group=None, sp_size: int = 1, sp_rank: int = 0,
                         vsa: Optional[VSASettings] = None) -> SequenceContext:
-    """Install our self-attention processor (and, with sp > 1, the shard/gather hooks) on a Wan DiT.
+    """Install our self-attention processor (and, with sp > 1, the shard/gather hooks) on a Wan DiT,
+    or on both experts of a two-expert model (sharing one context: one runs at a time).
 
     With sp_size 1 and no VSA the model computes exactly what diffusers' own processor does.
     """
+    from ..models import experts_of
     from ..parallel.ulysses import install_context
 
     heads = model.config.num_attention_heads
@@ -120,8 +122,9 @@ def configure_attention(model: torch.nn.Module, *, sp_group=None, sp_size: int =
 
         raise ConfigError(f"the model's {heads} attention heads do not divide by parallel.sp_size={sp_size}")
     ctx = SequenceContext(sp_group=sp_group, sp_size=sp_size, sp_rank=sp_rank)
-    install_context(model, ctx)
-    for block in model.blocks:
-        block.attn1.set_processor(WanSelfAttention(ctx, vsa))
+    for expert in experts_of(model):
+        install_context(expert, ctx)
+        for block in expert.blocks:
+            block.attn1.set_processor(WanSelfAttention(ctx, vsa))
     model.megadmd_sequence_context = ctx  # read by the GAN head's pooling
     return ctx

@@ -61,6 +61,8 @@ def head_logits(module: nn.Module, block_index: int) -> Iterator[dict]:
     The head runs inside the model's forward (from a forward hook), so ZeRO-3 gathers and
     releases its parameters like any other submodule's. The logits land in the yielded dict.
     """
+    from ..models import experts_of
+
     box: dict = {}
     head = getattr(module, HEAD_ATTR)
     seq_ctx = getattr(module, "megadmd_sequence_context", None)
@@ -68,11 +70,13 @@ def head_logits(module: nn.Module, block_index: int) -> Iterator[dict]:
     def hook(_mod, _inputs, output):
         box["logits"] = head(output, seq_ctx)
 
-    handle = module.blocks[block_index].register_forward_hook(hook)
+    # one head on both experts of a two-expert fake score: it reads whichever expert runs
+    handles = [m.blocks[block_index].register_forward_hook(hook) for m in experts_of(module)]
     try:
         yield box
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()
 
 
 @contextmanager
@@ -103,8 +107,11 @@ def generator_gan_loss(fake_score: nn.Module, block_index: int, x_t: torch.Tenso
     """The generator's GAN loss on noised generator samples ``x_t`` (which carry the generator's
     graph). The fake score's parameters are frozen for this forward, so the gradient reaches the
     generator only through ``x_t``; ``fake_score`` must be the bare module, never its engine."""
-    from ..models import predict_velocity
+    from ..models import expert_for, predict_velocity
 
+    # A two-expert fake score is entered at the expert itself: run through the wrapper module,
+    # ZeRO-3's backward hooks lose track of the wrapper in this input-only backward.
+    target = expert_for(fake_score, t)
     with frozen(fake_score), head_logits(fake_score, block_index) as out:
-        predict_velocity(fake_score, x_t, t, text, dtype)
+        predict_velocity(target, x_t, t, text, dtype)
     return generator_loss(out["logits"])

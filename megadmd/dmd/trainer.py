@@ -25,6 +25,7 @@ from ..data.loader import Batch, BatchSource
 from ..metrics import MetricsWriter, ScalarWindow, StepTimer, format_line, memory_stats
 from ..models import predict_velocity
 from ..rng import Purpose, SampleRNG
+from ..roles import restrict_step_to_used_experts
 from ..sampling import generator_x0_from_data, simulate_generator, step_timesteps
 from . import gan, losses
 
@@ -69,6 +70,7 @@ class DMDTrainer:
         self.preemption = preemption  # PreemptionFlag, or None
         self.preempted = False
         self.hooks = hooks or []  # called after every iteration (checkpoints, validation, metrics)
+        self.boundary_ratio = cfg.model.boundary_ratio  # Wan2.2 two-expert routing, or None
         steps = list(self.dmd.denoising_steps)
         self.steps = flow.warp_steps(steps, self.dmd.flow_shift) if self.dmd.warp_denoising_step else steps
 
@@ -88,7 +90,7 @@ class DMDTrainer:
         pos = batch.positions.tolist()
         vfn = self.velocity_fn(call, batch.text_embeds)
         if not self.dmd.simulate_generator_forward:
-            idx = self.rng.randint(pos, len(self.steps), Purpose.GEN_STEP_INDEX, phase)
+            idx = self.generator_step_indices(batch, phase)
             eps = self.rng.randn(pos, batch.latents.shape[1:], Purpose.GEN_NOISE, phase)
             t = step_timesteps(self.steps, idx, self.device)
             return generator_x0_from_data(vfn, batch.latents.float(), t, eps)
@@ -123,17 +125,40 @@ class DMDTrainer:
         x0_uncond = flow.x0_from_velocity(x_t, v[b:], sigma)
         return losses.cfg_combine(x0_cond, x0_uncond, self.dmd.guidance_scale, self.dmd.cfg_form)
 
-    def score_timesteps(self, pos: list, purpose: Purpose, phase: int) -> torch.Tensor:
-        u = self.rng.rand(pos, purpose, phase)
-        return flow.sample_score_timesteps(u, self.dmd.flow_shift, self.dmd.min_timestep_ratio,
-                                           self.dmd.max_timestep_ratio)
+    def score_timesteps(self, batch: Batch, purpose: Purpose, phase: int) -> torch.Tensor:
+        """Per-sample teacher / fake-score timesteps. With two experts, one shared draw per global
+        micro-step picks the expert for the whole micro-batch on every rank (ZeRO-3 gathers are
+        collective), and the samples spread over that expert's range: t stays distributed as
+        without experts."""
+        d = self.dmd
+        u = self.rng.rand(batch.positions.tolist(), purpose, phase)
+        if self.boundary_ratio is not None:
+            split = flow.expert_split_u(self.boundary_ratio, d.flow_shift, d.min_timestep_ratio, d.max_timestep_ratio)
+            shared = float(self.rng.rand([batch.micro_step], purpose, phase, sub=1))
+            u = flow.stratified_u(u, shared, split)
+        return flow.sample_score_timesteps(u, d.flow_shift, d.min_timestep_ratio, d.max_timestep_ratio)
+
+    def generator_step_indices(self, batch: Batch, phase: int) -> torch.Tensor:
+        """Per-sample entries of the denoising-step list. With two experts, the expert is drawn once
+        per global micro-step (with probability proportional to its number of steps), then each
+        sample takes one of its steps: every step stays equally likely."""
+        pos = batch.positions.tolist()
+        n = len(self.steps)
+        if self.boundary_ratio is None:
+            return self.rng.randint(pos, n, Purpose.GEN_STEP_INDEX, phase)
+        high = [i for i, t in enumerate(self.steps) if t >= self.boundary_ratio * 1000]
+        low = [i for i in range(n) if i not in high]
+        shared = float(self.rng.rand([batch.micro_step], Purpose.GEN_STEP_INDEX, phase, sub=1))
+        side = high if shared < len(high) / n else low
+        pick = self.rng.randint(pos, len(side), Purpose.GEN_STEP_INDEX, phase)
+        return torch.tensor(side, device=pick.device)[pick]
 
     # --- the two updates -----------------------------------------------------------------------
     def dmd_loss(self, x0_gen: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """The generator's DMD loss; also returns the normalized direction ``grad``."""
         pos = batch.positions.tolist()
         with torch.no_grad():
-            t = self.score_timesteps(pos, Purpose.DMD_TIMESTEP, PHASE_GENERATOR)
+            t = self.score_timesteps(batch, Purpose.DMD_TIMESTEP, PHASE_GENERATOR)
             eps = self.rng.randn(pos, x0_gen.shape[1:], Purpose.DMD_NOISE, PHASE_GENERATOR)
             sigma = flow.sigma_from_t(t)
             x_t = flow.add_noise(x0_gen.detach(), eps, sigma)
@@ -147,13 +172,13 @@ class DMDTrainer:
 
     def gan_block(self) -> int:
         b = self.dmd.gan.block_index
-        return len(self.models.fake_score.module.blocks) // 2 if b is None else b
+        return self.models.fake_score.module.config.num_layers // 2 if b is None else b
 
     def gan_generator_loss(self, x0_gen: torch.Tensor, batch: Batch) -> torch.Tensor:
         """The generator's non-saturating GAN loss on its noised samples (gan.generator_gan_loss
         freezes the fake score, so the gradient reaches the generator through x0_gen only)."""
         pos = batch.positions.tolist()
-        t = self.score_timesteps(pos, Purpose.GAN_TIMESTEP, PHASE_GENERATOR)
+        t = self.score_timesteps(batch, Purpose.GAN_TIMESTEP, PHASE_GENERATOR)
         eps = self.rng.randn(pos, x0_gen.shape[1:], Purpose.GAN_NOISE, PHASE_GENERATOR)
         x_t = flow.add_noise(x0_gen, eps, flow.sigma_from_t(t))
         return gan.generator_gan_loss(self.models.fake_score.module, self.gan_block(), x_t, t,
@@ -170,6 +195,7 @@ class DMDTrainer:
                 loss = loss + self.dmd.gan.generator_weight * g_loss
                 self.window.add("loss/generator_gan", g_loss.detach())
             engine.backward(loss)
+            restrict_step_to_used_experts(engine)
             engine.step()
             self.window.add("loss/generator", loss.detach())
             for k, v in stats.items():
@@ -187,7 +213,7 @@ class DMDTrainer:
         pos = batch.positions.tolist()
         with torch.no_grad():
             x0_gen = self.generator_x0(self.models.generator.module, batch, PHASE_FAKE_SCORE)
-        t = self.score_timesteps(pos, Purpose.FAKE_TIMESTEP, PHASE_FAKE_SCORE)
+        t = self.score_timesteps(batch, Purpose.FAKE_TIMESTEP, PHASE_FAKE_SCORE)
         eps = self.rng.randn(pos, x0_gen.shape[1:], Purpose.FAKE_NOISE, PHASE_FAKE_SCORE)
         x_t = flow.add_noise(x0_gen, eps, flow.sigma_from_t(t))
         self.window.add("stats/x0_generator_mean", x0_gen.mean())
@@ -196,7 +222,7 @@ class DMDTrainer:
             v_pred = predict_velocity(engine, x_t, t, batch.text_embeds, self.models.dtype)
             return losses.fake_score_loss(v_pred, eps, x0_gen)
         b = x_t.shape[0]
-        t_real = self.score_timesteps(pos, Purpose.GAN_TIMESTEP, PHASE_FAKE_SCORE)
+        t_real = self.score_timesteps(batch, Purpose.GAN_TIMESTEP, PHASE_FAKE_SCORE)
         eps_real = self.rng.randn(pos, x0_gen.shape[1:], Purpose.GAN_NOISE, PHASE_FAKE_SCORE)
         x_real = flow.add_noise(batch.latents.float(), eps_real, flow.sigma_from_t(t_real))
         with gan.head_logits(engine.module, self.gan_block()) as out:
@@ -216,6 +242,7 @@ class DMDTrainer:
         for batch in batches:
             loss = self.fake_score_loss(batch)
             engine.backward(loss)
+            restrict_step_to_used_experts(engine)
             engine.step()
             self.window.add("loss/fake_score", loss.detach())
         self.state.fake_score_updates += 1
