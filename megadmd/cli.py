@@ -155,6 +155,27 @@ def synth(teacher, text_data, out, latent_shape, video_size, steps, guidance_sca
         click.echo(f"synthesized {info.num_samples} latents of shape {shape} into {out}")
 
 
+@main.command("encode-images")
+@click.option("--text-data", required=True, type=click.Path(file_okay=False), help="from megadmd encode-text")
+@click.option("--images", required=True, type=click.Path(dir_okay=False),
+              help="one image path per prompt, in order (.txt lines or .jsonl {\"image\": ...})")
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="dataset to write")
+@click.option("--image-encoder", required=True, type=click.Path(), help="CLIP vision model folder or Wan I2V pipeline")
+@click.option("--vae", required=True, type=click.Path(), help="AutoencoderKLWan folder or Wan pipeline")
+@click.option("--video-size", required=True, help="FRAMES,HEIGHT,WIDTH the conditions are made for")
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True)
+@user_errors
+def encode_images(text_data, images, out, image_encoder, vae, video_size, batch_size, precision):
+    """Add image-to-video conditions (first-frame latent, CLIP embedding) to a text dataset."""
+    from .data.image import run_encode_images
+
+    info = run_encode_images(text_data, images, out, image_encoder, vae, tuple(_int_list(video_size, "--video-size", 3)),
+                             batch_size, precision)
+    if os.environ.get("RANK", "0") == "0":
+        click.echo(f"encoded {info.num_samples} image conditions into {out}")
+
+
 @main.group()
 def convert() -> None:
     """Checkpoints to diffusers folders, universal checkpoints, and role initializations."""
@@ -237,10 +258,12 @@ def export_ema_cmd(checkpoint, out, dtype, max_shard_size, pipeline_from):
 @click.option("--cfg-form", type=click.Choice(["standard", "offset"]), default="standard", show_default=True)
 @click.option("--flow-shift", type=float, default=3.0, show_default=True)
 @click.option("--negative-prompt", default="", help="the teacher's unconditional prompt (with --prompts)")
+@click.option("--images", default=None, type=click.Path(dir_okay=False), help="image-to-video: one image per prompt")
+@click.option("--image-encoder", default=None, type=click.Path(), help="CLIP vision model folder (with --images)")
 @user_errors
 def generate(model, out, prompts, text_encoder, tokenizer, embeds, latent_shape, video_size, steps, seed,
              batch_size, precision, vae, compare_teacher, teacher_steps, guidance_scale, cfg_form, flow_shift,
-             negative_prompt):
+             negative_prompt, images, image_encoder):
     """Few-step sampling with a distilled generator; optionally timed against the teacher."""
     from .generate import GenerateOptions, run_generate
 
@@ -249,7 +272,8 @@ def generate(model, out, prompts, text_encoder, tokenizer, embeds, latent_shape,
         text_encoder=text_encoder, tokenizer=tokenizer, embeds=embeds, negative_prompt=negative_prompt,
         steps=[float(x) for x in steps.split(",")], seed=seed, batch_size=batch_size, precision=precision,
         vae=vae, compare_teacher=compare_teacher, teacher_steps=teacher_steps, guidance_scale=guidance_scale,
-        cfg_form=cfg_form, flow_shift=flow_shift))
+        cfg_form=cfg_form, flow_shift=flow_shift, images=images, image_encoder=image_encoder,
+        video_size=tuple(_int_list(video_size, "--video-size", 3)) if video_size else None))
     click.echo(f"student, {res['student_steps']} steps: {res['student_s_per_sample']:.4f} s/sample")
     if "teacher_s_per_sample" in res:
         click.echo(f"teacher, {res['teacher_steps']} steps + CFG: {res['teacher_s_per_sample']:.4f} s/sample")
@@ -258,8 +282,9 @@ def generate(model, out, prompts, text_encoder, tokenizer, embeds, latent_shape,
 
 
 def _latent_shape(latent_shape, video_size) -> list[int]:
-    if (latent_shape is None) == (video_size is None):
-        raise ConfigError("give exactly one of --latent-shape C,F,H,W and --video-size FRAMES,HEIGHT,WIDTH")
+    """--latent-shape, or the latent of --video-size with Wan2.1's VAE (16 channels, 4x8x8)."""
+    if latent_shape is None and video_size is None:
+        raise ConfigError("give --latent-shape C,F,H,W or --video-size FRAMES,HEIGHT,WIDTH")
     if latent_shape is not None:
         return _int_list(latent_shape, "--latent-shape", 4)
     f, h, w = _int_list(video_size, "--video-size", 3)

@@ -49,10 +49,14 @@ class GenerateOptions:
     cfg_form: str = "standard"
     flow_shift: float = 3.0
     max_text_len: int = 512
+    images: Optional[str] = None  # image-to-video: one image per prompt (with image_encoder and vae)
+    image_encoder: Optional[str] = None
+    video_size: Optional[tuple] = None  # (frames, height, width) the images are encoded for
 
 
-def load_conditions(o: GenerateOptions, device) -> tuple[list[torch.Tensor], torch.Tensor, list[str]]:
-    """Per-sample text embeddings ``[L_i, D]``, the negative embedding, and the captions."""
+def load_conditions(o: GenerateOptions, device) -> tuple[list[torch.Tensor], torch.Tensor, list[str], dict]:
+    """Per-sample text embeddings ``[L_i, D]``, the negative embedding, the captions, and for
+    image-to-video the image condition (``image_latents``, ``image_embeds``, one row per sample)."""
     if (o.prompts is None) == (o.embeds is None):
         raise ConfigError("give exactly one of --prompts (with --text-encoder) and --embeds (a megadmd dataset)")
     if o.embeds is not None:
@@ -60,8 +64,11 @@ def load_conditions(o: GenerateOptions, device) -> tuple[list[torch.Tensor], tor
 
         ds = LatentDataset(o.embeds)
         samples = [ds.get(i) for i in range(len(ds))]
+        image = {}
+        if "image_latents" in samples[0]:
+            image = {k: torch.stack([s[k] for s in samples]) for k in ("image_latents", "image_embeds")}
         return ([s["text_embeds"][: s["text_len"]] for s in samples], ds.negative()[0],
-                [s["caption"] for s in samples])
+                [s["caption"] for s in samples], image)
     from .data.text import encode_prompts, load_text_encoder, read_prompts
 
     if o.text_encoder is None:
@@ -70,11 +77,37 @@ def load_conditions(o: GenerateOptions, device) -> tuple[list[torch.Tensor], tor
     tok, enc = load_text_encoder(o.text_encoder, o.tokenizer, device, torch.float32)
     embeds = encode_prompts(tok, enc, prompts, o.max_text_len, device)
     negative = encode_prompts(tok, enc, [o.negative_prompt], o.max_text_len, device)[0]
-    return embeds, negative, prompts
+    return embeds, negative, prompts, _encode_image_condition(o, len(prompts), device)
 
 
-def _pad(embeds: list[torch.Tensor], device) -> torch.Tensor:
-    width = max(e.shape[0] for e in embeds)
+def _encode_image_condition(o: GenerateOptions, count: int, device) -> dict:
+    if o.images is None:
+        return {}
+    from PIL import Image
+
+    from .data.image import encode_images, load_image_encoder, read_image_list
+    from .data.video import load_vae
+
+    if o.image_encoder is None or o.vae is None or o.video_size is None:
+        raise ConfigError("--images needs --image-encoder, --vae and --video-size")
+    processor, encoder = load_image_encoder(o.image_encoder, device)
+    images = [Image.open(p).convert("RGB") for p in read_image_list(o.images, count)]
+    lat, emb = encode_images(images, processor, encoder, load_vae(o.vae, device), o.video_size, device)
+    return {"image_latents": lat, "image_embeds": emb}
+
+
+def _conditioning(image: dict, idx: list, device, repeat: int = 1) -> dict:
+    if not image:
+        return {}
+    from .data.image import condition_channels
+
+    c = condition_channels(image["image_latents"][idx]).to(device)
+    e = image["image_embeds"][idx].to(device)
+    return {"condition": torch.cat([c] * repeat), "image_embeds": torch.cat([e] * repeat)}
+
+
+def _pad(embeds: list[torch.Tensor], device, width: int = 0) -> torch.Tensor:
+    width = width or max(e.shape[0] for e in embeds)
     out = torch.zeros(len(embeds), width, embeds[0].shape[1], device=device)
     for i, e in enumerate(embeds):
         out[i, : e.shape[0]] = e.to(device)
@@ -97,17 +130,19 @@ def _timed(fn, device) -> tuple[torch.Tensor, float]:
 
 
 @torch.no_grad()
-def sample_student(model, embeds: list, o: GenerateOptions, dtype, device) -> tuple[torch.Tensor, float]:
+def sample_student(model, embeds: list, o: GenerateOptions, dtype, device, image: dict) -> tuple[torch.Tensor, float]:
     outs, seconds = [], 0.0
+    width = 512 if image else 0  # Wan I2V attention expects 512 text tokens
     for i in range(0, len(embeds), o.batch_size):
         idx = list(range(i, min(i + o.batch_size, len(embeds))))
-        text = _pad([embeds[j] for j in idx], device)
+        text = _pad([embeds[j] for j in idx], device, width)
+        cond = _conditioning(image, idx, device)
         noise = torch.stack([_noise(o.seed, j, PURPOSE_START, o.latent_shape, device) for j in idx])
 
         def renoise(step, idx=idx):
             return torch.stack([_noise(o.seed, j, PURPOSE_RENOISE, o.latent_shape, device, sub=step) for j in idx])
 
-        vfn = lambda x, t, text=text: predict_velocity(model, x, t, text, dtype)  # noqa: E731
+        vfn = lambda x, t, text=text, cond=cond: predict_velocity(model, x, t, text, dtype, **cond)  # noqa: E731
         x0, dt = _timed(lambda: sample_generator(vfn, o.steps, noise, renoise), device)
         outs.append(x0.cpu())
         seconds += dt
@@ -116,16 +151,17 @@ def sample_student(model, embeds: list, o: GenerateOptions, dtype, device) -> tu
 
 @torch.no_grad()
 def sample_baseline(teacher, embeds: list, negative: torch.Tensor, o: GenerateOptions, dtype,
-                    device) -> tuple[torch.Tensor, float]:
+                    device, image: dict) -> tuple[torch.Tensor, float]:
     sigmas = flow.euler_sigmas(o.teacher_steps, o.flow_shift)
     outs, seconds = [], 0.0
     for i in range(0, len(embeds), o.batch_size):
         idx = list(range(i, min(i + o.batch_size, len(embeds))))
-        both = _pad([embeds[j] for j in idx] + [negative] * len(idx), device)
+        both = _pad([embeds[j] for j in idx] + [negative] * len(idx), device, 512 if image else 0)
         b = len(idx)
+        cond = _conditioning(image, idx, device, repeat=2)  # CFG drops the text, keeps the image
 
-        def pair(x, t, both=both, b=b):
-            v = predict_velocity(teacher, torch.cat([x, x]), torch.cat([t, t]), both, dtype)
+        def pair(x, t, both=both, b=b, cond=cond):
+            v = predict_velocity(teacher, torch.cat([x, x]), torch.cat([t, t]), both, dtype, **cond)
             return v[:b], v[b:]
 
         noise = torch.stack([_noise(o.seed, j, PURPOSE_START, o.latent_shape, device) for j in idx])
@@ -138,9 +174,12 @@ def sample_baseline(teacher, embeds: list, negative: torch.Tensor, o: GenerateOp
 
 def check_generate_inputs(o: GenerateOptions) -> dict:
     cfg = read_model_config(o.model, what="generator model")
-    if len(o.latent_shape) != 4 or o.latent_shape[0] != cfg.get("in_channels"):
+    if len(o.latent_shape) != 4 or o.latent_shape[0] != cfg.get("out_channels"):
         raise ConfigError(f"latent shape {list(o.latent_shape)} must be C,F,H,W with C = the model's "
-                          f"in_channels {cfg.get('in_channels')}")
+                          f"out_channels {cfg.get('out_channels')}")
+    if cfg.get("image_dim") is not None and o.images is None and o.embeds is None:
+        raise ConfigError("the model is image-to-video: give --images (with --image-encoder, --vae, --video-size) "
+                          "or --embeds with image conditions")
     if list(o.steps) != sorted(o.steps, reverse=True) or not all(0 < s <= 1000 for s in o.steps):
         raise ConfigError(f"--steps must decrease within (0, 1000], got {o.steps}")
     if o.compare_teacher is not None:
@@ -154,20 +193,20 @@ def run_generate(o: GenerateOptions) -> dict:
     model_cfg = check_generate_inputs(o)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = compute_dtype(o.precision, device)
-    embeds, negative, captions = load_conditions(o, device)
+    embeds, negative, captions, image = load_conditions(o, device)
     if embeds[0].shape[1] != model_cfg.get("text_dim"):
         raise ConfigError(f"text embeddings have dimension {embeds[0].shape[1]} but the model's text_dim "
                           f"is {model_cfg.get('text_dim')}")
     model = _load_generator(o.model, dtype, device)
-    _warm_up(model, embeds[0], o, dtype, device)  # first-call costs out of the timings
-    latents, student_s = sample_student(model, embeds, o, dtype, device)
+    _warm_up(model, embeds[0], o, dtype, device, image)  # first-call costs out of the timings
+    latents, student_s = sample_student(model, embeds, o, dtype, device, image)
     result = {"num_samples": len(embeds), "student_steps": len(o.steps),
               "student_s_per_sample": student_s / len(embeds)}
     if o.compare_teacher is not None:
         teacher = load_role_model(o.compare_teacher, dtype, _boundary_of(o.compare_teacher),
                                   what="teacher model").to(device).eval()
-        _warm_up(teacher, embeds[0], o, dtype, device)
-        _, teacher_s = sample_baseline(teacher, embeds, negative, o, dtype, device)
+        _warm_up(teacher, embeds[0], o, dtype, device, image)
+        _, teacher_s = sample_baseline(teacher, embeds, negative, o, dtype, device, image)
         result.update(teacher_steps=o.teacher_steps, teacher_s_per_sample=teacher_s / len(embeds),
                       speedup=teacher_s / max(student_s, 1e-12))
     _write_outputs(o, latents, captions, result, device)
@@ -175,9 +214,10 @@ def run_generate(o: GenerateOptions) -> dict:
 
 
 @torch.no_grad()
-def _warm_up(model, embed: torch.Tensor, o: GenerateOptions, dtype, device) -> None:
+def _warm_up(model, embed: torch.Tensor, o: GenerateOptions, dtype, device, image: dict) -> None:
     x = torch.zeros(1, *o.latent_shape, device=device)
-    predict_velocity(model, x, torch.full((1,), 500.0, device=device), embed.unsqueeze(0).to(device), dtype)
+    text = _pad([embed], device, 512 if image else 0)
+    predict_velocity(model, x, torch.full((1,), 500.0, device=device), text, dtype, **_conditioning(image, [0], device))
 
 
 def _boundary_of(path: str) -> Optional[float]:

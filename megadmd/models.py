@@ -76,16 +76,21 @@ def predict_velocity(
     text: torch.Tensor,
     dtype: torch.dtype,
     image_embeds: Optional[torch.Tensor] = None,
+    condition: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Run a Wan DiT (engine or bare module) and return its velocity prediction in float32.
 
-    Inputs are cast to the model's compute dtype; the DMD math stays in float32.
+    Inputs are cast to the model's compute dtype; the DMD math stays in float32. For image-to-video
+    models, ``condition`` ([B, 4 + C, F, H, W]: frame mask, then the image latent) is concatenated
+    to the noisy latent's channels and ``image_embeds`` (CLIP) goes to the image cross-attention, as
+    diffusers' WanImageToVideoPipeline does; the prediction covers the noisy channels only.
     """
     kwargs = {}
     if image_embeds is not None:
         kwargs["encoder_hidden_states_image"] = image_embeds.to(dtype)
+    hidden = x_t if condition is None else torch.cat([x_t, condition.to(x_t.dtype)], dim=1)
     out = call(
-        hidden_states=x_t.to(dtype),
+        hidden_states=hidden.to(dtype),
         timestep=t.to(torch.float32),
         encoder_hidden_states=text.to(dtype),
         return_dict=False,

@@ -26,6 +26,7 @@ class TrainPlan:
     latent_shape: tuple  # [C, F, H, W] the generator produces
     dp_size: int
     role_configs: dict = field(default_factory=dict)  # role -> config.json
+    text_len: int = 0  # pad text embeddings to this (0: the dataset's longest); 512 for I2V models
     resume_from: Optional[Path] = None  # the checkpoint to resume from
     resume_universal: bool = False  # it was saved at another world size
 
@@ -72,18 +73,37 @@ def check_dataset(cfg: RunConfig, model_config: dict) -> tuple[str, bool, Option
                               f"folder from 'megadmd synth' or 'megadmd make-dataset')")
         return str(Path(cfg.output_dir) / "data"), True, None
     info = read_index(cfg.data.path)
-    in_ch = model_config.get("in_channels")
     if not cfg.dmd.simulate_generator_forward and not info.has_latents:
         raise ConfigError(f"dataset {cfg.data.path} holds only text embeddings; set "
                           f"dmd.simulate_generator_forward=true for data-free training or give a "
                           f"dataset with latents")
-    if info.has_latents and info.latent_shape[0] != in_ch:
+    check_image_condition(cfg.data.path, info, model_config)
+    if info.has_latents and info.latent_shape[0] != model_config.get("out_channels"):
         raise ConfigError(f"dataset {cfg.data.path} has {info.latent_shape[0]}-channel latents but the "
-                          f"model's in_channels is {in_ch}; use a dataset made for this model")
+                          f"model predicts {model_config.get('out_channels')} channels (in_channels "
+                          f"{model_config.get('in_channels')}); use a dataset made for this model")
     if info.text_dim != model_config.get("text_dim"):
         raise ConfigError(f"dataset {cfg.data.path} has text embeddings of dimension {info.text_dim} "
                           f"but the model's text_dim is {model_config.get('text_dim')}")
     return cfg.data.path, False, info
+
+
+def check_image_condition(path: str, info: DatasetInfo, model_config: dict) -> None:
+    """Image-to-video models need image-conditioned data, and text-to-video models must not get it."""
+    from .data.image import expected_in_channels, is_i2v
+
+    i2v = is_i2v(model_config)
+    if i2v and info.image_condition is None:
+        raise ConfigError(f"the model is image-to-video (image_dim {model_config.get('image_dim')}) but dataset "
+                          f"{path} has no image condition; add one with 'megadmd encode-images'")
+    if not i2v and info.image_condition is not None:
+        raise ConfigError(f"dataset {path} holds image conditions (image-to-video) but the model is "
+                          f"text-to-video; use an I2V teacher or a text-to-video dataset")
+    if i2v:
+        c = info.image_condition["latent_shape"][0]
+        if expected_in_channels(c, True) != model_config.get("in_channels"):
+            raise ConfigError(f"dataset {path} has {c}-channel image latents: the model would need in_channels "
+                              f"{expected_in_channels(c, True)}, it has {model_config.get('in_channels')}")
 
 
 def latent_shape_for(cfg: RunConfig, info: Optional[DatasetInfo], model_config: dict) -> tuple:
@@ -91,6 +111,8 @@ def latent_shape_for(cfg: RunConfig, info: Optional[DatasetInfo], model_config: 
         shape = tuple(int(x) for x in cfg.data.latent_shape)
     elif info is not None and info.has_latents:
         shape = tuple(info.latent_shape)
+    elif info is not None and info.image_condition is not None:  # data-free I2V: the image's shape
+        shape = tuple(info.image_condition["latent_shape"])
     elif info is None:  # built-in toy data
         from .toy.builtin import TOY_SPEC
 
@@ -100,9 +122,9 @@ def latent_shape_for(cfg: RunConfig, info: Optional[DatasetInfo], model_config: 
                           "([C, F, H, W] of the video latent to generate)")
     if len(shape) != 4:
         raise ConfigError(f"data.latent_shape must be [C, F, H, W], got {list(shape)}")
-    if shape[0] != model_config.get("in_channels"):
-        raise ConfigError(f"data.latent_shape has {shape[0]} channels but the model's in_channels "
-                          f"is {model_config.get('in_channels')}")
+    if shape[0] != model_config.get("out_channels"):
+        raise ConfigError(f"data.latent_shape has {shape[0]} channels but the model predicts "
+                          f"{model_config.get('out_channels')}")
     pt, ph, pw = model_config.get("patch_size", (1, 2, 2))
     if shape[1] % pt or shape[2] % ph or shape[3] % pw:
         raise ConfigError(f"latent shape {list(shape)} does not divide by the patch size "
@@ -141,6 +163,12 @@ def preflight_train(cfg: RunConfig, world_size: int) -> TrainPlan:
 
     resume = find_resume(cfg.output_dir, cfg.checkpoint.resume)
     universal = resume is not None and read_state(resume)["world_size"] != world_size
-    return TrainPlan(model_paths=paths, model_config=model_config, data_path=data_path,
+    text_len = cfg.data.text_len
+    if model_config.get("image_dim") is not None:
+        # diffusers' Wan I2V attention takes the last 512 context tokens as text, the rest as image
+        if text_len not in (0, 512):
+            raise ConfigError(f"data.text_len must be 512 for an image-to-video model, got {text_len}")
+        text_len = 512
+    return TrainPlan(model_paths=paths, model_config=model_config, data_path=data_path, text_len=text_len,
                      builtin_data=builtin, latent_shape=shape, dp_size=dp, role_configs=role_configs,
                      resume_from=resume, resume_universal=universal)

@@ -92,11 +92,11 @@ def build_trainer(cfg: RunConfig, local_rank: int | None = None) -> DMDTrainer:
         prepare_module=lambda role, module: prepare_module(cfg, pstate, vsa, plan.model_paths, role, module))
     data = BatchSource(LatentDataset(plan.data_path), micro_batch=cfg.train.micro_batch_size,
                        dp_rank=pstate.dp_rank, dp_size=pstate.dp_size, seed=cfg.train.seed,
-                       text_len=cfg.data.text_len, device=proc.device)
+                       text_len=plan.text_len, device=proc.device)
     writer = MetricsWriter(cfg.output_dir, enabled=pstate.rank == 0 and cfg.logging.tensorboard)
     ema = PartitionEMA(models.generator.module, cfg.ema.decay, cfg.ema.start_step) if cfg.ema.decay else None
     trainer = DMDTrainer(cfg, models, data, pstate, SampleRNG(cfg.train.seed, proc.device), writer,
-                         proc.device, vsa=vsa, ema=ema)
+                         proc.device, vsa=vsa, ema=ema, sample_shape=plan.latent_shape)
     validator = build_validator(cfg, plan, data.dataset, trainer.steps, pstate.rank)
     if validator is not None:
         trainer.hooks.append(validator.maybe_run)

@@ -48,6 +48,12 @@ class Validator:
         samples = [ds.get(i) for i in range(n)]
         self.text = torch.stack([pad_text(s["text_embeds"][: s["text_len"]], text_len)[0] for s in samples])
         self.captions = [s["caption"] for s in samples]
+        self.conditioning = {}  # image-to-video: the samples' image condition
+        if "image_latents" in samples[0]:
+            from .data.image import condition_channels
+
+            self.conditioning = {"condition": condition_channels(torch.stack([s["image_latents"] for s in samples])),
+                                 "image_embeds": torch.stack([s["image_embeds"] for s in samples])}
         self._vae = None
 
     def maybe_run(self, trainer) -> None:
@@ -68,7 +74,8 @@ class Validator:
         def renoise(step):
             return torch.stack([self._noise(i, PURPOSE_RENOISE, device, sub=step) for i in range(n)])
 
-        vfn = lambda x, t: predict_velocity(module, x, t, text, dtype)  # noqa: E731
+        cond = {k: v.to(device) for k, v in self.conditioning.items()}
+        vfn = lambda x, t: predict_velocity(module, x, t, text, dtype, **cond)  # noqa: E731
         return sample_generator(vfn, self.steps, noise, renoise).cpu()
 
     def run(self, trainer) -> dict[str, torch.Tensor]:
@@ -109,5 +116,5 @@ class Validator:
 def build_validator(cfg, plan, data: LatentDataset, steps: list, rank: int) -> Optional[Validator]:
     if not cfg.validation.interval_steps:
         return None
-    return Validator(cfg.validation, steps, plan.latent_shape, cfg.data.text_len or data.info.max_text_len,
+    return Validator(cfg.validation, steps, plan.latent_shape, plan.text_len or data.info.max_text_len,
                      data, cfg.output_dir, rank)

@@ -130,3 +130,33 @@ def save_tiny_wan22_pipeline(path: Path, boundary_ratio: float = 0.875) -> Path:
                        boundary_ratio=boundary_ratio)
     pipe.save_pretrained(str(path))
     return path
+
+
+# A tiny Wan2.1-style image-to-video DiT: 4 noise + 4 mask + 4 image channels, CLIP embeddings of
+# width 16 through an image cross-attention.
+TEST_I2V_CONFIG = dict(TEST_WAN_CONFIG, in_channels=12, out_channels=4, image_dim=16, added_kv_proj_dim=32)
+
+
+def save_tiny_clip(path: Path) -> Path:
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(0)
+    CLIPVisionModel(CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     image_size=32, patch_size=16)).save_pretrained(str(path))
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(str(path))
+    return path
+
+
+def save_test_images(folder: Path, count: int) -> Path:
+    """``count`` small PNGs and a list file naming them, one per line."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+    names = []
+    for i in range(count):
+        pixels = (torch.rand(40, 48, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / f"img{i}.png")
+        names.append(f"img{i}.png")
+    (folder / "images.txt").write_text("\n".join(names) + "\n")
+    return folder / "images.txt"

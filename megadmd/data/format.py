@@ -11,6 +11,9 @@ A dataset is a folder::
 Each shard holds stacked tensors for its samples:
 
     latents      [n, C, F, H, W]   clean (normalized) latents; absent in text-only datasets
+    image_latents [n, C, F, H, W]  image-to-video only: the VAE latent of the first frame followed
+                                   by zero frames, normalized (what Wan I2V models are given)
+    image_embeds [n, N, D]         image-to-video only: CLIP image embedding (penultimate layer)
     text_embeds  [n, L, D]         text embeddings, zero-padded to the shard's longest (<= L_max)
     text_lens    [n]               int32, the unpadded length of each embedding (its mask)
 
@@ -72,6 +75,8 @@ class DatasetInfo:
     text_dtype: str = "float32"
     shards: list = field(default_factory=list)  # [{"file", "first_index", "num_samples"}]
     extra: dict = field(default_factory=dict)
+    # image-to-video: {"latent_shape": [C, F, H, W], "embed_shape": [N, D]}, else None
+    image_condition: Optional[dict] = None
 
     @property
     def has_latents(self) -> bool:
@@ -90,6 +95,7 @@ class DatasetInfo:
             "shard_size": self.shard_size,
             "negative": NEGATIVE_FILE,
             "shards": self.shards,
+            "image_condition": self.image_condition,
             "extra": self.extra,
         }
 
@@ -117,7 +123,7 @@ def read_index(path: str | Path) -> DatasetInfo:
         max_text_len=int(d["max_text_len"]), shard_size=int(d["shard_size"]),
         latent_shape=d.get("latent_shape"), latent_dtype=d.get("latent_dtype", "float32"),
         text_dtype=d.get("text_dtype", "float32"), shards=list(d.get("shards", [])),
-        extra=dict(d.get("extra", {})),
+        extra=dict(d.get("extra", {})), image_condition=d.get("image_condition"),
     )
     if info.num_samples <= 0:
         raise ConfigError(f"dataset {root} is empty (0 samples)")
@@ -165,7 +171,8 @@ def write_index(root: Path, info: DatasetInfo) -> None:
 
 def write_shard(root: Path, k: int, *, text_embeds: list, captions: list, first_index: int,
                 max_text_len: int, text_dim: int, latents: Optional[torch.Tensor] = None,
-                latent_dtype: torch.dtype = torch.float32) -> dict:
+                latent_dtype: torch.dtype = torch.float32, image_latents: Optional[torch.Tensor] = None,
+                image_embeds: Optional[torch.Tensor] = None) -> dict:
     """Write shard ``k`` atomically from per-sample embeddings ``[L_i, D]``; return its index entry."""
     n = len(text_embeds)
     width = max(e.shape[0] for e in text_embeds)  # pad to the shard's longest, not the dataset's
@@ -177,7 +184,11 @@ def write_shard(root: Path, k: int, *, text_embeds: list, captions: list, first_
         emb[i, : e.shape[0]] = e.float()
         lens[i] = e.shape[0]
     lat = latents.to(latent_dtype) if latents is not None else None
-    atomic_write_bytes(Path(root) / shard_name(k), encode_shard(emb, lens, list(captions), first_index, latents=lat))
+    extra = {}
+    if image_latents is not None:  # image-to-video condition (data/image.py)
+        extra = {"image_latents": image_latents.float(), "image_embeds": image_embeds.float()}
+    atomic_write_bytes(Path(root) / shard_name(k),
+                       encode_shard(emb, lens, list(captions), first_index, latents=lat, extra_tensors=extra))
     return {"file": shard_name(k), "first_index": first_index, "num_samples": n}
 
 
@@ -307,6 +318,9 @@ class LatentDataset:
         }
         if self.info.has_latents:
             out["latents"] = h.get_slice("latents")[j : j + 1][0].float()
+        if self.info.image_condition is not None:
+            out["image_latents"] = h.get_slice("image_latents")[j : j + 1][0].float()
+            out["image_embeds"] = h.get_slice("image_embeds")[j : j + 1][0].float()
         return out
 
     def negative(self) -> tuple[torch.Tensor, str]:

@@ -28,6 +28,8 @@ class Batch:
     latents: Optional[torch.Tensor]  # [B, C, F, H, W], or None for text-only (data-free) data
     captions: list
     micro_step: int = 0  # the global micro-step: the same on every rank (keys draws all ranks share)
+    image_latents: Optional[torch.Tensor] = None  # [B, C, F, H, W]: image-to-video condition
+    image_embeds: Optional[torch.Tensor] = None  # [B, N, D]: CLIP image embedding
 
     @property
     def size(self) -> int:
@@ -81,9 +83,12 @@ class BatchSource:
         return batch
 
     def collate(self, positions: list[int], micro_step: int = 0) -> Batch:
-        embeds, masks, lats, caps = [], [], [], []
+        embeds, masks, lats, caps, img_lats, img_embs = [], [], [], [], [], []
         for p in positions:
             s = self.dataset.get(self._index_at(p))
+            if "image_latents" in s:
+                img_lats.append(s["image_latents"])
+                img_embs.append(s["image_embeds"])
             e, m = pad_text(s["text_embeds"][: s["text_len"]], self.text_len)
             embeds.append(e)
             masks.append(m)
@@ -98,6 +103,8 @@ class BatchSource:
             latents=torch.stack(lats).to(dev) if lats else None,
             captions=caps,
             micro_step=micro_step,
+            image_latents=torch.stack(img_lats).to(dev) if img_lats else None,
+            image_embeds=torch.stack(img_embs).to(dev) if img_embs else None,
         )
 
     # --- the unconditional input --------------------------------------------------------------

@@ -26,6 +26,7 @@ from ..metrics import ProgressBar
 from ..models import load_wan, predict_velocity, read_model_config
 from ..rng import sample_seed
 from ..sampling import cfg_velocity, sample_teacher
+from .image import condition_channels
 from .format import (DatasetInfo, LatentDataset, existing_shard, read_index, read_shard, write_index,
                      write_negative, write_shard)
 
@@ -57,9 +58,15 @@ def check_synth_inputs(o: SynthOptions) -> DatasetInfo:
     if info.text_dim != cfg.get("text_dim"):
         raise ConfigError(f"text embeddings in {o.text_data} have dimension {info.text_dim} but the "
                           f"teacher's text_dim is {cfg.get('text_dim')}; encode with the teacher's text encoder")
-    if len(o.latent_shape) != 4 or o.latent_shape[0] != cfg.get("in_channels"):
+    if len(o.latent_shape) != 4 or o.latent_shape[0] != cfg.get("out_channels"):
         raise ConfigError(f"--latent-shape {list(o.latent_shape)} must be C,F,H,W with C = the teacher's "
-                          f"in_channels {cfg.get('in_channels')}")
+                          f"out_channels {cfg.get('out_channels')}")
+    from ..preflight import check_image_condition
+
+    check_image_condition(o.text_data, info, cfg)
+    if info.image_condition is not None and list(o.latent_shape) != info.image_condition["latent_shape"]:
+        raise ConfigError(f"--latent-shape {list(o.latent_shape)} differs from the image condition's "
+                          f"{info.image_condition['latent_shape']} in {o.text_data}")
     pt, ph, pw = cfg.get("patch_size", (1, 2, 2))
     if o.latent_shape[1] % pt or o.latent_shape[2] % ph or o.latent_shape[3] % pw:
         raise ConfigError(f"--latent-shape {list(o.latent_shape)} does not divide by the patch size {[pt, ph, pw]}")
@@ -88,18 +95,26 @@ def synth_shard(o: SynthOptions, teacher, src: LatentDataset, k: int, device, dt
     n = len(lens)
     sigmas = flow.euler_sigmas(o.num_steps, o.flow_shift)
     negative, _ = src.negative()
-    width = shard["text_embeds"].shape[1]
+    i2v = "image_latents" in shard
+    width = 512 if i2v else shard["text_embeds"].shape[1]  # Wan I2V attention expects 512 text tokens
+    text_all = torch.zeros(n, width, shard["text_embeds"].shape[2])
+    text_all[:, : shard["text_embeds"].shape[1]] = shard["text_embeds"]
     neg = torch.zeros(width, negative.shape[1])
     neg[: min(width, negative.shape[0])] = negative[:width]
     latents = []
     for i in range(0, n, o.batch_size):
         idx = list(range(i, min(i + o.batch_size, n)))
-        text = shard["text_embeds"][idx].to(device)
+        text = text_all[idx].to(device)
         uncond = neg.to(device).unsqueeze(0).expand(len(idx), -1, -1)
         both = torch.cat([text, uncond])
+        cond = {}
+        if i2v:  # CFG drops the text, keeps the image
+            c = condition_channels(shard["image_latents"][idx]).to(device)
+            e = shard["image_embeds"][idx].to(device)
+            cond = {"condition": torch.cat([c, c]), "image_embeds": torch.cat([e, e])}
 
-        def v_pair(x, t, both=both, b=len(idx)):  # cond and uncond in one forward of batch 2B
-            v = predict_velocity(teacher, torch.cat([x, x]), torch.cat([t, t]), both, dtype)
+        def v_pair(x, t, both=both, b=len(idx), cond=cond):  # cond and uncond in one forward of batch 2B
+            v = predict_velocity(teacher, torch.cat([x, x]), torch.cat([t, t]), both, dtype, **cond)
             return v[:b], v[b:]
 
         noise = _noise(o, [first + j for j in idx], device)
@@ -107,8 +122,8 @@ def synth_shard(o: SynthOptions, teacher, src: LatentDataset, k: int, device, dt
             guided = cfg_velocity(v_pair, o.guidance_scale, o.cfg_form)
             latents.append(sample_teacher(guided, None, noise, sigmas).cpu())
     embeds = [shard["text_embeds"][j, : lens[j]] for j in range(n)]
-    return dict(text_embeds=embeds, captions=shard["captions"], first_index=first,
-                latents=torch.cat(latents))
+    return dict(text_embeds=embeds, captions=shard["captions"], first_index=first, latents=torch.cat(latents),
+                image_latents=shard.get("image_latents"), image_embeds=shard.get("image_embeds"))
 
 
 def run_synth(o: SynthOptions) -> DatasetInfo:
@@ -133,7 +148,7 @@ def run_synth(o: SynthOptions) -> DatasetInfo:
     dist.barrier()
     info = DatasetInfo(
         num_samples=src_info.num_samples, text_dim=src_info.text_dim, max_text_len=src_info.max_text_len,
-        shard_size=src_info.shard_size, latent_shape=list(o.latent_shape),
+        shard_size=src_info.shard_size, latent_shape=list(o.latent_shape), image_condition=src_info.image_condition,
         shards=[existing_shard(root, k) for k in range(num_shards)],
         extra={"synth": {"teacher": str(o.teacher), "steps": o.num_steps, "guidance_scale": o.guidance_scale,
                          "cfg_form": o.cfg_form, "flow_shift": o.flow_shift, "seed": o.seed}})

@@ -103,7 +103,7 @@ def generator_loss(fake_logits: torch.Tensor) -> torch.Tensor:
 
 
 def generator_gan_loss(fake_score: nn.Module, block_index: int, x_t: torch.Tensor, t: torch.Tensor,
-                       text: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+                       text: torch.Tensor, dtype: torch.dtype, **conditioning) -> torch.Tensor:
     """The generator's GAN loss on noised generator samples ``x_t`` (which carry the generator's
     graph). The fake score's parameters are frozen for this forward, so the gradient reaches the
     generator only through ``x_t``; ``fake_score`` must be the bare module, never its engine."""
@@ -113,5 +113,5 @@ def generator_gan_loss(fake_score: nn.Module, block_index: int, x_t: torch.Tenso
     # ZeRO-3's backward hooks lose track of the wrapper in this input-only backward.
     target = expert_for(fake_score, t)
     with frozen(fake_score), head_logits(fake_score, block_index) as out:
-        predict_velocity(target, x_t, t, text, dtype)
+        predict_velocity(target, x_t, t, text, dtype, **conditioning)
     return generator_loss(out["logits"])

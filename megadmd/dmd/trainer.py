@@ -21,6 +21,7 @@ import torch
 from .. import flow
 from ..attention.processor import vsa_sparsity_at
 from ..config import RunConfig
+from ..data.image import condition_channels
 from ..data.loader import Batch, BatchSource
 from ..metrics import MetricsWriter, ScalarWindow, StepTimer, format_line, memory_stats
 from ..models import predict_velocity
@@ -52,7 +53,7 @@ class TrainState:
 class DMDTrainer:
     def __init__(self, cfg: RunConfig, models, data: BatchSource, pstate, rng: SampleRNG,
                  writer: MetricsWriter, device: torch.device, vsa=None, ema=None, preemption=None,
-                 hooks: Optional[list[Callable[["DMDTrainer"], None]]] = None):
+                 hooks: Optional[list[Callable[["DMDTrainer"], None]]] = None, sample_shape: tuple = ()):
         self.cfg = cfg
         self.dmd = cfg.dmd
         self.models = models
@@ -65,6 +66,7 @@ class DMDTrainer:
         self.current_step = 0
         self.window = ScalarWindow()
         self.history: list[tuple[int, dict]] = []  # (step, logged values), for tests and summaries
+        self.sample_shape = tuple(sample_shape)  # [C, F, H, W] of a generated latent
         self.vsa = vsa  # the generator's VSASettings (shared by its attention processors), or None
         self.ema = ema  # PartitionEMA of the generator, or None
         self.preemption = preemption  # PreemptionFlag, or None
@@ -75,20 +77,28 @@ class DMDTrainer:
         self.steps = flow.warp_steps(steps, self.dmd.flow_shift) if self.dmd.warp_denoising_step else steps
 
     # --- model calls ---------------------------------------------------------------------------
-    def velocity_fn(self, call, text: torch.Tensor):
-        dtype = self.models.dtype
-        return lambda x_t, t: predict_velocity(call, x_t, t, text, dtype)
+    def conditioning(self, batch: Batch, repeat: int = 1) -> dict:
+        """Image-to-video inputs of a batch (empty for text-to-video), repeated for forwards of
+        batch ``repeat * B`` (the teacher's CFG pair keeps the image and drops only the text)."""
+        if batch.image_latents is None:
+            return {}
+        cond = condition_channels(batch.image_latents)
+        return {"condition": torch.cat([cond] * repeat), "image_embeds": torch.cat([batch.image_embeds] * repeat)}
+
+    def velocity_fn(self, call, batch: Batch):
+        dtype, text, cond = self.models.dtype, batch.text_embeds, self.conditioning(batch)
+        return lambda x_t, t: predict_velocity(call, x_t, t, text, dtype, **cond)
 
     def latent_shape(self, batch: Batch) -> tuple:
         if batch.latents is not None:
             return tuple(batch.latents.shape[1:])
-        return tuple(self.cfg.data.latent_shape)  # data-free mode: the configured video latent
+        return tuple(self.sample_shape)  # data-free mode: the latent preflight settled on
 
     def generator_x0(self, call, batch: Batch, phase: int) -> torch.Tensor:
         """A generator sample for this batch: in synthetic-latent mode, a dataset latent noised
         to a random step of the list and denoised; in data-free mode, backward simulation."""
         pos = batch.positions.tolist()
-        vfn = self.velocity_fn(call, batch.text_embeds)
+        vfn = self.velocity_fn(call, batch)
         if not self.dmd.simulate_generator_forward:
             idx = self.generator_step_indices(batch, phase)
             eps = self.rng.randn(pos, batch.latents.shape[1:], Purpose.GEN_NOISE, phase)
@@ -98,7 +108,7 @@ class DMDTrainer:
         shape = self.latent_shape(batch)
         start = self.rng.randn(pos, shape, Purpose.SIM_START, phase)
         renoise = lambda i: self.rng.randn(pos, shape, Purpose.SIM_RENOISE, phase, sub=i)  # noqa: E731
-        vfn_no_grad = self.velocity_fn(self._module_of(call), batch.text_embeds)
+        vfn_no_grad = self.velocity_fn(self._module_of(call), batch)
         return simulate_generator(vfn_no_grad, vfn, self.steps, idx, start, renoise)
 
     def exit_indices(self, batch: Batch, phase: int) -> torch.Tensor:
@@ -119,7 +129,7 @@ class DMDTrainer:
         b = x_t.shape[0]
         text = torch.cat([batch.text_embeds, self.data.negative(b)])
         v = predict_velocity(self.models.teacher.module, torch.cat([x_t, x_t]), torch.cat([t, t]),
-                             text, self.models.dtype)
+                             text, self.models.dtype, **self.conditioning(batch, repeat=2))
         sigma = flow.sigma_from_t(t)
         x0_cond = flow.x0_from_velocity(x_t, v[:b], sigma)
         x0_uncond = flow.x0_from_velocity(x_t, v[b:], sigma)
@@ -163,7 +173,7 @@ class DMDTrainer:
             sigma = flow.sigma_from_t(t)
             x_t = flow.add_noise(x0_gen.detach(), eps, sigma)
             v_fake = predict_velocity(self.models.fake_score.module, x_t, t, batch.text_embeds,
-                                      self.models.dtype)
+                                      self.models.dtype, **self.conditioning(batch))
             x0_fake = flow.x0_from_velocity(x_t, v_fake, sigma)
             x0_real = self.teacher_x0(x_t, t, batch)
             grad = losses.dmd_grad(x0_gen.detach(), x0_real, x0_fake, self.dmd.grad_norm_mean)
@@ -182,7 +192,7 @@ class DMDTrainer:
         eps = self.rng.randn(pos, x0_gen.shape[1:], Purpose.GAN_NOISE, PHASE_GENERATOR)
         x_t = flow.add_noise(x0_gen, eps, flow.sigma_from_t(t))
         return gan.generator_gan_loss(self.models.fake_score.module, self.gan_block(), x_t, t,
-                                      batch.text_embeds, self.models.dtype)
+                                      batch.text_embeds, self.models.dtype, **self.conditioning(batch))
 
     def generator_step(self, batches: list[Batch]) -> None:
         engine = self.models.generator
@@ -219,7 +229,8 @@ class DMDTrainer:
         self.window.add("stats/x0_generator_mean", x0_gen.mean())
         self.window.add("stats/x0_generator_std", x0_gen.std())
         if not self.dmd.gan.enabled:
-            v_pred = predict_velocity(engine, x_t, t, batch.text_embeds, self.models.dtype)
+            v_pred = predict_velocity(engine, x_t, t, batch.text_embeds, self.models.dtype,
+                                      **self.conditioning(batch))
             return losses.fake_score_loss(v_pred, eps, x0_gen)
         b = x_t.shape[0]
         t_real = self.score_timesteps(batch, Purpose.GAN_TIMESTEP, PHASE_FAKE_SCORE)
@@ -227,7 +238,8 @@ class DMDTrainer:
         x_real = flow.add_noise(batch.latents.float(), eps_real, flow.sigma_from_t(t_real))
         with gan.head_logits(engine.module, self.gan_block()) as out:
             v_pred = predict_velocity(engine, torch.cat([x_t, x_real]), torch.cat([t, t_real]),
-                                      torch.cat([batch.text_embeds, batch.text_embeds]), self.models.dtype)
+                                      torch.cat([batch.text_embeds, batch.text_embeds]), self.models.dtype,
+                                      **self.conditioning(batch, repeat=2))
         logits = out["logits"]
         d_loss = gan.discriminator_loss(logits[b:], logits[:b])
         denoise = losses.fake_score_loss(v_pred[:b], eps, x0_gen)
