@@ -107,3 +107,19 @@ def test_negative_embedding_is_padded_like_the_batch(tmp_path):
     neg = src.negative(2)
     assert neg.shape == (2, 5, 3)
     assert torch.equal(neg[0, :2], torch.ones(2, 3)) and torch.equal(neg[0, 2:], torch.zeros(3, 3))
+
+
+def test_an_empty_dataset_fails_preflight_clearly(tmp_path, test_model_dir):
+    import json
+
+    from megadmd.config import resolve
+    from megadmd.preflight import preflight_train
+
+    root = _write(tmp_path / "d")
+    idx = json.loads((root / "index.json").read_text())
+    idx.update(num_samples=0, shards=[])
+    (root / "index.json").write_text(json.dumps(idx))
+    cfg = resolve(overrides=[f"data.path={root}", f"model.teacher_path={test_model_dir}", f"output_dir={tmp_path / 'o'}"])
+    with pytest.raises(ConfigError, match=r"is empty \(0 samples\)"):
+        preflight_train(cfg, 1)
+    assert not (tmp_path / "o").exists()
