@@ -281,6 +281,38 @@ def generate(model, out, prompts, text_encoder, tokenizer, embeds, latent_shape,
     click.echo(f"wrote {res['num_samples']} samples to {out}")
 
 
+@main.command()
+@click.option("--preset", required=True, help="model preset, e.g. wan2.1-t2v-1.3b or wan2.1-t2v-14b")
+@click.option("--video-size", default=None, metavar="FRAMES,HEIGHT,WIDTH",
+              help="video size in pixels [default: the preset's]")
+@click.option("--nodes", type=int, default=1, show_default=True)
+@click.option("--gpus-per-node", type=int, default=8, show_default=True)
+@click.option("--sp", type=int, default=1, show_default=True, help="Ulysses sequence-parallel size")
+@click.option("--micro-batch", type=int, default=1, show_default=True, help="samples per rank")
+@click.option("--offload", type=click.Choice(["none", "optimizer", "all"]), default="none", show_default=True,
+              help="DeepSpeed CPU offload of the optimizer states, or of them and the parameters")
+@click.option("--no-activation-checkpointing", is_flag=True, help="plan without activation checkpointing")
+@click.option("--vsa-sparsity", type=float, default=0.0, show_default=True,
+              help="the generator's VSA sparsity; 0 = dense attention")
+@click.option("--ema/--no-ema", default=False, show_default=True, help="keep an fp32 EMA of the generator")
+@click.option("--gpu-memory-gib", type=float, default=80.0, show_default=True)
+@click.option("--precision", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True)
+@user_errors
+def plan(preset, video_size, nodes, gpus_per_node, sp, micro_batch, offload, no_activation_checkpointing,
+         vsa_sparsity, ema, gpu_memory_gib, precision):
+    """Per-GPU memory of a run, on paper. Exit status 0: it fits; 3: it does not; 2: bad input."""
+    from .plan import format_plan, plan_memory
+
+    size = tuple(_int_list(video_size, "--video-size", 3)) if video_size else None
+    result = plan_memory(preset, video_size=size, nodes=nodes, gpus_per_node=gpus_per_node, sp=sp,
+                         micro_batch=micro_batch, offload=offload,
+                         activation_checkpointing=not no_activation_checkpointing, vsa_sparsity=vsa_sparsity,
+                         ema=ema, gpu_memory_gib=gpu_memory_gib, precision=precision)
+    click.echo(format_plan(result))
+    if not result.fits:
+        sys.exit(3)
+
+
 def _latent_shape(latent_shape, video_size) -> list[int]:
     """--latent-shape, or the latent of --video-size with Wan2.1's VAE (16 channels, 4x8x8)."""
     if latent_shape is None and video_size is None:

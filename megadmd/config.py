@@ -79,6 +79,9 @@ class DMDConfig:
     grad_norm_mean: str = "sample"  # sample (per-sample mean) | batch (FastVideo's global mean)
     simulate_generator_forward: bool = False
     gan: GANConfig = field(default_factory=GANConfig)
+    # ablation only: drop the fake score's term from the DMD direction (the generator then just
+    # climbs the teacher's score and, as the DMD paper shows, collapses to the nearest mode)
+    real_score_only: bool = False
 
 
 @dataclass

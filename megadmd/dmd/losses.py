@@ -53,3 +53,14 @@ def dmd_loss(x0_gen: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
 def fake_score_loss(v_pred: torch.Tensor, eps: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
     """Flow-matching denoising loss of the fake score on generator samples: ``mean((v - (eps - x0))^2)``."""
     return torch.mean((v_pred.float() - (eps.float() - x0.float())) ** 2)
+
+
+def real_score_only_x0(x_t: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """The ``x0_fake`` that zeroes the fake score's term of the DMD direction (an ablation).
+
+    With ``x_t = (1 - sigma) x0 + sigma eps`` a score is ``((1 - sigma) x0_hat - x_t) / sigma^2``;
+    it vanishes for ``x0_hat = x_t / (1 - sigma)``, so ``x0_fake - x0_real`` then carries ``-s_real``
+    alone, up to the factor ``sigma^2 / (1 - sigma)`` that the normalization absorbs anyway.
+    """
+    s = sigma.to(x_t.dtype).reshape(-1, *([1] * (x_t.ndim - 1)))
+    return x_t / (1 - s)

@@ -175,6 +175,10 @@ class DMDTrainer:
             v_fake = predict_velocity(self.models.fake_score.module, x_t, t, batch.text_embeds,
                                       self.models.dtype, **self.conditioning(batch))
             x0_fake = flow.x0_from_velocity(x_t, v_fake, sigma)
+            if self.dmd.real_score_only:
+                # s_fake - s_real = (1 - sigma)(x0_fake - x0_real) / sigma^2; with s_fake = 0 the
+                # same expression holds for x0_fake = x_t / (1 - sigma)
+                x0_fake = losses.real_score_only_x0(x_t, sigma)
             x0_real = self.teacher_x0(x_t, t, batch)
             grad = losses.dmd_grad(x0_gen.detach(), x0_real, x0_fake, self.dmd.grad_norm_mean)
         loss = losses.dmd_loss(x0_gen, grad)

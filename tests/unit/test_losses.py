@@ -67,3 +67,12 @@ def test_fake_score_loss_by_hand():
     x0 = torch.tensor([[-0.5, -0.5]])
     # target eps - x0 = [1, 1]; squared errors [1, 0]; mean 0.5
     assert losses.fake_score_loss(v, eps, x0).item() == pytest.approx(0.5)
+
+
+def test_real_score_only_x0_zeroes_the_fake_score():
+    # score(x_t) = ((1 - sigma) x0_hat - x_t) / sigma^2 must vanish for the returned x0_hat
+    x_t = torch.tensor([[0.6, -1.2]])
+    sigma = torch.tensor([0.25])
+    x0 = losses.real_score_only_x0(x_t, sigma)
+    assert torch.allclose(x0, torch.tensor([[0.8, -1.6]]))
+    assert torch.allclose((1 - 0.25) * x0 - x_t, torch.zeros(1, 2))
