@@ -178,6 +178,10 @@ def build_models(paths: dict, optim: OptimTree, train: TrainConfig, ds: DeepSpee
         ds_cfg = fill_ds_config(load_ds_template(getattr(ds, role), f"deepspeed.{role}"), train,
                                 pstate.dp_size, bf16=dtype == torch.bfloat16, trainable=trainable,
                                 load_universal=load_universal and trainable)
+        if trainable and dtype != torch.float32:
+            # Compute copy in bf16 (the optimizer keeps fp32 masters), as DeepSpeed's engine would
+            # cast it; it must happen before zero.Init, which partitions the tensors as they are.
+            module.to(dtype)
         # Partition over all dp x sp ranks. Left to deepspeed.initialize, a module that was not
         # built under zero.Init is partitioned over mpu.get_data_parallel_group() only: with sp > 1
         # the sp ranks would then neither share shards nor reduce gradients with each other.

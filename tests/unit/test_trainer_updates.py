@@ -81,3 +81,21 @@ def test_gradient_accumulation_draws_distinct_micro_batches(tmp_path, test_model
     flat = [p for ps in seen for p in ps]
     assert len(set(flat)) == len(flat)  # no micro-batch reused
     assert t.models.generator.global_steps == 1 and t.models.fake_score.global_steps == 5
+
+
+def test_bf16_training_with_gan_ema_and_a_checkpoint(tmp_path, test_model_dir, test_dataset_dir,
+                                                     single_process_world):
+    """bf16 compute (the GPU default) on CPU: trainable modules hold bf16 shards, the optimizer fp32
+    masters; both updates, the GAN head, the EMA and a checkpoint work."""
+    t = build_trainer(_cfg(tmp_path, test_model_dir, test_dataset_dir, "model.precision=bf16",
+                           "dmd.gan.enabled=true", "dmd.gan.hidden_dim=16", "ema.decay=0.9", "train.max_steps=5"))
+    for role in ("generator", "fake_score"):
+        e = t.models.engine(role)
+        assert {p.ds_tensor.dtype for p in e.module.parameters()} == {torch.bfloat16}
+        assert {f.dtype for f in e.optimizer.fp32_partitioned_groups_flat} == {torch.float32}
+    t.train()
+    assert t.state.generator_updates == 1 and t.ema.started
+    path = t.checkpointer.save(t)
+    assert (path / "manifest.json").is_file()
+    logged = t.history[-1][1]
+    assert "loss/generator" in logged and all(v == v for v in logged.values())  # logged, no NaN
