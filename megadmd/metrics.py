@@ -58,9 +58,13 @@ class ScalarWindow:
         names = sorted(self._sum)
         if not names:
             return {}
-        t = torch.tensor([[self._sum[n], self._count[n]] for n in names], dtype=torch.float64)
+        from .parallel.init import collective_device
+
+        t = torch.tensor([[self._sum[n], self._count[n]] for n in names], dtype=torch.float64,
+                         device=collective_device())
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(t, group=group)
+        t = t.cpu()
         self._sum.clear()
         self._count.clear()
         return {n: float(t[i, 0] / t[i, 1]) for i, n in enumerate(names) if t[i, 1] > 0}

@@ -36,7 +36,9 @@ class PreemptionFlag:
 
     def any_rank(self, group=None) -> bool:
         """True on every rank if any rank received a signal (collective on ``group``)."""
-        flag = torch.tensor([1 if self.received else 0], dtype=torch.int32)
+        from .parallel.init import collective_device
+
+        flag = torch.tensor([1 if self.received else 0], dtype=torch.int32, device=collective_device())
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
         return bool(flag.item())

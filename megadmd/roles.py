@@ -178,6 +178,10 @@ def build_models(paths: dict, optim: OptimTree, train: TrainConfig, ds: DeepSpee
         ds_cfg = fill_ds_config(load_ds_template(getattr(ds, role), f"deepspeed.{role}"), train,
                                 pstate.dp_size, bf16=dtype == torch.bfloat16, trainable=trainable,
                                 load_universal=load_universal and trainable)
+        for sub in module.modules():  # buffers (RoPE tables) go to the device; zero.Init places the params
+            for key, buf in sub._buffers.items():
+                if buf is not None:
+                    sub._buffers[key] = buf.to(device)
         if trainable and dtype != torch.float32:
             # Compute copy in bf16 (the optimizer keeps fp32 masters), as DeepSpeed's engine would
             # cast it; it must happen before zero.Init, which partitions the tensors as they are.

@@ -57,3 +57,13 @@ def init_distributed(backend: str = "auto", local_rank: int | None = None) -> Pr
         deepspeed.init_distributed(dist_backend=backend, verbose=False)
     return ProcessInfo(rank=dist.get_rank(), local_rank=local, world_size=dist.get_world_size(),
                        device=device)
+
+
+def collective_device() -> torch.device:
+    """Where small tensors for collectives must live: the current GPU under nccl (which has no
+    CPU path), the CPU under gloo."""
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
