@@ -123,3 +123,15 @@ def test_an_empty_dataset_fails_preflight_clearly(tmp_path, test_model_dir):
     with pytest.raises(ConfigError, match=r"is empty \(0 samples\)"):
         preflight_train(cfg, 1)
     assert not (tmp_path / "o").exists()
+
+
+def test_latent_channels_that_do_not_fit_the_model_fail_preflight(tmp_path, test_model_dir):
+    from megadmd.config import resolve
+    from megadmd.preflight import preflight_train
+
+    data = write_random_dataset(tmp_path / "d16", num_samples=2, latent_shape=[16, 2, 4, 4], text_len=4, text_dim=32)
+    assert data.latent_shape[0] == 16
+    cfg = resolve(overrides=[f"data.path={tmp_path / 'd16'}", f"model.teacher_path={test_model_dir}",
+                             f"output_dir={tmp_path / 'o'}"])
+    with pytest.raises(ConfigError, match="has 16-channel latents but the model predicts 4 channels"):
+        preflight_train(cfg, 1)
