@@ -1,0 +1,303 @@
+"""VSA in plain PyTorch: the coarse (cube-mean) stage, top-k cube selection, and the block-sparse
+fine stage as a custom autograd Function with a chunked, recomputing backward.
+
+Runs on any device; it is the fallback everywhere and, on CPU, the fastest backend (the flex
+backend reuses `block_sparse_backward` from here). It never materializes an S x S matrix: the
+fine stage walks chunks of query cubes and gathers only their selected key cubes.
+
+Unlike FlashAttention, the forward keeps neither the output nor a log-sum-exp for the backward.
+A query row's selected keys (K cubes of 64) always fit in one chunk, so the backward recomputes
+the row's scores and its exact softmax in one fused pass, and forms dS from dP and P alone
+(rowsum(dP * P) = rowsum(dO * O)). Saved state is q, k, v and the selection only.
+
+Layouts follow vsa_tiling's legend: q_bhpd is [B, H, C*64, D] in padded cube order; rows are
+query cubes flattened over (B, H), so `*_rtd` is [B*H*C, 64, D] and `kv_cubes_bhck` is
+[B, H, C, K] (local cube ids within each (b, h)).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from megadmd.attention.vsa_tiling import CUBE_TOKENS, CubeTiling
+
+# Bytes of all per-chunk buffers of one worker (gathered K/V cubes, score blocks, gradients).
+# On CPU about 12 MiB (two query cubes of 46 key cubes at D=128) measured fastest at 29k tokens,
+# against 6 and 24-48 MiB; on GPUs one big chunk amortizes launches.
+_CHUNK_BYTES = {"cpu": 12 << 20}
+_CHUNK_BYTES_DEFAULT = 2 << 30
+
+
+def coarse_attention(
+    q_bhpd: torch.Tensor, k_bhpd: torch.Tensor, v_bhpd: torch.Tensor, tiling: CubeTiling
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense attention between cube means. Returns (out_bhcd, scores_bhcc).
+
+    Padded slots are zero, so a sum over the 64 slots divided by the valid count is the mean over
+    valid tokens only. Gradients flow by ordinary autograd (the sum broadcasts the gradient to
+    padded slots too, but untiling drops those).
+    """
+    batch, heads, _, dim = q_bhpd.shape
+    counts = tiling.cube_sizes.to(q_bhpd.dtype).view(1, 1, -1, 1)
+
+    def cube_mean(x_bhpd: torch.Tensor) -> torch.Tensor:
+        return x_bhpd.view(batch, heads, tiling.num_cubes, CUBE_TOKENS, dim).sum(3) / counts
+
+    q_bhcd, k_bhcd, v_bhcd = cube_mean(q_bhpd), cube_mean(k_bhpd), cube_mean(v_bhpd)
+    scores_bhcc = torch.matmul(q_bhcd, k_bhcd.transpose(-1, -2)) / math.sqrt(dim)
+    out_bhcd = torch.matmul(torch.softmax(scores_bhcc, dim=-1), v_bhcd)
+    return out_bhcd, scores_bhcc
+
+
+@torch.no_grad()
+def select_key_cubes(scores_bhcc: torch.Tensor, topk: int) -> torch.Tensor:
+    """The topk key cubes with the largest pre-softmax coarse score per query cube, ascending.
+
+    Non-differentiable by design (VSA section 3.3). Ascending order makes the fine stage read
+    key memory front to back.
+    """
+    if topk >= scores_bhcc.shape[-1]:
+        full = torch.arange(scores_bhcc.shape[-1], device=scores_bhcc.device)
+        return full.expand(scores_bhcc.shape).contiguous()
+    return torch.topk(scores_bhcc, topk, dim=-1, sorted=False).indices.sort(dim=-1).values
+
+
+def key_bias_ct(tiling: CubeTiling, dtype: torch.dtype) -> torch.Tensor | None:
+    """Additive score bias per key slot: 0 for real tokens, -inf for padding; None if no padding."""
+    if tiling.all_full:
+        return None
+    zeros = torch.zeros(tiling.slot_valid_ct.shape, dtype=dtype, device=tiling.slot_valid_ct.device)
+    return zeros.masked_fill(~tiling.slot_valid_ct, float("-inf"))
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    # Half-precision inputs are computed in fp32: this path is a fallback, not a bf16 kernel.
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _as_rows(x_bhpd: torch.Tensor, work_dtype: torch.dtype) -> torch.Tensor:
+    batch, heads, slots, dim = x_bhpd.shape
+    num_rows = batch * heads * (slots // CUBE_TOKENS)
+    return x_bhpd.to(work_dtype).contiguous().view(num_rows, CUBE_TOKENS, dim)
+
+
+def _global_cube_rows(kv_cubes_bhck: torch.Tensor) -> torch.Tensor:
+    """Local key-cube ids [B, H, C, K] -> row ids into the [B*H*C, 64, D] view, as [B*H*C, K]."""
+    batch, heads, num_cubes, topk = kv_cubes_bhck.shape
+    base = torch.arange(batch * heads, device=kv_cubes_bhck.device).view(batch, heads, 1, 1) * num_cubes
+    return (kv_cubes_bhck + base).view(-1, topk)
+
+
+def _softmax_into(scores: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    # One fused, row-parallel kernel (max, exp-sum, normalize per cache-resident row) into a
+    # reused buffer, instead of four separate elementwise passes.
+    return torch.ops.aten._softmax.out(scores, -1, False, out=probs)
+
+
+class _ChunkPlan:
+    """Shared set-up of the chunked fine-stage passes: row views, key-cube rows, chunk size."""
+
+    def __init__(self, q_bhpd, kv_cubes_bhck, key_bias, key_buffers: int, score_buffers: int):
+        batch, heads, slots, dim = q_bhpd.shape
+        self.shape = (batch, heads, slots, dim)
+        self.work_dtype = _work_dtype(q_bhpd.dtype)
+        self.topk = kv_cubes_bhck.shape[-1]
+        self.keys = self.topk * CUBE_TOKENS
+        self.scale = 1.0 / math.sqrt(dim)
+        self.rows_kv = _global_cube_rows(kv_cubes_bhck)
+        self.local_kv = kv_cubes_bhck.reshape(-1, self.topk)
+        self.key_bias = key_bias
+        self.num_rows = batch * heads * (slots // CUBE_TOKENS)
+        itemsize = torch.empty((), dtype=self.work_dtype).element_size()
+        row_bytes = itemsize * self.keys * (key_buffers * dim + score_buffers * CUBE_TOKENS)
+        budget = _CHUNK_BYTES.get(q_bhpd.device.type, _CHUNK_BYTES_DEFAULT)
+        self.step = min(self.num_rows, max(1, budget // row_bytes))
+
+    def rows(self, x_bhpd: torch.Tensor) -> torch.Tensor:
+        return _as_rows(x_bhpd, self.work_dtype)
+
+    def chunks(self) -> list[tuple[int, int, torch.Tensor]]:
+        """(start, stop, key-cube row ids of the chunk flattened) for every chunk of query rows."""
+        starts = range(0, self.num_rows, self.step)
+        bounds = [(start, min(start + self.step, self.num_rows)) for start in starts]
+        return [(start, stop, self.rows_kv[start:stop].reshape(-1)) for start, stop in bounds]
+
+    def key_buffer(self, like: torch.Tensor) -> torch.Tensor:
+        return like.new_empty(self.step * self.topk, CUBE_TOKENS, like.shape[-1])
+
+    def score_buffer(self, like: torch.Tensor) -> torch.Tensor:
+        return like.new_empty(self.step, CUBE_TOKENS, self.keys)
+
+    def gather(self, x_rtd, idx, buf):
+        n = idx.numel() // self.topk
+        return torch.index_select(x_rtd, 0, idx, out=buf[: idx.numel()]).view(n, self.keys, -1)
+
+    def scores(self, q_chunk, k_sel, start, stop, buf):
+        # The softmax scale rides on the matmul (alpha); beta=0 ignores the stale buffer.
+        out = buf[: q_chunk.shape[0]]
+        scores = torch.baddbmm(out, q_chunk, k_sel.transpose(1, 2), beta=0, alpha=self.scale, out=out)
+        if self.key_bias is not None:
+            scores.add_(self.key_bias[self.local_kv[start:stop]].view(q_chunk.shape[0], 1, self.keys))
+        return scores
+
+
+def _run_chunks(chunks: list, make_state, process, device: torch.device) -> list:
+    """Run process(state, chunk) over all chunks; returns the per-worker states.
+
+    On CPU the chunks are shared out to torch.get_num_threads() Python workers, each running
+    single-threaded ops on its own buffers (torch ops release the GIL). One OpenMP-parallel op
+    per step instead cost a barrier per op, and when another process held a core each barrier
+    waited out a scheduler tick: about 10 ms per op, 36 s for one 29k-token forward (6 MiB
+    chunks) that takes 1.4 s this way. Workers also keep their chunk in their own core's cache.
+    """
+    num_workers = min(len(chunks), torch.get_num_threads()) if device.type == "cpu" else 1
+    if num_workers <= 1:
+        state = make_state()
+        for chunk in chunks:
+            process(state, chunk)
+        return [state]
+    pending, lock = iter(chunks), threading.Lock()
+
+    def work():
+        torch.set_num_threads(1)  # process-wide; the caller's count is restored below
+        with torch.no_grad():  # grad mode is thread-local and a new thread starts with it on
+            state = make_state()
+            while True:
+                with lock:
+                    chunk = next(pending, None)
+                if chunk is None:
+                    return state
+                process(state, chunk)
+
+    caller_threads = torch.get_num_threads()
+    try:
+        with ThreadPoolExecutor(num_workers, thread_name_prefix="vsa-chunks") as pool:
+            futures = [pool.submit(work) for _ in range(num_workers)]
+            return [future.result() for future in futures]
+    finally:
+        torch.set_num_threads(caller_threads)
+
+
+@torch.no_grad()
+def block_sparse_forward(
+    q_bhpd: torch.Tensor,
+    k_bhpd: torch.Tensor,
+    v_bhpd: torch.Tensor,
+    kv_cubes_bhck: torch.Tensor,
+    key_bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """Fine stage forward in padded cube layout: [B, H, P, D] -> [B, H, P, D].
+
+    Per chunk: gather the selected key/value cubes, one bmm for scores, one fused softmax, one
+    bmm for the output. Each query row sees all of its keys inside one chunk, so no online
+    softmax is needed, and no log-sum-exp is kept: the backward redoes the row softmax.
+    """
+    plan = _ChunkPlan(q_bhpd, kv_cubes_bhck, key_bias, key_buffers=2, score_buffers=2)
+    q_rtd = plan.rows(q_bhpd)
+    k_rtd, v_rtd = plan.rows(k_bhpd), plan.rows(v_bhpd)
+    out_rtd = torch.empty_like(q_rtd)
+
+    def make_state():
+        # Reused buffers: fresh multi-MiB allocations per chunk cost page faults that, on CPU,
+        # took about as long as the matmuls themselves.
+        return [plan.key_buffer(q_rtd) for _ in range(2)] + [plan.score_buffer(q_rtd) for _ in range(2)]
+
+    def process(state, chunk):
+        k_buf, v_buf, s_buf, p_buf = state
+        start, stop, idx = chunk
+        k_sel, v_sel = plan.gather(k_rtd, idx, k_buf), plan.gather(v_rtd, idx, v_buf)
+        scores = plan.scores(q_rtd[start:stop], k_sel, start, stop, s_buf)
+        probs = _softmax_into(scores, p_buf[: stop - start])
+        torch.bmm(probs, v_sel, out=out_rtd[start:stop])
+
+    _run_chunks(plan.chunks(), make_state, process, q_rtd.device)
+    return out_rtd.view(plan.shape).to(q_bhpd.dtype)
+
+
+@torch.no_grad()
+def block_sparse_backward(
+    q_bhpd: torch.Tensor,
+    k_bhpd: torch.Tensor,
+    v_bhpd: torch.Tensor,
+    grad_out_bhpd: torch.Tensor,
+    kv_cubes_bhck: torch.Tensor,
+    key_bias: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fine stage backward by recomputation, chunk by chunk. Returns (dq, dk, dv) as [B, H, P, D].
+
+    With P the recomputed row softmax: dV = P^T dO, dP = dO V^T, dS = P * (dP - rowsum(dP * P)),
+    dQ = scale * dS K, dK = scale * dS^T Q. rowsum(dP * P) equals the
+    usual rowsum(dO * O), so the output is not needed; `_softmax_backward_data` computes dS in
+    one fused pass. dK and dV of a key cube collect contributions from every query cube that
+    selected it, hence index_add_, into one accumulator per worker (summed at the end) so that
+    workers never add into the same rows at once.
+    """
+    plan = _ChunkPlan(q_bhpd, kv_cubes_bhck, key_bias, key_buffers=4, score_buffers=3)
+    q_rtd = plan.rows(q_bhpd)
+    k_rtd, v_rtd, do_rtd = plan.rows(k_bhpd), plan.rows(v_bhpd), plan.rows(grad_out_bhpd)
+    dq_rtd = torch.empty_like(q_rtd)
+
+    def make_state():
+        buffers = [plan.key_buffer(q_rtd) for _ in range(4)]
+        buffers += [plan.score_buffer(q_rtd) for _ in range(3)]
+        return buffers + [torch.zeros_like(k_rtd), torch.zeros_like(v_rtd)]
+
+    def process(state, chunk):
+        k_buf, v_buf, dk_buf, dv_buf, s_buf, p_buf, dp_buf, dk_rtd, dv_rtd = state
+        start, stop, idx = chunk
+        k_sel, v_sel = plan.gather(k_rtd, idx, k_buf), plan.gather(v_rtd, idx, v_buf)
+        q_chunk, do_chunk = q_rtd[start:stop], do_rtd[start:stop]
+        probs = _softmax_into(plan.scores(q_chunk, k_sel, start, stop, s_buf), p_buf[: stop - start])
+        dv_sel = torch.bmm(probs.transpose(1, 2), do_chunk, out=dv_buf[: idx.numel()].view_as(v_sel))
+        dprobs = torch.bmm(do_chunk, v_sel.transpose(1, 2), out=dp_buf[: stop - start])
+        dscores = torch.ops.aten._softmax_backward_data.out(
+            dprobs, probs, -1, probs.dtype, grad_input=s_buf[: stop - start]
+        )
+        dq_chunk = dq_rtd[start:stop]
+        torch.baddbmm(dq_chunk, dscores, k_sel, beta=0, alpha=plan.scale, out=dq_chunk)
+        dk_sel = dk_buf[: idx.numel()].view_as(k_sel)
+        torch.baddbmm(dk_sel, dscores.transpose(1, 2), q_chunk, beta=0, alpha=plan.scale, out=dk_sel)
+        dk_rtd.index_add_(0, idx, dk_sel.view(-1, CUBE_TOKENS, dk_sel.shape[-1]))
+        dv_rtd.index_add_(0, idx, dv_sel.view(-1, CUBE_TOKENS, dv_sel.shape[-1]))
+
+    states = _run_chunks(plan.chunks(), make_state, process, q_rtd.device)
+    dk_rtd, dv_rtd = states[0][-2], states[0][-1]
+    for state in states[1:]:
+        dk_rtd.add_(state[-2])
+        dv_rtd.add_(state[-1])
+    return tuple(g.view(plan.shape).to(q_bhpd.dtype) for g in (dq_rtd, dk_rtd, dv_rtd))
+
+
+class BlockSparseAttention(torch.autograd.Function):
+    """Fine stage: each query cube attends over the tokens of its selected key cubes only.
+
+    Saves only q, k, v and the selection; the backward recomputes scores chunk by chunk.
+    """
+
+    @staticmethod
+    def forward(ctx, q_bhpd, k_bhpd, v_bhpd, kv_cubes_bhck, key_bias):
+        ctx.save_for_backward(q_bhpd, k_bhpd, v_bhpd, kv_cubes_bhck)
+        ctx.key_bias = key_bias
+        return block_sparse_forward(q_bhpd, k_bhpd, v_bhpd, kv_cubes_bhck, key_bias)
+
+    @staticmethod
+    def backward(ctx, grad_out_bhpd):
+        q_bhpd, k_bhpd, v_bhpd, kv_cubes_bhck = ctx.saved_tensors
+        grads = block_sparse_backward(q_bhpd, k_bhpd, v_bhpd, grad_out_bhpd, kv_cubes_bhck, ctx.key_bias)
+        return (*grads, None, None)
+
+
+def block_sparse_attention(
+    q_bhpd: torch.Tensor,
+    k_bhpd: torch.Tensor,
+    v_bhpd: torch.Tensor,
+    kv_cubes_bhck: torch.Tensor,
+    tiling: CubeTiling,
+) -> torch.Tensor:
+    """Differentiable fine stage in padded cube layout; padded key slots are masked out."""
+    bias = key_bias_ct(tiling, _work_dtype(q_bhpd.dtype))
+    return BlockSparseAttention.apply(q_bhpd, k_bhpd, v_bhpd, kv_cubes_bhck, bias)
