@@ -123,6 +123,8 @@ _register(Preset(
         },
         "train": {"max_steps": 300, "micro_batch_size": 8, "max_grad_norm": 1.0, "seed": 0},
         "logging": {"interval_steps": 10},
+        "validation": {"interval_steps": 50},  # the toy quality metrics (megadmd/toy/quality.py)
+        "checkpoint": {"interval_steps": 100, "keep_last": 2},
     },
 ))
 _register(Preset(

@@ -113,8 +113,15 @@ class Validator:
             write_mp4(out / f"{name}_{i:02d}.mp4", v)
 
 
-def build_validator(cfg, plan, data: LatentDataset, steps: list, rank: int) -> Optional[Validator]:
+def build_validator(cfg, plan, data: LatentDataset, steps: list, rank: int):
+    """The run's validation hook: the toy problem's quality metrics for the built-in data,
+    prompts sampled and logged otherwise; None when validation is off."""
     if not cfg.validation.interval_steps:
         return None
+    if plan.builtin_data:
+        from .toy.builtin import TOY_SPEC
+        from .toy.quality import ToyQuality
+
+        return ToyQuality(TOY_SPEC, cfg.validation.interval_steps, seed=cfg.validation.seed)
     return Validator(cfg.validation, steps, plan.latent_shape, plan.text_len or data.info.max_text_len,
                      data, cfg.output_dir, rank)

@@ -1,0 +1,125 @@
+"""The quality benchmark: does DMD2 distillation match a known target distribution?
+
+End to end on the toy problem (megadmd/toy): the shipped toy teacher, distilled to the 3-step
+schedule by megadmd's own training code (the same ``run_train`` as ``megadmd train``), then
+three samplers compared on the toy metrics (megadmd/toy/metrics.py):
+
+- teacher at 50 Euler steps with CFG (offset 3.5, the DMD target's guidance);
+- teacher at 3 steps with CFG, on the student's schedule (sigmas 1, 0.757, 0.522, 0);
+- the student at 3 steps (the few-step DMD sampler, no CFG);
+
+and the same without CFG (teachers sampled without guidance; a student distilled against the
+unguided teacher). Ablations: DMD2's GAN term, generator_update_interval 1 / 5 / 10, and the
+real score alone (the fake-score term zeroed), which the DMD paper shows collapses onto the
+nearest mode.
+
+    python tools/quality_benchmark.py                       # the full table (under 30 min on 2 cores)
+    python tools/quality_benchmark.py --no-ablations        # the three samplers only
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+TARGETS = "student@3 precision >= teacher@50 - 0.05 and >= 2 x teacher@3; student@3 coverage >= 0.90"
+
+
+def distill(out: Path, overrides: list, teacher: str | None) -> tuple:
+    """Distill with megadmd's training code; return (generator module, dtype, seconds)."""
+    from megadmd.config import resolve
+    from megadmd.runner import run_train
+
+    extra = [f"model.teacher_path={teacher}"] if teacher else []
+    t0 = time.perf_counter()
+    trainer = run_train(resolve(overrides=[f"output_dir={out}", "logging.tensorboard=false", *extra, *overrides]))
+    return trainer.models.generator.module, trainer.models.dtype, time.perf_counter() - t0
+
+
+def evaluate_sampler(model, kind: str, inputs: tuple, dtype=torch.float32, **kw) -> dict:
+    from megadmd.toy.builtin import TOY_SPEC
+    from megadmd.toy.metrics import evaluate
+    from megadmd.toy.quality import sample
+
+    labels, noise, renoise = inputs
+    t0 = time.perf_counter()
+    samples = sample(model, kind, TOY_SPEC, labels, noise, renoise, dtype, **kw).cpu()
+    return {**evaluate(samples, labels, TOY_SPEC), "sample_s": time.perf_counter() - t0}
+
+
+def run(args) -> dict:
+    from megadmd.models import load_wan
+    from megadmd.toy.builtin import TOY_SPEC, builtin_teacher_dir
+    from megadmd.toy.quality import eval_inputs
+
+    teacher_path = args.teacher or str(builtin_teacher_dir())
+    teacher = load_wan(teacher_path).eval()
+    inputs = eval_inputs(TOY_SPEC, args.per_class, args.seed, torch.device("cpu"))
+    rows: dict = {}
+    rows["teacher@50, CFG"] = evaluate_sampler(teacher, "teacher", inputs, guidance_scale=3.5)
+    rows["teacher@3, CFG"] = evaluate_sampler(teacher, "teacher_student_schedule", inputs, guidance_scale=3.5)
+    rows["teacher@50, no CFG"] = evaluate_sampler(teacher, "teacher", inputs, guidance_scale=0.0)
+    rows["teacher@3, no CFG"] = evaluate_sampler(teacher, "teacher_student_schedule", inputs, guidance_scale=0.0)
+    runs = {"student@3, CFG": [], "student@3, no CFG (distilled without guidance)": ["dmd.guidance_scale=0.0"]}
+    if args.ablations:
+        runs.update({
+            "ablation: + GAN term": ["dmd.gan.enabled=true"],
+            "ablation: generator_update_interval 1": ["dmd.generator_update_interval=1"],
+            "ablation: generator_update_interval 10": ["dmd.generator_update_interval=10"],
+            "ablation: real score alone (fake-score term zeroed)": ["dmd.real_score_only=true"],
+        })
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (name, overrides) in enumerate(runs.items()):
+            steps = [f"train.max_steps={args.steps}"] if args.steps else []
+            module, dtype, seconds = distill(Path(tmp) / f"run{i}", steps + overrides, args.teacher)
+            rows[name] = {**evaluate_sampler(module, "student", inputs, dtype), "train_s": seconds}
+            print(f"{name}: {rows[name]}", flush=True)
+    return rows
+
+
+def check_targets(rows: dict) -> list[str]:
+    s, t50, t3 = rows["student@3, CFG"], rows["teacher@50, CFG"], rows["teacher@3, CFG"]
+    fails = []
+    if s["precision"] < t50["precision"] - 0.05:
+        fails.append(f"student precision {s['precision']:.3f} < teacher@50's {t50['precision']:.3f} - 0.05")
+    if s["precision"] < 2 * t3["precision"]:
+        fails.append(f"student precision {s['precision']:.3f} < 2 x teacher@3's {t3['precision']:.3f}")
+    if s["coverage"] < 0.9:
+        fails.append(f"student coverage {s['coverage']:.3f} < 0.90")
+    return fails
+
+
+def markdown(rows: dict) -> str:
+    lines = ["| sampler | precision | coverage | entropy | Frechet | nearest RMS | train s |", "|---|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        lines.append(f"| {name} | {r['precision']:.3f} | {r['coverage']:.2f} | {r['entropy']:.3f} | "
+                     f"{r['frechet']:.4f} | {r['nearest_rms']:.3f} | {r.get('train_s', 0):.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--teacher", default=None, help="default: the toy teacher shipped in the package")
+    ap.add_argument("--steps", type=int, default=0, help="distillation iterations (default: the tiny preset's)")
+    ap.add_argument("--per-class", type=int, default=256, help="evaluation samples per class")
+    ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--no-ablations", dest="ablations", action="store_false")
+    ap.add_argument("--out", default=None, help="write the rows as JSON here")
+    args = ap.parse_args()
+    t0 = time.perf_counter()
+    rows = run(args)
+    total = time.perf_counter() - t0
+    print(markdown(rows))
+    fails = check_targets(rows)
+    print(f"\ntargets ({TARGETS}): {'met' if not fails else 'NOT met: ' + '; '.join(fails)}")
+    print(f"whole benchmark: {total / 60:.1f} min")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"rows": rows, "total_s": total, "failed_targets": fails}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
