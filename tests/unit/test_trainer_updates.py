@@ -99,3 +99,52 @@ def test_bf16_training_with_gan_ema_and_a_checkpoint(tmp_path, test_model_dir, t
     assert (path / "manifest.json").is_file()
     logged = t.history[-1][1]
     assert "loss/generator" in logged and all(v == v for v in logged.values())  # logged, no NaN
+
+
+def test_ema_follows_the_decay_recursion_from_its_start_step(tmp_path, test_model_dir, test_dataset_dir,
+                                                              single_process_world):
+    """The EMA really moves under ZeRO-3 (the usual gather-based pattern silently never does) and
+    equals the recursion ema = decay * ema + (1 - decay) * generator over the generator updates at
+    or after ema.start_step, starting from the weights of the first such update."""
+    t = build_trainer(_cfg(tmp_path, test_model_dir, test_dataset_dir, "ema.decay=0.75", "ema.start_step=6",
+                           "dmd.generator_update_interval=2"))
+    expected, updates = None, 0
+    for step in range(1, 13):
+        t.train_step(step)
+        if t.state.generator_updates > updates:
+            updates = t.state.generator_updates
+            if step < 6:
+                assert not t.ema.started
+                continue
+            now = full_state_dict(t.models.generator.module)
+            expected = now if expected is None else {k: 0.75 * expected[k] + 0.25 * now[k] for k in now}
+    assert t.ema.num_updates == 4  # generator updates at iterations 6, 8, 10 and 12
+    got = t.ema.full_state_dict()
+    assert got.keys() == expected.keys()
+    for k in got:
+        torch.testing.assert_close(got[k], expected[k], rtol=1e-5, atol=1e-6)
+    generator = full_state_dict(t.models.generator.module)
+    assert any(not torch.equal(got[k], generator[k]) for k in got)  # an average, not a copy
+
+
+def test_teacher_x0_guides_the_caption_away_from_the_negative_prompt(trainer):
+    """The real score: CFG of the teacher's x0 with the batch's text as the condition and the
+    dataset's negative embedding as the uncondition, in the configured form (offset by default)."""
+    from megadmd import flow
+    from megadmd.models import predict_velocity
+
+    t, batch = trainer, trainer.data.next()
+    b = batch.size
+    x_t = torch.randn(b, *batch.latents.shape[1:], generator=torch.Generator().manual_seed(3))
+    ts = torch.tensor([900.0, 400.0][:b])
+    sigma = flow.sigma_from_t(ts).view(-1, 1, 1, 1, 1)
+    teacher = t.models.teacher.module
+    with torch.no_grad():
+        v_c = predict_velocity(teacher, x_t, ts, batch.text_embeds, torch.float32)
+        v_u = predict_velocity(teacher, x_t, ts, t.data.negative(b), torch.float32)
+        got = t.teacher_x0(x_t, ts, batch)
+    x0_c, x0_u = x_t - sigma * v_c, x_t - sigma * v_u
+    s = t.dmd.guidance_scale
+    assert t.dmd.cfg_form == "offset" and s > 0
+    torch.testing.assert_close(got, x0_c + s * (x0_c - x0_u), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(got, x0_u + s * (x0_u - x0_c), rtol=1e-3, atol=1e-4)  # the swap differs
