@@ -37,7 +37,10 @@ def distill(out: Path, overrides: list, teacher: str | None) -> tuple:
     extra = [f"model.teacher_path={teacher}"] if teacher else []
     t0 = time.perf_counter()
     trainer = run_train(resolve(overrides=[f"output_dir={out}", "logging.tensorboard=false", *extra, *overrides]))
-    return trainer.models.generator.module, trainer.models.dtype, time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
+    hooks = [getattr(h, "__self__", None) for h in trainer.hooks]
+    history = next((q.history for q in hooks if hasattr(q, "history")), [])
+    return trainer.models.generator.module, trainer.models.dtype, seconds, history
 
 
 def evaluate_sampler(model, kind: str, inputs: tuple, dtype=torch.float32, **kw) -> dict:
@@ -75,10 +78,12 @@ def run(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         for i, (name, overrides) in enumerate(runs.items()):
             steps = [f"train.max_steps={args.steps}"] if args.steps else []
-            module, dtype, seconds = distill(Path(tmp) / f"run{i}", steps + overrides, args.teacher)
+            module, dtype, seconds, history = distill(Path(tmp) / f"run{i}", steps + overrides, args.teacher)
             rows[name] = {**evaluate_sampler(module, "student", inputs, dtype), "train_s": seconds}
             print(f"{name}: {rows[name]}", flush=True)
-    return rows
+            if i == 0:
+                trajectory = history
+    return rows, trajectory
 
 
 def check_targets(rows: dict) -> list[str]:
@@ -101,6 +106,14 @@ def markdown(rows: dict) -> str:
     return "\n".join(lines)
 
 
+def markdown_trajectory(history: list) -> str:
+    lines = ["| step | precision | coverage | entropy | Frechet | nearest RMS |", "|---|---|---|---|---|---|"]
+    for step, r in history:
+        lines.append(f"| {step} | {r['precision']:.3f} | {r['coverage']:.2f} | {r['entropy']:.3f} | "
+                     f"{r['frechet']:.4f} | {r['nearest_rms']:.3f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teacher", default=None, help="default: the toy teacher shipped in the package")
@@ -111,14 +124,16 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
     args = ap.parse_args()
     t0 = time.perf_counter()
-    rows = run(args)
+    rows, trajectory = run(args)
     total = time.perf_counter() - t0
     print(markdown(rows))
+    print("\nstudent@3, CFG during training (the validation hook, 64 samples per class):")
+    print(markdown_trajectory(trajectory))
     fails = check_targets(rows)
     print(f"\ntargets ({TARGETS}): {'met' if not fails else 'NOT met: ' + '; '.join(fails)}")
     print(f"whole benchmark: {total / 60:.1f} min")
     if args.out:
-        Path(args.out).write_text(json.dumps({"rows": rows, "total_s": total, "failed_targets": fails}, indent=1))
+        Path(args.out).write_text(json.dumps({"rows": rows, "trajectory": trajectory, "total_s": total, "failed_targets": fails}, indent=1))
 
 
 if __name__ == "__main__":

@@ -90,6 +90,7 @@ class ToyQuality:
         self.per_class = per_class
         self.seed = seed
         self._inputs: Optional[tuple] = None
+        self.history: list[tuple[int, dict]] = []  # (step, scores), for callers such as the benchmark
 
     def maybe_run(self, trainer) -> None:
         n = self.interval_steps
@@ -104,6 +105,7 @@ class ToyQuality:
         module = trainer.models.generator.module
         samples = sample(module, "student", self.spec, labels, noise, renoise, trainer.models.dtype).cpu()
         scores = evaluate(samples, labels, self.spec)
+        self.history.append((trainer.state.step, scores))
         if trainer.pstate.rank == 0:
             step = trainer.state.step
             trainer.writer.scalars({f"quality/{k}": v for k, v in scores.items()}, step)
