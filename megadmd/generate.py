@@ -242,7 +242,12 @@ def _load_generator(path: str, dtype, device):
     has_gates = any(GATE_ATTR in k for f in weights for k in _keys(f))
     if has_gates:  # a sparse-distilled generator: its gates only matter with VSA at sampling time
         attach_vsa_gates(model, path)
-    return model.to(device=device, dtype=dtype).eval()
+        for name, p in model.named_parameters():
+            if GATE_ATTR in name:
+                p.data = p.data.to(dtype)
+    # from_pretrained already loaded at ``dtype``, keeping diffusers' fp32 modules (norms, time
+    # embedding) in fp32; a blanket .to(dtype) would cast those too
+    return model.to(device=device).eval()
 
 
 def _keys(f: Path) -> list:

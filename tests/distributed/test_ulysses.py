@@ -47,6 +47,7 @@ def test_sp2_training_matches_sp1_on_the_same_data(tmp_path, test_model_dir, mod
     spawn(train_and_record, 2, _train_overrides(tmp_path, test_model_dir, data, "sp2", 2, mode), str(two))
     a, b = torch.load(one, weights_only=False), torch.load(two, weights_only=False)
     gan = ("loss/discriminator",) if mode == "synthetic_gan" else ()
+    assert [s for s, _ in a["history"]] == [s for s, _ in b["history"]] and a["history"]
     for (_, va), (_, vb) in zip(a["history"], b["history"]):
         keys = ("loss/fake_score", "grad_norm/fake_score") + gan
         if "loss/generator" in va:

@@ -83,3 +83,26 @@ def test_resolved_config_round_trips(tmp_path):
     save_resolved(cfg, tmp_path / "config.json")
     again = resolve(str(tmp_path / "config.json"))
     assert again == cfg
+
+
+def test_wan22_presets_resolve_with_their_recipes():
+    ti2v = resolve(overrides=["preset=wan2.2-ti2v-5b"])
+    assert ti2v.dmd.flow_shift == 5.0 and ti2v.dmd.simulate_generator_forward
+    moe = resolve(overrides=["preset=wan2.2-t2v-a14b"])
+    assert moe.model.boundary_ratio == 0.875 and moe.dmd.denoising_steps == [1000, 750, 500, 250]
+    assert moe.dmd.flow_shift == 12.0
+
+
+def test_generator_and_fake_score_default_to_the_teacher_path(tmp_path, test_model_dir):
+    import shutil
+
+    from megadmd.preflight import check_models
+
+    cfg = resolve(overrides=[f"model.teacher_path={test_model_dir}"])
+    paths = check_models(cfg)[0]
+    assert paths["generator"] == paths["fake_score"] == paths["teacher"]
+    other = tmp_path / "other"
+    shutil.copytree(test_model_dir, other)
+    paths = check_models(resolve(overrides=[f"model.teacher_path={test_model_dir}",
+                                            f"model.generator_path={other}"]))[0]
+    assert paths["generator"] != paths["teacher"] == paths["fake_score"]

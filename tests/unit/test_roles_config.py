@@ -8,8 +8,10 @@ from megadmd.roles import fill_ds_config, load_ds_template, lr_lambda, optimizer
 
 
 def test_templates_ship_and_are_zero3():
-    for name in ("zero3", "zero3_inference"):
+    for name in ("zero3", "zero3_inference", "zero3_offload", "zero3_inference_offload"):
         assert load_ds_template(name, "deepspeed.x")["zero_optimization"]["stage"] == 3
+    assert load_ds_template("zero3_offload", "x")["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert load_ds_template("zero3_inference_offload", "x")["zero_optimization"]["offload_param"]["device"] == "cpu"
 
 
 def test_a_template_that_sets_owned_keys_is_an_error(tmp_path):
