@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from benchlib import free_port, timed_iterations
 
 def bench_config(heads: int, head_dim: int, layers: int) -> dict:
     return dict(patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=head_dim,
@@ -51,26 +52,11 @@ def _rank_main(rank: int, world: int, port: int, model_dir: str, data_dir: str, 
         f"model.teacher_path={model_dir}", f"data.path={data_dir}", f"output_dir={Path(data_dir).parent / 'out'}",
         f"parallel.sp_size={world}", "train.micro_batch_size=1", "dmd.generator_update_interval=1",
         "logging.tensorboard=false", "logging.interval_steps=1000000", "train.max_steps=1000"]))
-    times, comm = [], []
-    for step in range(1, warmup + iters + 1):
-        spent["a2a"] = 0.0
-        torch.distributed.barrier()
-        t0 = time.perf_counter()
-        t.train_step(step)
-        torch.distributed.barrier()
-        if step > warmup:
-            times.append(time.perf_counter() - t0)
-            comm.append(spent["a2a"])
+    comm: list[float] = []
+    times = timed_iterations(t, iters, warmup, before=lambda: spent.update(a2a=0.0),
+                             after=lambda: comm.append(spent["a2a"]))
     if rank == 0:
         Path(out_file).write_text(json.dumps({"times": times, "a2a": comm}))
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(world: int, model_dir: str, data_dir: str, iters: int, warmup: int) -> dict:

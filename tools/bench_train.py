@@ -13,18 +13,10 @@ import json
 import os
 import resource
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from benchlib import free_port, timed_iterations
 
 
 def _rank(rank: int, world: int, port: int, overrides: list, iters: int, warmup: int, out: str) -> None:
@@ -36,14 +28,7 @@ def _rank(rank: int, world: int, port: int, overrides: list, iters: int, warmup:
 
     t = build_trainer(resolve(overrides=overrides))
     rss_built = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 / 1024
-    times = []
-    for step in range(1, warmup + iters + 1):
-        torch.distributed.barrier()
-        t0 = time.perf_counter()
-        t.train_step(step)
-        torch.distributed.barrier()
-        if step > warmup:
-            times.append(time.perf_counter() - t0)
+    times = timed_iterations(t, iters, warmup)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 / 1024
     stats = torch.tensor([peak, rss_built], dtype=torch.float64)
     gathered = [torch.zeros_like(stats) for _ in range(world)]
