@@ -106,3 +106,8 @@ def test_generator_and_fake_score_default_to_the_teacher_path(tmp_path, test_mod
     paths = check_models(resolve(overrides=[f"model.teacher_path={test_model_dir}",
                                             f"model.generator_path={other}"]))[0]
     assert paths["generator"] != paths["teacher"] == paths["fake_score"]
+
+
+def test_gan_is_refused_in_data_free_mode():
+    with pytest.raises(ConfigError, match="dmd.gan.enabled needs real latents"):
+        resolve(overrides=["dmd.gan.enabled=true", "dmd.simulate_generator_forward=true"])
