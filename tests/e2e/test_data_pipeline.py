@@ -122,3 +122,43 @@ def test_bad_inputs_fail_clearly(assets, text_data, tmp_path):
                 f"model.teacher_path={wide}", "--set", "dmd.simulate_generator_forward=true",
                 "--set", "data.latent_shape=[4,2,4,4]")
     assert r.returncode == 2 and "text embeddings of dimension 32 but the model's text_dim is 64" in r.stderr
+
+
+def _same_folder(a, b):
+    names = sorted(f.name for f in a.iterdir() if not f.name.startswith("."))
+    assert names == sorted(f.name for f in b.iterdir() if not f.name.startswith(".")) and names
+    for name in names:
+        if (a / name).is_file():
+            assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+def test_encode_text_and_synth_on_two_ranks_write_the_one_rank_datasets(assets, text_data, tmp_path):
+    """Both commands split their shards across ranks (shard k on rank k % world); the result is
+    byte-identical to the one-rank run. encode-text also resumes: a deleted shard is re-encoded
+    and nothing else is touched."""
+    two = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29631",
+           "-m", "megadmd"]
+    r = subprocess.run([*two, "encode-text", "--prompts", str(assets["prompts"]), "-o", str(tmp_path / "text2"),
+                        "--text-encoder", str(assets["encoder"]), "--negative-prompt", "blurry static",
+                        "--max-len", "16", "--shard-size", "3"], env=cli_env(), capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    _same_folder(text_data, tmp_path / "text2")
+
+    shard = sorted(p for p in (tmp_path / "text2").iterdir() if p.name.startswith("shard"))[1]
+    kept = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "text2").iterdir() if p != shard}
+    shard.unlink()
+    r = megadmd("encode-text", "--prompts", assets["prompts"], "-o", tmp_path / "text2", "--text-encoder",
+                assets["encoder"], "--negative-prompt", "blurry static", "--max-len", "16", "--shard-size", "3")
+    assert r.returncode == 0, r.stderr[-2000:]
+    _same_folder(text_data, tmp_path / "text2")
+    assert all((tmp_path / "text2" / n).stat().st_mtime_ns == t for n, t in kept.items()
+               if n.startswith("shard"))  # only the missing shard was written again
+
+    synth = ["synth", "--teacher", str(assets["teacher"]), "--text-data", str(text_data),
+             "--latent-shape", ",".join(map(str, TEST_LATENT_SHAPE)), "--steps", "3"]
+    assert megadmd(*synth, "-o", tmp_path / "lat1").returncode == 0
+    r = subprocess.run([*two, *synth, "-o", str(tmp_path / "lat2")], env=cli_env(), capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    _same_folder(tmp_path / "lat1", tmp_path / "lat2")
