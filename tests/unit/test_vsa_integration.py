@@ -69,3 +69,22 @@ def test_only_the_generator_is_sparse_and_its_gates_train(tmp_path, test_model_d
     assert t.vsa.sparsity == 0.5
     gates = {k: v for k, v in full_state_dict(m.generator.module).items() if GATE_ATTR in k}
     assert gates and any(v.abs().sum() > 0 for v in gates.values())  # trained away from zero
+
+
+def test_current_sparsity_is_logged_to_tensorboard(tmp_path, test_model_dir, single_process_world):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    data = save_test_dataset(tmp_path / "data", num_samples=4, latent_shape=[4, 4, 16, 16])
+    t = build_trainer(resolve(overrides=[
+        f"model.teacher_path={test_model_dir}", f"data.path={data}", f"output_dir={tmp_path / 'out'}",
+        "attention.vsa_sparsity=0.6", "attention.vsa_decay_rate=0.2", "attention.vsa_decay_interval_steps=2",
+        "attention.vsa_backend=torch", "logging.interval_steps=1", "train.max_steps=3",
+        "checkpoint.interval_steps=0", "validation.interval_steps=0"]))
+    t.train()
+    t.writer.close()
+    acc = EventAccumulator(str(tmp_path / "out" / "tensorboard"))
+    acc.Reload()
+    got = {e.step: e.value for e in acc.Scalars("attention/vsa_sparsity")}
+    want = {s: vsa_sparsity_at(s, 0.6, 0.2, 2) for s in (1, 2, 3)}  # 0, 0.2, 0.2
+    assert got.keys() == want.keys() and len(set(want.values())) > 1  # a ramp, not a constant
+    assert all(abs(got[s] - want[s]) < 1e-6 for s in want), (got, want)
