@@ -94,6 +94,15 @@ def test_synthetic_mode_and_export_in_the_i2v_pipeline(i2v, tmp_path):
         ours = sample_generator(lambda x, t: predict_velocity(pipe.transformer, x, t, text, torch.float32, **cond),
                                 [1000, 757, 522], start, lambda i: torch.randn(start.shape, generator=gen))
     assert torch.allclose(out, ours, atol=1e-4)
+    # `convert` writes the same kind of folder: every I2V weight present, loadable with no gaps
+    from diffusers import WanTransformer3DModel
+
+    r = megadmd("convert", "to-diffusers", tmp_path / "run" / "checkpoints" / "step-00000004", "-o", tmp_path / "conv")
+    assert r.returncode == 0, r.stderr[-2000:]
+    conv, info = WanTransformer3DModel.from_pretrained(str(tmp_path / "conv"), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert conv.config.image_dim == pipe.transformer.config.image_dim is not None
+    assert any(k.startswith("condition_embedder.image_embedder.") for k in conv.state_dict())
 
 
 def test_data_free_mode_for_i2v(i2v, tmp_path):
