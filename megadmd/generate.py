@@ -55,8 +55,15 @@ class GenerateOptions:
 
 
 def load_conditions(o: GenerateOptions, device) -> tuple[list[torch.Tensor], torch.Tensor, list[str], dict]:
-    """Per-sample text embeddings ``[L_i, D]``, the negative embedding, the captions, and for
-    image-to-video the image condition (``image_latents``, ``image_embeds``, one row per sample)."""
+    """Per-sample text embeddings ``[L, D]``, the negative embedding, the captions, and for
+    image-to-video the image condition (``image_latents``, ``image_embeds``, one row per sample).
+
+    Every embedding is zero-padded to the length training used (the dataset's ``max_text_len``,
+    or ``max_text_len`` for prompts: 512 as in Wan and diffusers' WanPipeline). Wan has no text
+    mask, so the padding is part of the condition: padding only to the longest prompt of a batch
+    would condition differently from training and make a sample depend on its batch-mates."""
+    from .data.loader import pad_text
+
     if (o.prompts is None) == (o.embeds is None):
         raise ConfigError("give exactly one of --prompts (with --text-encoder) and --embeds (a megadmd dataset)")
     if o.embeds is not None:
@@ -67,16 +74,17 @@ def load_conditions(o: GenerateOptions, device) -> tuple[list[torch.Tensor], tor
         image = {}
         if "image_latents" in samples[0]:
             image = {k: torch.stack([s[k] for s in samples]) for k in ("image_latents", "image_embeds")}
-        return ([s["text_embeds"][: s["text_len"]] for s in samples], ds.negative()[0],
-                [s["caption"] for s in samples], image)
+        width = ds.info.max_text_len
+        return ([pad_text(s["text_embeds"][: s["text_len"]], width)[0] for s in samples],
+                pad_text(ds.negative()[0], width)[0], [s["caption"] for s in samples], image)
     from .data.text import encode_prompts, load_text_encoder, read_prompts
 
     if o.text_encoder is None:
         raise ConfigError("--prompts needs --text-encoder (a UMT5EncoderModel folder or Wan pipeline folder)")
     prompts = read_prompts(o.prompts)
     tok, enc = load_text_encoder(o.text_encoder, o.tokenizer, device, torch.float32)
-    embeds = encode_prompts(tok, enc, prompts, o.max_text_len, device)
-    negative = encode_prompts(tok, enc, [o.negative_prompt], o.max_text_len, device)[0]
+    embeds = [pad_text(e, o.max_text_len)[0] for e in encode_prompts(tok, enc, prompts, o.max_text_len, device)]
+    negative = pad_text(encode_prompts(tok, enc, [o.negative_prompt], o.max_text_len, device)[0], o.max_text_len)[0]
     return embeds, negative, prompts, _encode_image_condition(o, len(prompts), device)
 
 

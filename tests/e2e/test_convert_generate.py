@@ -5,8 +5,8 @@ import sys
 import pytest
 import torch
 
-from tests.helpers import (TEST_WAN_CONFIG, cli_env, save_test_dataset, save_test_model, save_tiny_text_encoder,
-                           save_tiny_vae, spawn)
+from tests.helpers import (TEST_LATENT_SHAPE, TEST_WAN_CONFIG, cli_env, save_test_dataset, save_test_model,
+                           save_tiny_text_encoder, save_tiny_vae, spawn)
 
 
 def megadmd(*args, timeout=600):
@@ -159,3 +159,38 @@ def test_init_from_plain_weights_in_either_naming(tmp_path):
     save_file(bad, str(tmp_path / "bad.safetensors"))
     r = megadmd("convert", "init", tmp_path / "bad.safetensors", "--config", tmp_path / "config.json", "-o", tmp_path / "x")
     assert r.returncode == 2 and "keys missing" in r.stderr and not (tmp_path / "x").exists()
+
+
+def test_generate_pads_text_like_training_so_samples_do_not_depend_on_the_batch(tmp_path):
+    """Wan has no text mask, so zero padding is part of the condition: `generate` pads every
+    embedding to the dataset's max_text_len (what training feeds), and a sample's latents are the
+    same whatever batch it is drawn in. Checked against the 3-step sampler run by hand."""
+    from safetensors.torch import load_file
+
+    from megadmd.data.format import LatentDataset
+    from megadmd.data.loader import pad_text
+    from megadmd.generate import PURPOSE_RENOISE, PURPOSE_START, _noise
+    from megadmd.models import load_wan, predict_velocity
+    from megadmd.sampling import sample_generator
+
+    model, data = save_test_model(tmp_path / "m"), save_test_dataset(tmp_path / "d", num_samples=3, seed=4)
+    ds = LatentDataset(data)
+    lens = [ds.get(i)["text_len"] for i in range(3)]
+    assert len(set(lens)) > 1 and min(lens) < ds.info.max_text_len  # padding matters here
+    shape = ",".join(map(str, TEST_LATENT_SHAPE))
+    for b in (1, 3):
+        r = megadmd("generate", "--model", model, "--embeds", data, "--latent-shape", shape, "--batch-size", b,
+                    "--seed", 7, "-o", tmp_path / f"b{b}")
+        assert r.returncode == 0, r.stderr[-2000:]
+    one, three = (load_file(str(tmp_path / f"b{b}" / "latents.safetensors")) for b in (1, 3))
+    key = next(iter(one))
+    torch.testing.assert_close(one[key], three[key], rtol=1e-5, atol=1e-5)
+    s = ds.get(1)
+    text = pad_text(s["text_embeds"][: s["text_len"]], ds.info.max_text_len)[0].unsqueeze(0)
+    net = load_wan(model)
+    with torch.no_grad():
+        want = sample_generator(
+            lambda x, t: predict_velocity(net, x, t, text, torch.float32), [1000, 757, 522],
+            _noise(7, 1, PURPOSE_START, TEST_LATENT_SHAPE, "cpu").unsqueeze(0),
+            lambda k: _noise(7, 1, PURPOSE_RENOISE, TEST_LATENT_SHAPE, "cpu", sub=k).unsqueeze(0))
+    torch.testing.assert_close(one[key][1:2], want, rtol=1e-5, atol=1e-5)
