@@ -96,7 +96,10 @@ def synth_shard(o: SynthOptions, teacher, src: LatentDataset, k: int, device, dt
     sigmas = flow.euler_sigmas(o.num_steps, o.flow_shift)
     negative, _ = src.negative()
     i2v = "image_latents" in shard
-    width = 512 if i2v else shard["text_embeds"].shape[1]  # Wan I2V attention expects 512 text tokens
+    # The teacher sees the text as training will feed it: zero-padded to the dataset's
+    # max_text_len (512 for Wan; the I2V attention requires 512). Shards store text padded only to
+    # their own longest prompt, and Wan has no text mask, so that width must not leak in.
+    width = 512 if i2v else src.info.max_text_len
     text_all = torch.zeros(n, width, shard["text_embeds"].shape[2])
     text_all[:, : shard["text_embeds"].shape[1]] = shard["text_embeds"]
     neg = torch.zeros(width, negative.shape[1])

@@ -162,3 +162,23 @@ def test_encode_text_and_synth_on_two_ranks_write_the_one_rank_datasets(assets, 
                        text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     _same_folder(tmp_path / "lat1", tmp_path / "lat2")
+
+
+def test_synth_conditions_the_teacher_independently_of_the_shard_layout(assets, text_data, tmp_path):
+    """Shards store text padded to their own longest prompt; the teacher must still see every
+    prompt padded to the dataset's max_text_len, as in training (Wan has no text mask). So the
+    same prompts give the same latents whatever shard size encode-text used."""
+    from megadmd.data.format import LatentDataset
+
+    r = megadmd("encode-text", "--prompts", assets["prompts"], "-o", tmp_path / "one_shard", "--text-encoder",
+                assets["encoder"], "--negative-prompt", "blurry static", "--max-len", "16", "--shard-size", "8")
+    assert r.returncode == 0, r.stderr[-2000:]
+    synth = ["synth", "--teacher", assets["teacher"], "--latent-shape", ",".join(map(str, TEST_LATENT_SHAPE)),
+             "--steps", "3"]
+    for name, src in (("a", text_data), ("b", tmp_path / "one_shard")):
+        assert megadmd(*synth, "--text-data", src, "-o", tmp_path / name).returncode == 0
+    a, b = LatentDataset(tmp_path / "a"), LatentDataset(tmp_path / "b")
+    assert len(a.info.shards) == 3 and len(b.info.shards) == 1
+    for i in range(len(PROMPTS)):
+        assert a.get(i)["caption"] == b.get(i)["caption"]
+        assert (a.get(i)["latents"] - b.get(i)["latents"]).abs().max() < 1e-5, i
