@@ -49,6 +49,11 @@ def _spawn_entry(rank: int, world: int, port: int, fn, args) -> None:
                       LOCAL_RANK=str(rank), WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
     fn(rank, world, *args)
+    # An orderly exit: without it a rank can leave while gloo's threads still serve the other
+    # one, and the C++ runtime aborts the process ("terminate called without an active exception").
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def spawn(fn, world: int, *args, timeout_s: float = 420) -> None:
