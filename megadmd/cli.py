@@ -17,6 +17,13 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
+def shutdown_distributed() -> None:
+    """The last step of a command that ran collectives: every rank leaves together."""
+    from .parallel.init import shutdown_distributed as shutdown
+
+    shutdown()
+
+
 def user_errors(fn):
     """Turn ConfigError (bad input) into one line and exit status 2; other errors propagate."""
 
@@ -83,6 +90,7 @@ def train(config_file, overrides, preset, output_dir, max_steps, local_rank, res
 
     cfg = _resolve(config_file, overrides, preset, output_dir, max_steps, resume)
     run_train(cfg, local_rank=local_rank)
+    shutdown_distributed()
 
 
 @main.command("make-dataset")
@@ -121,6 +129,7 @@ def encode_text(prompts, out, text_encoder, tokenizer, negative_prompt, max_len,
 
     info = run_encode_text(prompts, out, text_encoder, tokenizer, negative_prompt, max_len, shard_size,
                            batch_size, precision)
+    shutdown_distributed()
     if os.environ.get("RANK", "0") == "0":
         click.echo(f"encoded {info.num_samples} prompts into {out}")
 
@@ -151,6 +160,7 @@ def synth(teacher, text_data, out, latent_shape, video_size, steps, guidance_sca
         teacher=teacher, text_data=text_data, out=out, latent_shape=tuple(shape), num_steps=steps,
         guidance_scale=guidance_scale, cfg_form=cfg_form, flow_shift=flow_shift, seed=seed,
         batch_size=batch_size, precision=precision, vae=vae, num_decode=num_decode if vae else 0))
+    shutdown_distributed()
     if os.environ.get("RANK", "0") == "0":
         click.echo(f"synthesized {info.num_samples} latents of shape {shape} into {out}")
 
@@ -172,6 +182,7 @@ def encode_images(text_data, images, out, image_encoder, vae, video_size, batch_
 
     info = run_encode_images(text_data, images, out, image_encoder, vae, tuple(_int_list(video_size, "--video-size", 3)),
                              batch_size, precision)
+    shutdown_distributed()
     if os.environ.get("RANK", "0") == "0":
         click.echo(f"encoded {info.num_samples} image conditions into {out}")
 

@@ -59,6 +59,17 @@ def init_distributed(backend: str = "auto", local_rank: int | None = None) -> Pr
                        device=device)
 
 
+def shutdown_distributed() -> None:
+    """End a command's process group in step on every rank (the CLI calls this last). A rank that
+    exits while another still talks to it can abort in the C++ runtime, and PyTorch warns when a
+    process exits with its group alive."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def collective_device() -> torch.device:
     """Where small tensors for collectives must live: the current GPU under nccl (which has no
     CPU path), the CPU under gloo."""
