@@ -21,6 +21,8 @@ def _fsync_dir(path: Path) -> None:
     try:
         os.fsync(fd)
     except OSError:
+        # Some filesystems (several network mounts among them) refuse fsync on a directory. The
+        # rename is still atomic there; only its durability across a power cut is weaker.
         pass
     finally:
         os.close(fd)
