@@ -123,6 +123,18 @@ def main() -> None:
     ap.add_argument("--no-ablations", dest="ablations", action="store_false")
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
     args = ap.parse_args()
+    # Bad input fails here, in one line, before ten minutes of work.
+    if args.per_class < 1 or args.steps < 0:
+        ap.error("--per-class must be at least 1 and --steps at least 0")
+    if args.teacher:
+        from megadmd.config import ConfigError
+        from megadmd.models import resolve_model_dir
+        try:
+            resolve_model_dir(args.teacher, what="--teacher")
+        except ConfigError as exc:
+            ap.error(str(exc))
+    if args.out and not Path(args.out).resolve().parent.is_dir():
+        ap.error(f"--out: folder {Path(args.out).resolve().parent} does not exist")
     t0 = time.perf_counter()
     rows, trajectory = run(args)
     total = time.perf_counter() - t0
@@ -133,7 +145,8 @@ def main() -> None:
     print(f"\ntargets ({TARGETS}): {'met' if not fails else 'NOT met: ' + '; '.join(fails)}")
     print(f"whole benchmark: {total / 60:.1f} min")
     if args.out:
-        Path(args.out).write_text(json.dumps({"rows": rows, "trajectory": trajectory, "total_s": total, "failed_targets": fails}, indent=1))
+        from megadmd.io_utils import atomic_write_text
+        atomic_write_text(args.out, json.dumps({"rows": rows, "trajectory": trajectory, "total_s": total, "failed_targets": fails}, indent=1))
 
 
 if __name__ == "__main__":

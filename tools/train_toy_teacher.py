@@ -27,7 +27,8 @@ import torch
 
 from megadmd import flow
 from megadmd.io_utils import atomic_dir
-from megadmd.models import build_wan, predict_velocity
+from megadmd.config import ConfigError
+from megadmd.models import build_wan, load_wan, predict_velocity, resolve_model_dir
 from megadmd.presets import TINY_WAN_CONFIG
 from megadmd.sampling import sample_teacher
 from megadmd.toy.builtin import builtin_teacher_dir
@@ -40,6 +41,8 @@ GENERATOR_SIGMAS = [1.0, 0.757, 0.522, 0.0]  # the tiny preset's denoising steps
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("-o", "--output", default=str(builtin_teacher_dir()))
+    p.add_argument("--init", default=None,
+                   help="continue from this saved teacher folder instead of fresh weights")
     p.add_argument("--steps", type=int, default=4000)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
@@ -199,12 +202,20 @@ def markdown_table(rows: list[dict]) -> str:
 
 def main() -> None:
     args = parse_args()
+    if args.init:  # fail on a bad folder before any training
+        try:
+            resolve_model_dir(args.init, what="--init teacher")
+        except ConfigError as exc:
+            raise SystemExit(f"train_toy_teacher: error: {exc}")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     spec = ToySpec()
     cond = ToyConditions(spec)
-    model = build_wan(TINY_WAN_CONFIG, seed=args.seed)
+    if args.init:
+        model = load_wan(args.init, what="--init teacher")
+    else:
+        model = build_wan(TINY_WAN_CONFIG, seed=args.seed)
     print(f"teacher: {sum(p.numel() for p in model.parameters()) / 1e6:.3f}M parameters")
     start = time.time()
     teacher = train(model, spec, cond, args)
