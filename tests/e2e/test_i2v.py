@@ -83,16 +83,21 @@ def test_synthetic_mode_and_export_in_the_i2v_pipeline(i2v, tmp_path):
 
     emb = encode_prompts(pipe.tokenizer, pipe.text_encoder, ["a cat runs"], 16, "cpu")[0]
     text = pad_text(emb, 512)[0].unsqueeze(0)
-    torch.manual_seed(5)
-    out = pipe(image=image, prompt_embeds=text, height=32, width=32, num_frames=5, num_inference_steps=3,
-               guidance_scale=1.0, latents=start.clone(), output_type="latent").frames
-    # megadmd's own sampler with the same image condition and noise
     lat, emb = encode_images([image], pipe.image_processor, pipe.image_encoder, pipe.vae, (5, 32, 32), "cpu")
     cond = {"condition": condition_channels(lat), "image_embeds": emb}
-    gen = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        ours = sample_generator(lambda x, t: predict_velocity(pipe.transformer, x, t, text, torch.float32, **cond),
-                                [1000, 757, 522], start, lambda i: torch.randn(start.shape, generator=gen))
+
+    def pipeline_and_ours():
+        """The pipeline's 3-step sample and megadmd's sampler with the same image condition and noise."""
+        torch.manual_seed(5)
+        out = pipe(image=image, prompt_embeds=text, height=32, width=32, num_frames=5, num_inference_steps=3,
+                   guidance_scale=1.0, latents=start.clone(), output_type="latent").frames
+        gen = torch.Generator().manual_seed(5)
+        with torch.no_grad():
+            ours = sample_generator(lambda x, t: predict_velocity(pipe.transformer, x, t, text, torch.float32, **cond),
+                                    [1000, 757, 522], start, lambda i: torch.randn(start.shape, generator=gen))
+        return out, ours
+
+    out, ours = pipeline_and_ours()
     assert torch.allclose(out, ours, atol=1e-4)
     # `convert` writes the same kind of folder: every I2V weight present, loadable with no gaps
     from diffusers import WanTransformer3DModel
@@ -103,6 +108,12 @@ def test_synthetic_mode_and_export_in_the_i2v_pipeline(i2v, tmp_path):
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     assert conv.config.image_dim == pipe.transformer.config.image_dim is not None
     assert any(k.startswith("condition_embedder.image_embedder.") for k in conv.state_dict())
+    # ... and it runs in the pipeline like the EMA export (the generator's own weights, so a
+    # different sample from the EMA's at decay 0.5)
+    pipe.transformer = conv.eval()
+    out_conv, ours_conv = pipeline_and_ours()
+    assert torch.allclose(out_conv, ours_conv, atol=1e-4) and torch.isfinite(out_conv).all()
+    assert not torch.allclose(out_conv, out, atol=1e-4)
 
 
 def test_data_free_mode_for_i2v(i2v, tmp_path):
