@@ -172,7 +172,10 @@ def build_models(paths: dict, optim: OptimTree, train: TrainConfig, ds: DeepSpee
     for role in ROLES:
         trainable = role != "teacher"
         path = paths[role]
-        module = load_role_model(path, torch.float32 if trainable else dtype, boundary_ratio, what=f"{role} model")
+        # Every role loads at the compute dtype: ZeRO-3 makes the trainable roles' fp32 masters from
+        # the bf16 shards anyway, so an fp32 load would only double the host memory each rank needs
+        # while the full model sits unpartitioned (56 GB instead of 28 GB for a 14B model).
+        module = load_role_model(path, dtype, boundary_ratio, what=f"{role} model")
         if prepare_module is not None:
             prepare_module(role, module)
         ds_cfg = fill_ds_config(load_ds_template(getattr(ds, role), f"deepspeed.{role}"), train,
