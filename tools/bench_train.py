@@ -11,12 +11,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import tempfile
 from pathlib import Path
 
 import torch
-from benchlib import free_port, timed_iterations
+from benchlib import free_port, peak_rss_gib, timed_iterations
 
 
 def _rank(rank: int, world: int, port: int, overrides: list, iters: int, warmup: int, out: str) -> None:
@@ -27,9 +26,9 @@ def _rank(rank: int, world: int, port: int, overrides: list, iters: int, warmup:
     from megadmd.runner import build_trainer
 
     t = build_trainer(resolve(overrides=overrides))
-    rss_built = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 / 1024
+    rss_built = peak_rss_gib()
     times = timed_iterations(t, iters, warmup)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 / 1024
+    peak = peak_rss_gib()
     stats = torch.tensor([peak, rss_built], dtype=torch.float64)
     gathered = [torch.zeros_like(stats) for _ in range(world)]
     torch.distributed.all_gather(gathered, stats)
