@@ -78,6 +78,9 @@ class DMDConfig:
     generator_update_interval: int = 5
     grad_norm_mean: str = "sample"  # sample (per-sample mean) | batch (FastVideo's global mean)
     simulate_generator_forward: bool = False
+    # false: train the generator (and feed the fake score) at every step but the first, whose
+    # pure-noise input makes its output one point per prompt (docs/quality-benchmark.md)
+    train_first_step: bool = True
     gan: GANConfig = field(default_factory=GANConfig)
     # ablation only: drop the fake score's term from the DMD direction (the generator then just
     # climbs the teacher's score and, as the DMD paper shows, collapses to the nearest mode)
@@ -348,6 +351,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("dmd.denoising_steps must be in decreasing order, e.g. [1000, 757, 522]")
     if not 0 <= d.min_timestep_ratio < d.max_timestep_ratio <= 1:
         raise ConfigError("need 0 <= dmd.min_timestep_ratio < dmd.max_timestep_ratio <= 1")
+    if not d.train_first_step and len(d.denoising_steps) < 2:
+        raise ConfigError("dmd.train_first_step=false needs at least two dmd.denoising_steps")
     _choice("dmd.cfg_form", d.cfg_form, ("offset", "standard"))
     _choice("dmd.grad_norm_mean", d.grad_norm_mean, ("sample", "batch"))
     _positive("dmd.generator_update_interval", d.generator_update_interval)

@@ -116,8 +116,17 @@ class DMDTrainer:
         all samples and all ranks. Every rank must run the same number of generator forwards, or
         ZeRO-3's parameter gathers would wait on each other forever (DMD2's reference code
         broadcasts this step for the same reason)."""
-        k = self.rng.randint([batch.micro_step], len(self.steps), Purpose.SIM_EXIT, phase)
+        first = self.first_trained_step
+        k = first + self.rng.randint([batch.micro_step], len(self.steps) - first, Purpose.SIM_EXIT, phase)
         return k.expand(batch.size)
+
+    @property
+    def first_trained_step(self) -> int:
+        """The first entry of the step list the generator is trained at. With
+        dmd.train_first_step=false it is the second: the first step sees pure noise, so its output
+        is one point per prompt, and the DMD loss pulls that point towards a single mode, which the
+        later steps then inherit (a deliberate option; FastVideo and DMD2 train every step)."""
+        return 0 if self.dmd.train_first_step else 1
 
     @staticmethod
     def _module_of(call):
@@ -153,13 +162,13 @@ class DMDTrainer:
         per global micro-step (with probability proportional to its number of steps), then each
         sample takes one of its steps: every step stays equally likely."""
         pos = batch.positions.tolist()
-        n = len(self.steps)
+        first, n = self.first_trained_step, len(self.steps)
         if self.boundary_ratio is None:
-            return self.rng.randint(pos, n, Purpose.GEN_STEP_INDEX, phase)
-        high = [i for i, t in enumerate(self.steps) if t >= self.boundary_ratio * 1000]
-        low = [i for i in range(n) if i not in high]
+            return first + self.rng.randint(pos, n - first, Purpose.GEN_STEP_INDEX, phase)
+        high = [i for i in range(first, n) if self.steps[i] >= self.boundary_ratio * 1000]
+        low = [i for i in range(first, n) if i not in high]
         shared = float(self.rng.rand([batch.micro_step], Purpose.GEN_STEP_INDEX, phase, sub=1))
-        side = high if shared < len(high) / n else low
+        side = high if shared < len(high) / (n - first) else low
         pick = self.rng.randint(pos, len(side), Purpose.GEN_STEP_INDEX, phase)
         return torch.tensor(side, device=pick.device)[pick]
 

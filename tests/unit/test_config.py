@@ -63,6 +63,8 @@ def test_bad_values_name_the_key():
         resolve(overrides=["dmd.denoising_steps=[522,757,1000]"])
     with pytest.raises(ConfigError, match="unknown preset"):
         resolve(overrides=["preset=sd15"])
+    with pytest.raises(ConfigError, match="dmd.train_first_step=false needs at least two dmd.denoising_steps"):
+        resolve(overrides=["dmd.train_first_step=false", "dmd.denoising_steps=[1000]"])
 
 
 def test_override_parsing():

@@ -157,3 +157,22 @@ def test_teacher_x0_guides_the_caption_away_from_the_negative_prompt(trainer):
     assert t.dmd.cfg_form == "offset" and s > 0
     torch.testing.assert_close(got, x0_c + s * (x0_c - x0_u), rtol=1e-4, atol=1e-5)
     assert not torch.allclose(got, x0_u + s * (x0_u - x0_c), rtol=1e-3, atol=1e-4)  # the swap differs
+
+
+def test_train_first_step_false_trains_and_feeds_the_fake_score_only_later_steps(
+        tmp_path, test_model_dir, test_dataset_dir, single_process_world):
+    """Synthetic-latent mode: the generator's step is drawn from the later entries only, evenly,
+    for both updates; by default every entry is drawn."""
+    from megadmd.dmd.trainer import PHASE_FAKE_SCORE
+
+    for train_first, expected in ((True, {0, 1, 2}), (False, {1, 2})):
+        t = build_trainer(_cfg(tmp_path / str(train_first), test_model_dir, test_dataset_dir,
+                               f"dmd.train_first_step={str(train_first).lower()}"))
+        seen = {PHASE_GENERATOR: [], PHASE_FAKE_SCORE: []}
+        for _ in range(30):
+            batch = t.data.next()
+            for phase in seen:
+                seen[phase] += t.generator_step_indices(batch, phase).tolist()
+        for phase, idx in seen.items():
+            assert set(idx) == expected, (train_first, phase)
+            assert min(idx.count(k) for k in expected) >= 10  # all of them, roughly evenly (of 60)
