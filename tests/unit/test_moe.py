@@ -37,15 +37,27 @@ def test_expert_split_by_hand_and_stratified_draws_stay_uniform():
     assert bool((batch >= 0.7).all())  # one expert for the whole batch
 
 
-@pytest.fixture
-def moe_trainer(tmp_path, single_process_world):
+def _moe_trainer(tmp_path, *extra):
     model = save_tiny_wan22_pipeline(tmp_path / "wan22")
     data = save_test_dataset(tmp_path / "data", num_samples=8)
     return build_trainer(resolve(overrides=[
         f"model.teacher_path={model}", f"data.path={data}", f"output_dir={tmp_path / 'out'}",
         "logging.tensorboard=false", "model.boundary_ratio=0.875", "dmd.denoising_steps=[1000,500]",
         "train.micro_batch_size=2", "optim.generator.lr=1e-2", "optim.fake_score.lr=1e-2",
-        "dmd.gan.enabled=true", "dmd.gan.hidden_dim=16"]))
+        "dmd.gan.enabled=true", "dmd.gan.hidden_dim=16", *extra]))
+
+
+@pytest.fixture
+def moe_trainer(tmp_path, single_process_world):
+    return _moe_trainer(tmp_path)
+
+
+def test_without_the_first_step_only_the_later_steps_expert_is_drawn(tmp_path, single_process_world):
+    """Steps [1000, 500] at boundary 875: the high-noise expert owns only the first step, so with
+    dmd.train_first_step=false every draw is the second step (and the low-noise expert)."""
+    t = _moe_trainer(tmp_path, "dmd.train_first_step=false")
+    drawn = {int(k) for _ in range(8) for k in t.generator_step_indices(t.data.next(), PHASE_GENERATOR)}
+    assert drawn == {1}
 
 
 def _changed(before: dict, after: dict) -> set:
