@@ -14,19 +14,15 @@ real score (offset form: ``x0_c + s (x0_c - x0_u)``), next to the size of the gu
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
+from train_toy_teacher import ToyConditions, exact_velocity, model_velocity  # the script's folder
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_toy_teacher import ToyConditions, exact_velocity, model_velocity  # noqa: E402
-
-from megadmd import flow  # noqa: E402
-from megadmd.config import ConfigError  # noqa: E402
-from megadmd.models import load_wan  # noqa: E402
-from megadmd.toy.builtin import TOY_SPEC, builtin_teacher_dir  # noqa: E402
-from megadmd.toy.distribution import sample  # noqa: E402
+from megadmd import flow
+from megadmd.config import ConfigError
+from megadmd.models import load_wan
+from megadmd.toy.builtin import TOY_SPEC, builtin_teacher_dir
+from megadmd.toy.distribution import sample
 
 SIGMAS = [0.99, 0.9, 0.757, 0.6, 0.522, 0.4, 0.25, 0.1, 0.03]
 

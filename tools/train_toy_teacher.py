@@ -28,7 +28,7 @@ import torch
 from megadmd import flow
 from megadmd.io_utils import atomic_dir
 from megadmd.config import ConfigError
-from megadmd.models import build_wan, load_wan, predict_velocity, resolve_model_dir
+from megadmd.models import build_wan, load_wan, predict_velocity
 from megadmd.presets import TINY_WAN_CONFIG
 from megadmd.sampling import sample_teacher
 from megadmd.toy.builtin import builtin_teacher_dir
@@ -202,20 +202,15 @@ def markdown_table(rows: list[dict]) -> str:
 
 def main() -> None:
     args = parse_args()
-    if args.init:  # fail on a bad folder before any training
-        try:
-            resolve_model_dir(args.init, what="--init teacher")
-        except ConfigError as exc:
-            raise SystemExit(f"train_toy_teacher: error: {exc}")
+    try:  # a bad --init folder fails here, before any training
+        model = load_wan(args.init, what="--init teacher") if args.init else build_wan(TINY_WAN_CONFIG, seed=args.seed)
+    except ConfigError as exc:
+        raise SystemExit(f"train_toy_teacher: error: {exc}")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     spec = ToySpec()
     cond = ToyConditions(spec)
-    if args.init:
-        model = load_wan(args.init, what="--init teacher")
-    else:
-        model = build_wan(TINY_WAN_CONFIG, seed=args.seed)
     print(f"teacher: {sum(p.numel() for p in model.parameters()) / 1e6:.3f}M parameters")
     start = time.time()
     teacher = train(model, spec, cond, args)
