@@ -82,7 +82,8 @@ def _pair(model, x, t, both, n, dtype):
 class ToyQuality:
     """The ``tiny`` preset's validation: every ``interval_steps`` iterations the generator samples
     ``per_class`` latents per class (fixed noise), and rank 0 logs ``quality/<metric>`` and a grid
-    of samples beside their class's true modes (``quality/samples``)."""
+    of samples beside their class's true modes (``quality/samples``); once the generator's EMA has
+    started, its weights are scored the same way under ``quality_ema/``."""
 
     def __init__(self, spec: ToySpec, interval_steps: int, per_class: int = 64, seed: int = 42):
         self.spec = spec
@@ -91,6 +92,7 @@ class ToyQuality:
         self.seed = seed
         self._inputs: Optional[tuple] = None
         self.history: list[tuple[int, dict]] = []  # (step, scores), for callers such as the benchmark
+        self.ema_history: list[tuple[int, dict]] = []  # the same for the generator's EMA, once started
 
     def maybe_run(self, trainer) -> None:
         n = self.interval_steps
@@ -101,14 +103,22 @@ class ToyQuality:
         """Collective: every rank runs the generator's forwards (ZeRO-3 gathers); rank 0 logs."""
         if self._inputs is None:
             self._inputs = eval_inputs(self.spec, self.per_class, self.seed, trainer.device)
-        labels, noise, renoise = self._inputs
         module = trainer.models.generator.module
+        scores = self._score(trainer, module, "quality")
+        self.history.append((trainer.state.step, scores))
+        if trainer.ema is not None and trainer.ema.started:
+            with trainer.ema.applied():
+                ema_scores = self._score(trainer, module, "quality_ema")
+            self.ema_history.append((trainer.state.step, ema_scores))
+        return scores
+
+    def _score(self, trainer, module, tag: str) -> dict:
+        labels, noise, renoise = self._inputs
         samples = sample(module, "student", self.spec, labels, noise, renoise, trainer.models.dtype).cpu()
         scores = evaluate(samples, labels, self.spec)
-        self.history.append((trainer.state.step, scores))
         if trainer.pstate.rank == 0:
             step = trainer.state.step
-            trainer.writer.scalars({f"quality/{k}": v for k, v in scores.items()}, step)
-            trainer.writer.image("quality/samples", render_grid(samples, labels, self.spec).float() / 255, step)
-            log.info("quality at step %d: %s", step, ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
+            trainer.writer.scalars({f"{tag}/{k}": v for k, v in scores.items()}, step)
+            trainer.writer.image(f"{tag}/samples", render_grid(samples, labels, self.spec).float() / 255, step)
+            log.info("%s at step %d: %s", tag, step, ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
         return scores

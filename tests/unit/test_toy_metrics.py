@@ -159,3 +159,50 @@ def test_render_grid_lays_out_modes_then_samples():
     assert int(img[:, y2:y2 + h, x1:].max()) == 0
     assert render_grid(samples, labels, SPEC, per_class=2, scale=3).shape[1:] == (
         3 * img.shape[1], 3 * img.shape[2])
+
+
+def test_quality_hook_scores_the_ema_weights_under_their_own_tag():
+    """With a started EMA the hook samples twice: the live weights under quality/, the EMA's under
+    quality_ema/, and the EMA scores are those of the weights the EMA swapped in."""
+    from contextlib import contextmanager
+    from types import SimpleNamespace
+
+    from megadmd.models import load_wan
+    from megadmd.toy.builtin import TOY_SPEC, builtin_teacher_dir
+    from megadmd.toy.quality import ToyQuality, eval_inputs
+    from megadmd.toy.quality import sample as toy_sample
+
+    module = load_wan(str(builtin_teacher_dir())).eval()
+    live = {k: v.clone() for k, v in module.state_dict().items()}
+    swapped = {k: v * 0.9 for k, v in live.items()}  # stands in for the EMA weights
+
+    @contextmanager
+    def applied():
+        module.load_state_dict(swapped)
+        try:
+            yield
+        finally:
+            module.load_state_dict(live)
+
+    logged = {}
+    writer = SimpleNamespace(scalars=lambda d, step: logged.update({(k, step): v for k, v in d.items()}),
+                             image=lambda tag, img, step: logged.update({(tag, step): img.shape}))
+    trainer = SimpleNamespace(models=SimpleNamespace(generator=SimpleNamespace(module=module), dtype=torch.float32),
+                              ema=SimpleNamespace(started=True, applied=applied), writer=writer,
+                              state=SimpleNamespace(step=5), pstate=SimpleNamespace(rank=0),
+                              device=torch.device("cpu"))
+    hook = ToyQuality(TOY_SPEC, interval_steps=5, per_class=4, seed=3)
+    scores = hook.run(trainer)
+
+    labels, noise, renoise = eval_inputs(TOY_SPEC, 4, 3, torch.device("cpu"))
+
+    def expected(state):
+        module.load_state_dict(state)
+        return metrics.evaluate(toy_sample(module, "student", TOY_SPEC, labels, noise, renoise), labels, TOY_SPEC)
+
+    want_ema, want_live = expected(swapped), expected(live)
+    assert scores == want_live and hook.history == [(5, want_live)]
+    assert hook.ema_history == [(5, want_ema)] and want_ema != want_live
+    assert logged[("quality/precision", 5)] == want_live["precision"]
+    assert logged[("quality_ema/nearest_rms", 5)] == want_ema["nearest_rms"]
+    assert ("quality_ema/samples", 5) in logged and ("quality/samples", 5) in logged
