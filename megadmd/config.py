@@ -75,6 +75,10 @@ class DMDConfig:
     max_timestep_ratio: float = 0.98
     guidance_scale: float = 3.5
     cfg_form: str = "offset"  # offset: cond + s(cond - uncond); standard: uncond + s(cond - uncond)
+    # [lo, hi] timestep ratios (t / 1000) where the teacher's x0 is guided; outside it the DMD
+    # target is the conditional prediction alone. [0, 1] (the default) guides at every timestep,
+    # as FastVideo does; a limited interval is Kynkaanniemi et al. 2024 (docs/quality-benchmark.md)
+    guidance_interval: list = field(default_factory=lambda: [0.0, 1.0])
     generator_update_interval: int = 5
     grad_norm_mean: str = "sample"  # sample (per-sample mean) | batch (FastVideo's global mean)
     simulate_generator_forward: bool = False
@@ -351,6 +355,11 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("dmd.denoising_steps must be in decreasing order, e.g. [1000, 757, 522]")
     if not 0 <= d.min_timestep_ratio < d.max_timestep_ratio <= 1:
         raise ConfigError("need 0 <= dmd.min_timestep_ratio < dmd.max_timestep_ratio <= 1")
+    gi = d.guidance_interval
+    numeric = isinstance(gi, (list, tuple)) and len(gi) == 2 and all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) for x in gi)
+    if not (numeric and 0 <= gi[0] < gi[1] <= 1):
+        raise ConfigError(f"dmd.guidance_interval must be [lo, hi] with 0 <= lo < hi <= 1 (timestep / 1000); got {gi}")
     if not d.train_first_step and len(d.denoising_steps) < 2:
         raise ConfigError("dmd.train_first_step=false needs at least two dmd.denoising_steps")
     _choice("dmd.cfg_form", d.cfg_form, ("offset", "standard"))

@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..flow import NUM_TRAIN_TIMESTEPS
+
 
 def cfg_combine(cond: torch.Tensor, uncond: torch.Tensor, scale: float, form: str) -> torch.Tensor:
     """Classifier-free guidance, in one of two parameterizations.
@@ -22,6 +24,18 @@ def cfg_combine(cond: torch.Tensor, uncond: torch.Tensor, scale: float, form: st
     if form == "standard":
         return uncond + scale * (cond - uncond)
     raise ValueError(f"unknown CFG form '{form}' (expected 'offset' or 'standard')")
+
+
+def limit_guidance(guided: torch.Tensor, cond: torch.Tensor, t: torch.Tensor, interval) -> torch.Tensor:
+    """Guidance only inside ``interval`` = [lo, hi] of ``t / 1000`` (per sample, inclusive); the
+    conditional prediction elsewhere (Kynkaanniemi et al. 2024, "Applying guidance in a limited
+    interval"). Not in FastVideo, which guides at every timestep: its default [0, 1] keeps that."""
+    lo, hi = interval
+    if lo <= 0 and hi >= 1:
+        return guided
+    r = t.float() / NUM_TRAIN_TIMESTEPS
+    inside = ((r >= lo) & (r <= hi)).view(-1, *([1] * (guided.dim() - 1)))
+    return torch.where(inside, guided, cond)
 
 
 def dmd_grad(

@@ -142,7 +142,8 @@ class DMDTrainer:
         sigma = flow.sigma_from_t(t)
         x0_cond = flow.x0_from_velocity(x_t, v[:b], sigma)
         x0_uncond = flow.x0_from_velocity(x_t, v[b:], sigma)
-        return losses.cfg_combine(x0_cond, x0_uncond, self.dmd.guidance_scale, self.dmd.cfg_form)
+        guided = losses.cfg_combine(x0_cond, x0_uncond, self.dmd.guidance_scale, self.dmd.cfg_form)
+        return losses.limit_guidance(guided, x0_cond, t, self.dmd.guidance_interval)
 
     def score_timesteps(self, batch: Batch, purpose: Purpose, phase: int) -> torch.Tensor:
         """Per-sample teacher / fake-score timesteps. With two experts, one shared draw per global

@@ -65,6 +65,9 @@ def test_bad_values_name_the_key():
         resolve(overrides=["preset=sd15"])
     with pytest.raises(ConfigError, match="dmd.train_first_step=false needs at least two dmd.denoising_steps"):
         resolve(overrides=["dmd.train_first_step=false", "dmd.denoising_steps=[1000]"])
+    for bad in ("[0.5]", "[0.8,0.3]", "[0.2,1.5]", "[0.5,true]"):
+        with pytest.raises(ConfigError, match=r"dmd.guidance_interval must be \[lo, hi\]"):
+            resolve(overrides=[f"dmd.guidance_interval={bad}"])
 
 
 def test_override_parsing():

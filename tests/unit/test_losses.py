@@ -21,6 +21,16 @@ def test_cfg_forms_by_hand_and_their_equivalence():
         losses.cfg_combine(x, y, 1.0, "bogus")
 
 
+def test_limit_guidance_keeps_the_guided_value_only_inside_the_interval():
+    guided = torch.tensor([[10.0, 10.0], [20.0, 20.0], [30.0, 30.0], [40.0, 40.0]])
+    cond = torch.tensor([[1.0, 1.0], [2.0, 2.0], [3.0, 3.0], [4.0, 4.0]])
+    t = torch.tensor([100.0, 500.0, 800.0, 1000.0])  # ratios 0.1, 0.5 (edge, inside), 0.8, 1.0
+    got = losses.limit_guidance(guided, cond, t, [0.5, 0.8])
+    assert got.tolist() == [[1.0, 1.0], [20.0, 20.0], [30.0, 30.0], [4.0, 4.0]]
+    # the full interval is guidance everywhere, the same tensor back
+    assert losses.limit_guidance(guided, cond, t, [0.0, 1.0]) is guided
+
+
 X0_GEN = torch.tensor([[1.0, 1.0], [0.0, 0.0]])
 X0_REAL = torch.tensor([[0.0, 0.0], [2.0, 2.0]])
 X0_FAKE = torch.tensor([[1.0, 0.0], [1.0, 3.0]])

@@ -159,6 +159,29 @@ def test_teacher_x0_guides_the_caption_away_from_the_negative_prompt(trainer):
     assert not torch.allclose(got, x0_u + s * (x0_u - x0_c), rtol=1e-3, atol=1e-4)  # the swap differs
 
 
+def test_guidance_interval_guides_only_the_samples_inside_it(tmp_path, test_model_dir, test_dataset_dir,
+                                                               single_process_world):
+    """dmd.guidance_interval=[0.5, 1]: t=900 gets the guided x0, t=400 the conditional x0."""
+    from megadmd import flow
+    from megadmd.models import predict_velocity
+
+    t = build_trainer(_cfg(tmp_path, test_model_dir, test_dataset_dir, "dmd.guidance_interval=[0.5,1.0]"))
+    batch = t.data.next()
+    assert batch.size == 2
+    x_t = torch.randn(2, *batch.latents.shape[1:], generator=torch.Generator().manual_seed(3))
+    ts = torch.tensor([900.0, 400.0])
+    sigma = flow.sigma_from_t(ts).view(-1, 1, 1, 1, 1)
+    teacher = t.models.teacher.module
+    with torch.no_grad():
+        x0_c = x_t - sigma * predict_velocity(teacher, x_t, ts, batch.text_embeds, torch.float32)
+        x0_u = x_t - sigma * predict_velocity(teacher, x_t, ts, t.data.negative(2), torch.float32)
+        got = t.teacher_x0(x_t, ts, batch)
+    s = t.dmd.guidance_scale
+    torch.testing.assert_close(got[0], (x0_c + s * (x0_c - x0_u))[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got[1], x0_c[1], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(x0_c[1], x0_u[1], rtol=1e-3, atol=1e-4)  # guidance would have changed it
+
+
 def test_train_first_step_false_trains_and_feeds_the_fake_score_only_later_steps(
         tmp_path, test_model_dir, test_dataset_dir, single_process_world):
     """Synthetic-latent mode: the generator's step is drawn from the later entries only, evenly,
