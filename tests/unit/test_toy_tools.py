@@ -76,3 +76,25 @@ def test_train_toy_teacher_fresh_then_continued_and_its_error_report(tmp_path):
         assert cond > 0 and uncond > 0 and guided > 0
         # Below sigma ~0.76 the class is decided, so the exact guidance direction vanishes.
         assert (exact_dir == 0.0) == (sigma <= 0.757)
+
+
+def test_toy_last_step_rows_agree_where_student_and_teacher_are_one_model(tmp_path):
+    """With the teacher itself as the 'student', finishing its chain with the teacher's x0 is the
+    student's own last step, row for row; a missing --generator fails in one line."""
+    from megadmd.toy.builtin import builtin_teacher_dir
+
+    r = _tool("tools/toy_last_step.py", "--generator", str(builtin_teacher_dir()), "--per-class", "2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = {line.split("|")[1].strip(): [float(x) for x in line.split("|")[2:-1]]
+            for line in r.stdout.splitlines() if line.startswith("| ") and not line.startswith("| sampler")}
+    assert len(rows) == 7
+    assert rows["student, 3 steps"] == rows["student 2 steps, teacher x0 at t=522"]
+    assert rows["student 2 steps, student ODE from 0.522"] == rows["student 2 steps, teacher ODE from 0.522"]
+    assert rows["true x at 0.522, student last step"] == rows["true x at 0.522, teacher x0"]
+    assert rows["student, 3 steps"] != rows["student 2 steps, teacher ODE from 0.522"]
+    for values in rows.values():
+        assert 0 <= values[0] <= 1 and values[3] <= values[4] <= values[5]  # precision; ordered quantiles
+
+    r = _tool("tools/toy_last_step.py", "--generator", str(tmp_path / "missing"))
+    assert r.returncode != 0 and r.stderr.strip().splitlines() == [
+        f"toy_last_step: error: --generator folder not found: {tmp_path / 'missing'}"]
