@@ -4,6 +4,7 @@ from types import SimpleNamespace
 import torch
 
 import megadmd.dmd.trainer as trainer_mod
+from megadmd.config import DMDConfig
 from megadmd.data.image import condition_channels
 from megadmd.data.loader import Batch
 from megadmd.dmd.trainer import DMDTrainer
@@ -26,7 +27,7 @@ def test_teacher_uncondition_keeps_the_image_and_drops_the_text(monkeypatch):
     fake_self = SimpleNamespace(
         models=SimpleNamespace(teacher=SimpleNamespace(module=None), dtype=torch.float32),
         data=SimpleNamespace(negative=lambda n: negative.expand(n, -1, -1)),
-        dmd=SimpleNamespace(guidance_scale=3.5, cfg_form="offset"),
+        dmd=DMDConfig(guidance_scale=3.5, cfg_form="offset"),
         conditioning=lambda batch, repeat=1: DMDTrainer.conditioning(None, batch, repeat))
     x_t = torch.randn(b, 4, 3, 2, 2, generator=g)
     DMDTrainer.teacher_x0(fake_self, x_t, torch.full((b,), 500.0), batch)
