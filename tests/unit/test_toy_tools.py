@@ -98,3 +98,22 @@ def test_toy_last_step_rows_agree_where_student_and_teacher_are_one_model(tmp_pa
     r = _tool("tools/toy_last_step.py", "--generator", str(tmp_path / "missing"))
     assert r.returncode != 0 and r.stderr.strip().splitlines() == [
         f"toy_last_step: error: --generator folder not found: {tmp_path / 'missing'}"]
+
+
+def test_toy_last_step_fit_lowers_the_regression_error_and_adds_a_row(tmp_path):
+    """--fit-steps fits the last step to the teacher's ODE on the student's own inputs: the fit
+    lowers its training-pool MSE and adds one scored row; bad fit settings fail in one line."""
+    from megadmd.toy.builtin import builtin_teacher_dir
+
+    r = _tool("tools/toy_last_step.py", "--generator", str(builtin_teacher_dir()), "--per-class", "2",
+              "--fit-steps", "20", "--fit-per-class", "4", "--fit-lr", "1e-3")
+    assert r.returncode == 0, r.stderr[-2000:]
+    fitted = [line for line in r.stdout.splitlines() if "last step fitted to the teacher ODE (20 steps)" in line]
+    assert len(fitted) == 1 and 0 <= float(fitted[0].split("|")[2]) <= 1
+    mse = [line for line in r.stdout.splitlines() if line.startswith("fit: training-pool MSE")]
+    before, after = (float(v) for v in mse[0].split("MSE ")[1].split(" -> "))
+    assert after < before
+
+    r = _tool("tools/toy_last_step.py", "--generator", str(builtin_teacher_dir()), "--fit-steps", "-1")
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].endswith(
+        "--fit-steps must be >= 0 and --fit-lr positive")
