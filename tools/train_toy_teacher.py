@@ -43,6 +43,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("-o", "--output", default=str(builtin_teacher_dir()))
     p.add_argument("--init", default=None,
                    help="continue from this saved teacher folder instead of fresh weights")
+    p.add_argument("--num-layers", type=int, default=None,
+                   help=f"transformer blocks of a fresh teacher (default {TINY_WAN_CONFIG['num_layers']}, "
+                        "the shipped one's); a larger toy is an experiment, not the shipped default")
     p.add_argument("--steps", type=int, default=4000)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
@@ -60,7 +63,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (0: torch's default); more than 1 is slower on a busy CPU")
     p.add_argument("--log-every", type=int, default=250)
-    return p.parse_args()
+    args = p.parse_args()
+    if args.num_layers is not None and (args.init or args.num_layers < 1):
+        p.error("--num-layers must be at least 1, and applies only to a fresh teacher (not with --init)")
+    return args
 
 
 class ToyConditions:
@@ -203,7 +209,8 @@ def markdown_table(rows: list[dict]) -> str:
 def main() -> None:
     args = parse_args()
     try:  # a bad --init folder fails here, before any training
-        model = load_wan(args.init, what="--init teacher") if args.init else build_wan(TINY_WAN_CONFIG, seed=args.seed)
+        arch = dict(TINY_WAN_CONFIG, num_layers=args.num_layers or TINY_WAN_CONFIG["num_layers"])
+        model = load_wan(args.init, what="--init teacher") if args.init else build_wan(arch, seed=args.seed)
     except ConfigError as exc:
         raise SystemExit(f"train_toy_teacher: error: {exc}")
     if args.threads:

@@ -49,10 +49,11 @@ def test_exact_velocity_by_hand():
 def test_train_toy_teacher_fresh_then_continued_and_its_error_report(tmp_path):
     small = ["--steps", "3", "--batch-size", "4", "--warmup-steps", "1", "--eval-per-class", "1"]
     first, second = tmp_path / "t1", tmp_path / "t2"
-    r = _tool("tools/train_toy_teacher.py", "-o", str(first), *small)
+    r = _tool("tools/train_toy_teacher.py", "-o", str(first), "--num-layers", "2", *small)
     assert r.returncode == 0, r.stderr[-2000:]
     record = json.loads((first / "training.json").read_text())
     assert record["args"]["steps"] == 3 and record["args"]["init"] is None
+    assert json.loads((first / "config.json").read_text())["num_layers"] == 2
     assert {row["model"] for row in record["quality"]} == {"true samples", "teacher", "exact velocity"}
 
     r = _tool("tools/train_toy_teacher.py", "-o", str(second), "--init", str(first), *small)
@@ -65,6 +66,10 @@ def test_train_toy_teacher_fresh_then_continued_and_its_error_report(tmp_path):
     r = _tool("tools/train_toy_teacher.py", "-o", str(bad), "--init", str(tmp_path / "missing"), *small)
     assert r.returncode != 0 and r.stderr.strip().splitlines() == [
         f"train_toy_teacher: error: --init teacher folder not found: {tmp_path / 'missing'}"]
+    assert not bad.exists()
+    r = _tool("tools/train_toy_teacher.py", "-o", str(bad), "--init", str(first), "--num-layers", "6", *small)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].endswith(
+        "--num-layers must be at least 1, and applies only to a fresh teacher (not with --init)")
     assert not bad.exists()
 
     r = _tool("tools/toy_teacher_error.py", "--teacher", str(second), "--per-class", "1")
