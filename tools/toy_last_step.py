@@ -80,8 +80,9 @@ def chain_inputs(student, per_class: int, seed: int) -> tuple:
 
 
 @torch.no_grad()
-def rows(student, teacher, per_class: int, seed: int) -> dict:
-    labels, text, x0_757, x_522, renoise = chain_inputs(student, per_class, seed)
+def rows(student, teacher, inputs: tuple, seed: int) -> dict:
+    """The table's rows for one draw of ``chain_inputs`` (made with the same ``seed``)."""
+    labels, text, x0_757, x_522, renoise = inputs
     last, ode, vel = STUDENT_STEPS[-1], ODE_SIGMAS, lambda m: velocity(m, text)  # noqa: E731
     clean, _ = true_samples(TOY_SPEC, labels, torch.Generator().manual_seed(seed + 1))
     x_true = flow.add_noise(clean, renoise[1], torch.tensor(LAST_SIGMA))
@@ -149,12 +150,13 @@ def main() -> None:
         raise SystemExit(f"toy_last_step: error: {exc}")
     print("| sampler | precision | entropy | Frechet | nearest q50 | q90 | q95 |")
     print("|---|---|---|---|---|---|---|")
-    for name, r in rows(student, teacher, args.per_class, args.seed).items():
+    inputs = chain_inputs(student, args.per_class, args.seed)
+    for name, r in rows(student, teacher, inputs, args.seed).items():
         print_row(name, r)
     if args.fit_steps:
         fitted, before, after = fit_last_step(student, teacher, args.fit_per_class, args.seed + 1000,
                                               args.fit_steps, args.fit_lr)
-        labels, text, _, x_522, _ = chain_inputs(student, args.per_class, args.seed)
+        labels, text, _, x_522, _ = inputs
         with torch.no_grad():
             r = score(x0_at(fitted, x_522, STUDENT_STEPS[-1], text), labels)
         print_row(f"student 2 steps, last step fitted to the teacher ODE ({args.fit_steps} steps)", r)
