@@ -14,7 +14,7 @@ from .data.format import DatasetInfo, read_index
 from .models import expert_dirs, read_model_config
 from .parallel.state import check_layout
 from .presets import get_preset
-from .roles import load_ds_template
+from .roles import role_ds_config
 
 
 @dataclass
@@ -155,8 +155,11 @@ def preflight_train(cfg: RunConfig, world_size: int) -> TrainPlan:
             raise ConfigError(f"dmd.gan.block_index={cfg.dmd.gan.block_index} is out of range for a "
                               f"fake score with {n} blocks")
     shape = latent_shape_for(cfg, info, model_config)
-    for role in ROLES:
-        load_ds_template(getattr(cfg.deepspeed, role), f"deepspeed.{role}")
+    import torch
+
+    bf16 = cfg.model.precision == "bf16" or (cfg.model.precision == "auto" and torch.cuda.is_available())
+    for role in ROLES:  # a user's full DeepSpeed JSON must agree with the config (roles.py)
+        role_ds_config(role, cfg.deepspeed, cfg.train, cfg.optim, dp, bf16)
     if cfg.attention.vsa_enabled:
         check_vsa_backend(cfg.attention.vsa_backend)
     from .checkpoint import find_resume, read_state

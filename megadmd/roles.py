@@ -22,16 +22,10 @@ from typing import Any, Optional
 import torch
 
 from .config import ROLES, ConfigError, DeepSpeedConfig, OptimConfig, OptimTree, TrainConfig
+from .interop.deepspeed_json import merge_ds_config
 from .models import WanExperts, load_role_model
 
 log = logging.getLogger("megadmd")
-
-# Keys our config owns. A DeepSpeed template that sets any of them is an error, so there is one
-# source of truth for batch size, precision and clipping.
-OWNED_DS_KEYS = (
-    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-    "bf16", "fp16", "gradient_clipping", "optimizer", "scheduler",
-)
 
 
 def ds_configs_dir() -> Path:
@@ -44,27 +38,29 @@ def ds_configs_dir() -> Path:
     return Path(sys.prefix) / "share" / "megadmd" / "ds_configs"
 
 
-def load_ds_template(name_or_path: str, key: str) -> dict:
+def ds_template_path(name_or_path: str) -> Path:
+    """A name in ``ds_configs/`` (no suffix) or a path to a JSON file."""
     p = Path(name_or_path)
-    if not p.suffix:
-        p = ds_configs_dir() / f"{name_or_path}.json"
+    return ds_configs_dir() / f"{name_or_path}.json" if not p.suffix else p
+
+
+def load_ds_template(name_or_path: str, key: str) -> dict:
+    """A DeepSpeed JSON: one of ``ds_configs/`` or the user's own, full or partial. The keys
+    megadmd owns are checked against its config when filled (interop/deepspeed_json.py)."""
+    p = ds_template_path(name_or_path)
     if not p.is_file():
         raise ConfigError(f"{key}: DeepSpeed config '{name_or_path}' not found (looked at {p})")
     try:
         tpl = json.loads(p.read_text())
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{key}: DeepSpeed config {p} is not valid JSON: {exc}") from exc
-    owned = [k for k in OWNED_DS_KEYS if k in tpl]
-    if owned:
-        raise ConfigError(
-            f"{key}: DeepSpeed config {p} sets {', '.join(owned)}; megadmd's config owns these "
-            f"(train.micro_batch_size, train.grad_accum_steps, model.precision, "
-            f"train.max_grad_norm), remove them from the template"
-        )
-    stage = tpl.get("zero_optimization", {}).get("stage")
+    if not isinstance(tpl, dict):
+        raise ConfigError(f"{key}: DeepSpeed config {p} must hold a JSON object")
+    zero = tpl.get("zero_optimization")
+    stage = zero.get("stage") if isinstance(zero, dict) else zero
     if stage != 3:
-        raise ConfigError(f"{key}: DeepSpeed config {p} must use ZeRO stage 3, got {stage}")
-    if tpl["zero_optimization"].get("reduce_scatter", True) is False:
+        raise ConfigError(f"{key}: DeepSpeed config {p} must use ZeRO stage 3 (zero_optimization.stage), got {stage}")
+    if zero.get("reduce_scatter", True) is False:
         # Without reduce-scatter DeepSpeed scales gradients by sp (DeepSpeed #5248).
         raise ConfigError(f"{key}: DeepSpeed config {p} sets reduce_scatter false, which gives "
                           f"wrong gradient scale with sequence parallelism; remove it")
@@ -72,19 +68,30 @@ def load_ds_template(name_or_path: str, key: str) -> dict:
 
 
 def fill_ds_config(template: dict, train: TrainConfig, dp_size: int, bf16: bool, trainable: bool,
-                   load_universal: bool = False) -> dict:
-    cfg = json.loads(json.dumps(template))
+                   load_universal: bool = False, optim: Optional[OptimConfig] = None,
+                   key: str = "deepspeed", source: str = "template", role: str = "") -> dict:
+    """The JSON ``deepspeed.initialize`` gets: the template with megadmd's batch sizes, precision,
+    clipping (and, for a trainable role, its optimizer settings) checked and filled in."""
+    cfg = merge_ds_config(json.loads(json.dumps(template)), source=source, key=key,
+                          micro_batch=train.micro_batch_size, grad_accum=train.grad_accum_steps,
+                          dp_size=dp_size, bf16=bf16, max_grad_norm=train.max_grad_norm, trainable=trainable,
+                          optim=optim if trainable else None, role=role)
     if load_universal:  # resuming a checkpoint saved at another world size
         cfg.setdefault("checkpoint", {})["load_universal"] = True
-    cfg["train_micro_batch_size_per_gpu"] = train.micro_batch_size
-    cfg["gradient_accumulation_steps"] = train.grad_accum_steps
-    cfg["train_batch_size"] = train.micro_batch_size * train.grad_accum_steps * dp_size
-    cfg["bf16"] = {"enabled": bool(bf16)}
-    if trainable and train.max_grad_norm > 0:
-        cfg["gradient_clipping"] = float(train.max_grad_norm)
     cfg.setdefault("steps_per_print", 1 << 30)
     cfg.setdefault("wall_clock_breakdown", False)
     return cfg
+
+
+def role_ds_config(role: str, ds: DeepSpeedConfig, train: TrainConfig, optim: OptimTree, dp_size: int,
+                   bf16: bool, load_universal: bool = False) -> dict:
+    """Role ``role``'s DeepSpeed JSON, loaded from ``deepspeed.<role>`` and filled."""
+    name, key = getattr(ds, role), f"deepspeed.{role}"
+    trainable = role != "teacher"
+    return fill_ds_config(load_ds_template(name, key), train, dp_size, bf16, trainable,
+                          load_universal=load_universal and trainable,
+                          optim=getattr(optim, role) if trainable else None, key=key,
+                          source=str(ds_template_path(name)), role=role)
 
 
 # --- learning-rate schedules ----------------------------------------------------------------
@@ -239,9 +246,8 @@ def build_models(paths: dict, optim: OptimTree, train: TrainConfig, ds: DeepSpee
         module = load_role_model(path, dtype, boundary_ratio, what=f"{role} model")
         if prepare_module is not None:
             prepare_module(role, module)
-        ds_cfg = fill_ds_config(load_ds_template(getattr(ds, role), f"deepspeed.{role}"), train,
-                                pstate.dp_size, bf16=dtype == torch.bfloat16, trainable=trainable,
-                                load_universal=load_universal and trainable)
+        ds_cfg = role_ds_config(role, ds, train, optim, pstate.dp_size, bf16=dtype == torch.bfloat16,
+                                load_universal=load_universal)
         for sub in module.modules():  # buffers (RoPE tables) go to the device; zero.Init places the params
             for key, buf in sub._buffers.items():
                 if buf is not None:

@@ -16,12 +16,16 @@ def test_templates_ship_and_are_zero3():
     assert load_ds_template("zero3_inference_offload", "x")["zero_optimization"]["offload_param"]["device"] == "cpu"
 
 
-def test_a_template_that_sets_owned_keys_is_an_error(tmp_path):
-    p = tmp_path / "bad.json"
+def test_a_template_that_sets_owned_keys_must_agree(tmp_path):
+    p = tmp_path / "mine.json"
     p.write_text(json.dumps({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 4,
                              "bf16": {"enabled": True}}))
-    with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu, bf16"):
-        load_ds_template(str(p), "deepspeed.generator")
+    tpl = load_ds_template(str(p), "deepspeed.generator")
+    c = fill_ds_config(tpl, TrainConfig(micro_batch_size=4), dp_size=2, bf16=True, trainable=True)
+    assert c["train_micro_batch_size_per_gpu"] == 4 and c["train_batch_size"] == 8
+    with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu=4 but megadmd's train.micro_batch_size gives 1"):
+        fill_ds_config(tpl, TrainConfig(micro_batch_size=1), dp_size=2, bf16=True, trainable=True,
+                       key="deepspeed.generator", source=str(p))
 
 
 def test_a_template_without_zero3_is_an_error(tmp_path):
