@@ -50,7 +50,16 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    path: str = ""  # synthetic-latent dataset folder; "" means the preset's built-in data
+    # a megadmd dataset folder, or a FastVideo preprocessed parquet folder (read in place);
+    # "" means the preset's built-in data
+    path: str = ""
+    format: str = "auto"  # auto (index.json: megadmd; *.parquet: fastvideo) | megadmd | fastvideo
+    # FastVideo data only: the negative prompt's embedding (a negative.safetensors from
+    # `megadmd encode-text`, or a folder holding one) -- FastVideo's parquet has none
+    negative_path: str = ""
+    # FastVideo data only: the VAE whose latents_mean/latents_std normalize its raw latents ("":
+    # the teacher pipeline's vae/, else the Wan preset's built-in constants)
+    vae_path: str = ""
     text_len: int = 0  # pad text embeddings to this many tokens; 0 means the dataset's longest
     latent_shape: list = field(default_factory=list)  # [C, F, H, W] to generate in data-free mode
 
@@ -416,6 +425,7 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("attention.vsa_decay_rate must be >= 0 and attention.vsa_decay_interval_steps >= 1")
     if cfg.data.text_len < 0:
         raise ConfigError("data.text_len must be >= 0")
+    _choice("data.format", cfg.data.format, ("auto", "megadmd", "fastvideo"))
 
 
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
