@@ -234,6 +234,20 @@ def convert_init(weights, model_config, out, dtype):
     click.echo(f"wrote {init_from_weights(weights, model_config, out, dtype)}")
 
 
+@convert.command("from-fastvideo-config")
+@click.argument("source", type=click.Path(dir_okay=False))
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="megadmd run config (YAML) to write")
+@click.option("--overwrite", is_flag=True, help="replace --out if it exists")
+@user_errors
+def convert_from_fastvideo_config(source, out, overwrite):
+    """A FastVideo DMD2 launch script (legacy trainer flags) or training YAML -> a megadmd run config."""
+    from .interop.fastvideo_config import convert_fastvideo_config, format_table
+
+    result = convert_fastvideo_config(source, out, overwrite)
+    click.echo(format_table(result.rows))
+    click.echo(f"wrote {out} (CFG: {result.out['dmd']['cfg_form']} form, scale {result.out['dmd']['guidance_scale']:g})")
+
+
 @main.command("export-ema")
 @click.argument("checkpoint", type=click.Path(file_okay=False))
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False))
