@@ -248,6 +248,28 @@ def convert_from_fastvideo_config(source, out, overwrite):
     click.echo(f"wrote {out} (CFG: {result.out['dmd']['cfg_form']} form, scale {result.out['dmd']['guidance_scale']:g})")
 
 
+@convert.command("from-fastvideo-data")
+@click.argument("source", type=click.Path(file_okay=False))
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="megadmd dataset folder to write")
+@click.option("--negative", required=True, type=click.Path(),
+              help="negative.safetensors (or a folder with one) from megadmd encode-text: FastVideo's data has none")
+@click.option("--vae", default="", type=click.Path(), help="VAE (or pipeline) folder whose latents_mean/std normalize the latents")
+@click.option("--preset", default="", help="or the Wan preset whose VAE constants to use (e.g. wan2.1-t2v-1.3b)")
+@click.option("--shard-size", type=int, default=256, show_default=True)
+@click.option("--overwrite", is_flag=True, help="replace a dataset already at --out")
+@user_errors
+def convert_from_fastvideo_data(source, out, negative, vae, preset, shard_size, overwrite):
+    """A FastVideo parquet dataset -> megadmd's format (resumable; split across ranks). Training reads
+    FastVideo data in place too; converting pays off when its row groups are large."""
+    from .interop.fastvideo_data import convert_dataset
+
+    info = convert_dataset(source, out, negative_path=negative, vae_path=vae, preset=preset, shard_size=shard_size,
+                           overwrite=overwrite)
+    shutdown_distributed()
+    if os.environ.get("RANK", "0") == "0":
+        click.echo(f"converted {info.num_samples} samples into {out}")
+
+
 @main.command("export-ema")
 @click.argument("checkpoint", type=click.Path(file_okay=False))
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False))

@@ -45,17 +45,13 @@ def prepare_outputs(cfg: RunConfig, plan: TrainPlan, pstate: ParallelState) -> N
             log.info("writing the toy dataset (%d samples) to %s", TOY_DATASET_SIZE, plan.data_path)
             write_toy_dataset(plan.data_path, TOY_DATASET_SIZE, seed=cfg.train.seed)
         if plan.data_format == "fastvideo":  # the parquet footers are read once, here, for all ranks
-            from .interop.fastvideo_data import write_index
+            from .interop.fastvideo_data import describe_index, write_index
 
             idx = write_index(plan.data_path, plan.data_options["index_cache"])
-            log.info("FastVideo dataset %s: %d files, schema %s%s", plan.data_path, len(idx["files"]),
-                     "+".join(idx["kind"]), _stats_note(plan.data_options))
+            log.info("FastVideo dataset %s: %s", plan.data_path, describe_index(idx))
+            if plan.data_options.get("latent_stats_source"):
+                log.info("FastVideo latents normalized with %s", plan.data_options["latent_stats_source"])
     dist.barrier()
-
-
-def _stats_note(options: dict) -> str:
-    src = options.get("latent_stats_source")
-    return f"; latents normalized with {src}" if src else ""
 
 
 def prepare_module(cfg: RunConfig, pstate: ParallelState, vsa, paths: dict, role: str, module) -> None:

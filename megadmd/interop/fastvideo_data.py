@@ -169,6 +169,17 @@ def load_index(root: Path, cache: Optional[Path] = None) -> dict:
     return build_index(root)
 
 
+def describe_index(idx: dict) -> str:
+    """One log line about an index, with the reading cost of its row groups."""
+    groups = [n for e in idx["files"] for n in e[2]]
+    text = (f"{len(idx['files'])} files, {sum(groups)} samples, schema {'+'.join(idx['kind'])}, "
+            f"up to {max(groups, default=0)} rows per row group")
+    if max(groups, default=0) > 1:
+        text += ("; each sample read decompresses its whole row group, so for long runs 'megadmd convert "
+                 "from-fastvideo-data' makes a copy that reads at megadmd's speed (BENCHMARKS.md)")
+    return text
+
+
 def write_index(root: str | Path, cache: Path) -> dict:
     """Build (or check) the index once and save it where every rank then reads it."""
     from ..io_utils import atomic_write_text
@@ -219,7 +230,7 @@ def latent_stats(vae_path: str, teacher_path: str, preset: str, channels: int) -
     return source, mean, std
 
 
-def read_negative(path: str | Path) -> tuple[torch.Tensor, str]:
+def read_negative(path: str | Path, key: str = "data.negative_path") -> tuple[torch.Tensor, str]:
     """``[L, D]`` embedding and prompt text from a ``negative.safetensors`` (or a megadmd dataset
     folder holding one), as ``megadmd encode-text`` writes it."""
     from safetensors import safe_open
@@ -228,10 +239,10 @@ def read_negative(path: str | Path) -> tuple[torch.Tensor, str]:
     if p.is_dir():
         p = p / "negative.safetensors"
     if not p.is_file():
-        raise ConfigError(f"data.negative_path: no negative.safetensors at {p}")
+        raise ConfigError(f"{key}: no negative.safetensors at {p}")
     with safe_open(str(p), framework="pt") as f:
         if "text_embeds" not in f.keys():
-            raise ConfigError(f"data.negative_path: {p} has no 'text_embeds' tensor")
+            raise ConfigError(f"{key}: {p} has no 'text_embeds' tensor")
         emb = f.get_tensor("text_embeds").float()
         n = int(f.get_tensor("text_lens")[0]) if "text_lens" in f.keys() else emb.shape[0]
         return emb[:n], (f.metadata() or {}).get("caption", "")
@@ -429,3 +440,66 @@ def _pipeline_of(teacher_path: str) -> str:
     if p is not None and not (p / "vae").is_dir() and (p.parent / "model_index.json").is_file():
         return str(p.parent)
     return teacher_path
+
+
+def convert_dataset(src: str, out: str, *, negative_path: str, vae_path: str = "", preset: str = "",
+                    shard_size: int = 256, overwrite: bool = False) -> DatasetInfo:
+    """``megadmd convert from-fastvideo-data``: a FastVideo parquet dataset copied into megadmd's
+    format, for datasets whose large row groups make in-place reading slow. Shard k holds samples
+    ``[k S, (k + 1) S)`` in the in-place reader's order, so both train on the same stream.
+    Collective when launched on several ranks: shard k goes to rank k % world, shards already
+    written are skipped (an interrupted run resumes), rank 0 writes the index last."""
+    import torch.distributed as dist
+
+    from ..data.format import INDEX_FILE, NEGATIVE_FILE, existing_shard, write_index, write_negative
+    from ..parallel.init import init_distributed
+
+    root = Path(out)
+    if (root / INDEX_FILE).is_file() and not overwrite:
+        raise ConfigError(f"{root} already holds a dataset; pass --overwrite to replace it")
+    if shard_size <= 0:
+        raise ConfigError("--shard-size must be positive")
+    info = probe(src)
+    negative, caption = read_negative(negative_path, "--negative") if negative_path else (None, "")
+    if negative is None or negative.shape[-1] != info.text_dim:
+        raise ConfigError(NEGATIVE_HELP.replace("data.negative_path", "--negative") if negative is None else
+                          f"--negative: the embedding is {list(negative.shape)}, the dataset's text dimension "
+                          f"is {info.text_dim}")
+    stats = latent_stats(vae_path, "", preset, info.latent_shape[0]) if info.has_latents else ("", None, None)
+    proc = init_distributed()
+    if proc.rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if overwrite:  # only the files this command writes
+            for f in [root / INDEX_FILE, root / NEGATIVE_FILE, *root.glob("shard-*.safetensors")]:
+                f.unlink(missing_ok=True)
+    dist.barrier()
+    ds = FastVideoDataset(src, negative_path=negative_path, latents_mean=stats[1], latents_std=stats[2])
+    n = len(ds)
+    num_shards = -(-n // shard_size)
+    for k in range(proc.rank, num_shards, proc.world_size):
+        if existing_shard(root, k) is None:
+            samples = [ds.get(i) for i in range(k * shard_size, min(n, (k + 1) * shard_size))]
+            _write_converted_shard(root, k, k * shard_size, samples, info.text_dim)
+    dist.barrier()
+    result = DatasetInfo(num_samples=n, text_dim=info.text_dim, max_text_len=TEXT_LEN, shard_size=shard_size,
+                         latent_shape=info.latent_shape, image_condition=info.image_condition,
+                         shards=[existing_shard(root, k) for k in range(num_shards)],
+                         extra={"converted_from": "fastvideo", "source": str(src), "latent_stats": stats[0]})
+    if proc.rank == 0:
+        write_negative(root, negative, caption)
+        write_index(root, result)
+    dist.barrier()
+    return result
+
+
+def _write_converted_shard(root: Path, k: int, first: int, samples: list, text_dim: int) -> None:
+    from ..data.format import write_shard
+
+    image = {}
+    if "image_latents" in samples[0]:
+        image = {"image_latents": torch.stack([s["image_latents"] for s in samples]),
+                 "image_embeds": torch.stack([s["image_embeds"] for s in samples])}
+    latents = torch.stack([s["latents"] for s in samples]) if "latents" in samples[0] else None
+    write_shard(root, k, text_embeds=[s["text_embeds"][:TEXT_LEN] for s in samples],  # FastVideo crops at 512
+                captions=[s["caption"] for s in samples], first_index=first, max_text_len=TEXT_LEN,
+                text_dim=text_dim, latents=latents, **image)

@@ -188,3 +188,39 @@ def test_preflight_options_need_a_negative_and_refuse_extras(tmp_path):
     write_negative(tmp_path / "neg8", torch.zeros(2, 8), "")
     with pytest.raises(ConfigError, match=r"negative embedding is \[2, 8\] but dataset"):
         fv.fastvideo_options(DataConfig(path=str(root), negative_path=str(tmp_path / "neg8")), True, "", "tiny")
+
+
+@pytest.mark.parametrize("kind", ["t2v", "i2v"])
+def test_convert_gives_our_format_and_resumes(tmp_path, single_process_world, kind):
+    from megadmd.data.format import LatentDataset, read_index
+
+    samples, fvd, ours = _pair(tmp_path, kind, n=7)
+    out = tmp_path / "converted"
+    vae = str(write_vae_config(tmp_path / "vae"))
+    info = fv.convert_dataset(str(tmp_path / "fv"), str(out), negative_path=str(tmp_path / "ours"), vae_path=vae,
+                              shard_size=3)
+    assert info.num_samples == 7 and [s["num_samples"] for s in info.shards] == [3, 3, 1]
+    _assert_same_batches(LatentDataset(out), ours, micro_batch=2, steps=6)
+    first = (out / "shard-000001.safetensors").read_bytes()
+    (out / "shard-000001.safetensors").unlink()
+    (out / "index.json").unlink()  # an interrupted run: resuming writes the missing shard only
+    fv.convert_dataset(str(tmp_path / "fv"), str(out), negative_path=str(tmp_path / "ours"), vae_path=vae, shard_size=3)
+    assert (out / "shard-000001.safetensors").read_bytes() == first and read_index(out).num_samples == 7
+    with pytest.raises(ConfigError, match="already holds a dataset; pass --overwrite"):
+        fv.convert_dataset(str(tmp_path / "fv"), str(out), negative_path=str(tmp_path / "ours"), vae_path=vae)
+    fv.convert_dataset(str(tmp_path / "fv"), str(out), negative_path=str(tmp_path / "ours"), vae_path=vae,
+                       shard_size=4, overwrite=True)
+    assert [s["num_samples"] for s in read_index(out).shards] == [4, 3]
+    assert not (out / "shard-000002.safetensors").exists()
+
+
+def test_convert_command_refuses_without_a_negative_before_any_work(tmp_path):
+    from click.testing import CliRunner
+
+    from megadmd.cli import main
+
+    root = write_fastvideo_dataset(tmp_path / "fv", make_samples(4, "t2v"))
+    r = CliRunner().invoke(main, ["convert", "from-fastvideo-data", str(root), "-o", str(tmp_path / "out"),
+                                  "--negative", str(tmp_path / "nothing"), "--preset", "wan2.1-t2v-1.3b"])
+    assert r.exit_code == 2 and "megadmd: error: --negative: no negative.safetensors" in r.output
+    assert not (tmp_path / "out").exists()
