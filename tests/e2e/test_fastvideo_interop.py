@@ -3,6 +3,7 @@ user's full DeepSpeed JSON, then run DeepSpeed's own zero_to_fp32.py and ds_to_u
 checkpoint as a DeepSpeed user would."""
 import copy
 import json
+import runpy
 import subprocess
 import sys
 
@@ -111,10 +112,15 @@ def test_ds_to_universal_runs_as_a_deepspeed_user_runs_it(t2v, tmp_path):
 
     ckpt = t2v["out"] / "checkpoints" / "step-00000001"
     out = tmp_path / "universal" / "zero_universal"
-    r = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-                        str(ckpt / "fake_score" / "zero"), "--output_folder", str(out), "--num_extract_workers", "1",
-                        "--num_merge_workers", "1"], env=cli_env(), capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    # `python -m deepspeed.checkpoint.ds_to_universal ...`, run in this process (runpy runs the module
+    # as __main__, as -m does) to spare a second DeepSpeed import
+    argv = sys.argv
+    sys.argv = ["ds_to_universal", "--input_folder", str(ckpt / "fake_score" / "zero"), "--output_folder", str(out),
+                "--num_extract_workers", "1", "--num_merge_workers", "1"]
+    try:
+        runpy.run_module("deepspeed.checkpoint.ds_to_universal", run_name="__main__")
+    finally:
+        sys.argv = argv
     assert (out.parent / "latest_universal").read_text() == "zero_universal"
     ours, _ = role_state_dict(ckpt, "fake_score")
     for name, value in ours.items():
@@ -135,14 +141,18 @@ def test_i2v_trains_on_fastvideo_data(tmp_path, single_process_world):
     _first_batches_equal(trainer, ours)
 
 
-def test_fastvideo_data_without_a_negative_is_refused_with_one_line(t2v, tmp_path):
+@pytest.mark.parametrize("data,extra,message", [
+    ("fastvideo", [], "FastVideo datasets hold no negative-prompt embedding"),
+    ("ours", ["data.vae_path=/models/vae"], "data.vae_path is for FastVideo datasets"),
+])
+def test_data_settings_that_do_not_fit_are_refused_with_one_line(t2v, tmp_path, data, extra, message):
     from click.testing import CliRunner
 
     from megadmd.cli import main
 
-    r = CliRunner().invoke(main, ["train", "-o", str(tmp_path / "never"), "--set", f"data.path={t2v['fastvideo']}",
-                                  "--set", f"model.teacher_path={t2v['teacher']}"])
+    sets = [f"data.path={t2v[data]}", f"model.teacher_path={t2v['teacher']}", *extra]
+    r = CliRunner().invoke(main, ["train", "-o", str(tmp_path / "never"), *[a for x in sets for a in ("--set", x)]])
     assert r.exit_code == 2
     lines = [ln for ln in r.output.splitlines() if ln.startswith("megadmd: error:")]
-    assert len(lines) == 1 and "FastVideo datasets hold no negative-prompt embedding" in lines[0], r.output
+    assert len(lines) == 1 and message in lines[0], r.output
     assert not (tmp_path / "never").exists()

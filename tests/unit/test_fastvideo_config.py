@@ -194,7 +194,7 @@ method:
   real_score_guidance_scale: 4.5
   dmd_denoising_steps: [1000, 750, 500, 250]
 
-  # Critic optimizer (required — no fallback to training.optimizer)
+  # Critic optimizer (required - no fallback to training.optimizer)
   fake_score_learning_rate: 8.0e-6
   fake_score_betas: [0.0, 0.999]
   fake_score_lr_scheduler: constant
