@@ -8,7 +8,8 @@ name them, as a full config written for another trainer does:
   and is replaced by megadmd's value;
 - any other value refuses the run with one line naming both values;
 - everything else (ZeRO settings, offload, communication, logging, monitors) goes to DeepSpeed
-  as written.
+  as written, except other ``"auto"`` values, which DeepSpeed itself rejects: they are left out
+  and DeepSpeed's defaults apply.
 
 The ``scheduler`` section agrees only when its params are all ``"auto"``: DeepSpeed's schedules
 count optimizer steps and warm up on a log curve by default, so concrete numbers cannot mean the
@@ -105,6 +106,14 @@ class _Merge:
                     f"{o.warmup_steps}, in iterations); set the section's params to \"auto\" or remove it")
 
 
+def _drop_auto(node: Any) -> Any:
+    """Other "auto" values (Hugging Face fills e.g. zero_optimization.reduce_bucket_size from the
+    model; DeepSpeed itself rejects "auto") are left out, so DeepSpeed's defaults apply."""
+    if isinstance(node, dict):
+        return {k: _drop_auto(v) for k, v in node.items() if v != AUTO}
+    return node
+
+
 def merge_ds_config(user: dict, *, source: str, key: str, micro_batch: int, grad_accum: int, dp_size: int,
                     bf16: bool, max_grad_norm: float, trainable: bool, optim: Optional[OptimConfig] = None,
                     role: str = "") -> dict:
@@ -129,7 +138,7 @@ def merge_ds_config(user: dict, *, source: str, key: str, micro_batch: int, grad
     if optim is not None:
         m.optimizer(optim, role)
         m.scheduler(optim, role)
-    out = {k: v for k, v in user.items() if k not in OWNED_DS_KEYS}
+    out = _drop_auto({k: v for k, v in user.items() if k not in OWNED_DS_KEYS})
     out.update(precision)
     out.update({k: ours for k, (ours, _) in owned.items() if k != "gradient_clipping"})
     if trainable and max_grad_norm > 0:

@@ -32,6 +32,8 @@ in data-free mode) and keeps the last few decoded row groups in a small LRU. Fas
 row group per file of ``samples_per_file`` rows (8 in its published scripts), so a random sample
 costs at most that many rows' bytes; ``tools/bench_data.py`` measures it against our format.
 The per-file row counts come from the parquet footers once and are cached (``write_index``).
+``convert_dataset`` (``megadmd convert from-fastvideo-data``) copies a dataset into our format,
+same samples in the same order, for runs long enough to want our format's reading speed.
 """
 from __future__ import annotations
 
@@ -286,7 +288,8 @@ def probe(root: str | Path, first: Optional[str] = None) -> DatasetInfo:
 
 class FastVideoDataset:
     """Random access to a FastVideo parquet folder with ``LatentDataset``'s interface: ``info``,
-    ``len``, ``get(i)`` and ``negative()``."""
+    ``len``, ``get(i)`` and ``negative()``. ``latent_stats_source`` only names where the statistics
+    came from (preflight's options are passed whole)."""
 
     def __init__(self, root: str | Path, *, negative_path: str = "", latents_mean: Optional[list] = None,
                  latents_std: Optional[list] = None, index_cache: Optional[Path] = None, read_latents: bool = True,

@@ -84,10 +84,12 @@ def test_auto_values_agree_and_are_filled(tmp_path):
         cfg[k] = "auto"
     cfg["bf16"] = {"enabled": "auto"}
     cfg["optimizer"]["params"] = {k: "auto" for k in cfg["optimizer"]["params"]}
+    cfg["zero_optimization"]["reduce_bucket_size"] = "auto"  # HF fills it from the model; DeepSpeed would refuse
     out = _fill(tmp_path, cfg, train=TrainConfig(micro_batch_size=2, grad_accum_steps=3, max_grad_norm=0.5),
                 optim=OptimTree(), dp=4, bf16=False)
     assert (out["train_batch_size"], out["train_micro_batch_size_per_gpu"], out["gradient_accumulation_steps"]) == (24, 2, 3)
     assert out["gradient_clipping"] == 0.5 and out["bf16"] == {"enabled": False}
+    assert "reduce_bucket_size" not in out["zero_optimization"] and out["zero_optimization"]["stage"] == 3
 
 
 @pytest.mark.parametrize("change,message", [
