@@ -5,6 +5,8 @@ Layout (``<output_dir>/checkpoints``)::
     latest                       the name of the newest complete checkpoint
     step-00000500/
       generator/zero/...         DeepSpeed save_checkpoint: partitioned weights, optimizer, LR schedule
+      generator/latest           "zero": DeepSpeed's own tools (the zero_to_fp32.py it copies into
+                                 generator/, ds_to_universal) read the tag from it
       fake_score/zero/...        (the GAN head, when present, is part of the fake score's module)
       <role>/config.json         the role's model config, for `megadmd convert` (config_2.json:
                                  the low-noise expert of a two-expert model)
@@ -145,7 +147,9 @@ class Checkpointer:
             tmp.mkdir(parents=True)
         dist.barrier()
         for role in TRAINABLE_ROLES:
-            trainer.models.engine(role).save_checkpoint(str(tmp / role), tag=DS_TAG, save_latest=False)
+            # save_latest: the role folder's `latest` names the tag, so the zero_to_fp32.py DeepSpeed
+            # copies there, and DeepSpeed's other tools, find it with no -t flag
+            trainer.models.engine(role).save_checkpoint(str(tmp / role), tag=DS_TAG, save_latest=True)
         self._save_ema(trainer, tmp)
         atomic_torch_save({"rng": _rng_state(), "window": trainer.window.state_dict()},
                           tmp / "ranks" / f"rank_{self.pstate.rank}.pt")

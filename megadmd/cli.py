@@ -234,6 +234,42 @@ def convert_init(weights, model_config, out, dtype):
     click.echo(f"wrote {init_from_weights(weights, model_config, out, dtype)}")
 
 
+@convert.command("from-fastvideo-config")
+@click.argument("source", type=click.Path(dir_okay=False))
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="megadmd run config (YAML) to write")
+@click.option("--overwrite", is_flag=True, help="replace --out if it exists")
+@user_errors
+def convert_from_fastvideo_config(source, out, overwrite):
+    """A FastVideo DMD2 launch script (legacy trainer flags) or training YAML -> a megadmd run config."""
+    from .interop.fastvideo_config import convert_fastvideo_config, format_table
+
+    result = convert_fastvideo_config(source, out, overwrite)
+    click.echo(format_table(result.rows))
+    click.echo(f"wrote {out} (CFG: {result.out['dmd']['cfg_form']} form, scale {result.out['dmd']['guidance_scale']:g})")
+
+
+@convert.command("from-fastvideo-data")
+@click.argument("source", type=click.Path(file_okay=False))
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="megadmd dataset folder to write")
+@click.option("--negative", required=True, type=click.Path(),
+              help="negative.safetensors (or a folder with one) from megadmd encode-text: FastVideo's data has none")
+@click.option("--vae", default="", type=click.Path(), help="VAE (or pipeline) folder whose latents_mean/std normalize the latents")
+@click.option("--preset", default="", help="or the Wan preset whose VAE constants to use (e.g. wan2.1-t2v-1.3b)")
+@click.option("--shard-size", type=int, default=256, show_default=True)
+@click.option("--overwrite", is_flag=True, help="replace a dataset already at --out")
+@user_errors
+def convert_from_fastvideo_data(source, out, negative, vae, preset, shard_size, overwrite):
+    """A FastVideo parquet dataset -> megadmd's format (resumable; split across ranks). Training reads
+    FastVideo data in place too; converting pays off when its row groups are large."""
+    from .interop.fastvideo_data import convert_dataset
+
+    info = convert_dataset(source, out, negative_path=negative, vae_path=vae, preset=preset, shard_size=shard_size,
+                           overwrite=overwrite)
+    shutdown_distributed()
+    if os.environ.get("RANK", "0") == "0":
+        click.echo(f"converted {info.num_samples} samples into {out}")
+
+
 @main.command("export-ema")
 @click.argument("checkpoint", type=click.Path(file_okay=False))
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False))

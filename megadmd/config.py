@@ -50,7 +50,16 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    path: str = ""  # synthetic-latent dataset folder; "" means the preset's built-in data
+    # a megadmd dataset folder, or a FastVideo preprocessed parquet folder (read in place);
+    # "" means the preset's built-in data
+    path: str = ""
+    format: str = "auto"  # auto (index.json: megadmd; *.parquet: fastvideo) | megadmd | fastvideo
+    # FastVideo data only: the negative prompt's embedding (a negative.safetensors from
+    # `megadmd encode-text`, or a folder holding one) -- FastVideo's parquet has none
+    negative_path: str = ""
+    # FastVideo data only: the VAE whose latents_mean/latents_std normalize its raw latents ("":
+    # the teacher pipeline's vae/, else the Wan preset's built-in constants)
+    vae_path: str = ""
     text_len: int = 0  # pad text embeddings to this many tokens; 0 means the dataset's longest
     latent_shape: list = field(default_factory=list)  # [C, F, H, W] to generate in data-free mode
 
@@ -97,9 +106,15 @@ class OptimConfig:
     betas: list = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 0.01
     eps: float = 1e-8
-    scheduler: str = "constant"  # constant | cosine | linear (all with linear warmup)
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.0
+    # diffusers' get_scheduler names (constant, constant_with_warmup, linear, cosine,
+    # cosine_with_restarts, polynomial, piecewise_constant) and FastVideo's cosine_with_min_lr;
+    # every length counts iterations (train.max_steps), see roles.py
+    scheduler: str = "constant"
+    warmup_steps: int = 0  # iterations of linear warm-up from 0 (constant: constant_with_warmup)
+    min_lr_ratio: float = 0.0  # floor of cosine, linear and cosine_with_min_lr
+    num_cycles: float = 1.0  # cosine_with_restarts: number of hard restarts
+    power: float = 1.0  # polynomial: the decay's power
+    step_rules: str = ""  # piecewise_constant: diffusers' rules, e.g. "1:1000,0.1:2000,0.01"
 
 
 @dataclass
@@ -378,13 +393,13 @@ def validate(cfg: RunConfig) -> None:
     for role in TRAINABLE_ROLES:
         o: OptimConfig = getattr(cfg.optim, role)
         key = f"optim.{role}"
-        _choice(f"{key}.scheduler", o.scheduler, ("constant", "cosine", "linear"))
+        from .roles import check_schedule  # the schedule names come from the installed diffusers
+
+        check_schedule(o, key)
         if o.lr <= 0:
             raise ConfigError(f"{key}.lr must be positive, got {o.lr}")
         if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
             raise ConfigError(f"{key}.betas must be two numbers in [0, 1), got {o.betas}")
-        if o.warmup_steps < 0 or not 0 <= o.min_lr_ratio <= 1:
-            raise ConfigError(f"{key}: warmup_steps must be >= 0 and min_lr_ratio in [0, 1]")
     t = cfg.train
     for name in ("max_steps", "micro_batch_size", "grad_accum_steps"):
         _positive(f"train.{name}", getattr(t, name))
@@ -410,6 +425,7 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("attention.vsa_decay_rate must be >= 0 and attention.vsa_decay_interval_steps >= 1")
     if cfg.data.text_len < 0:
         raise ConfigError("data.text_len must be >= 0")
+    _choice("data.format", cfg.data.format, ("auto", "megadmd", "fastvideo"))
 
 
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:

@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import Optional
 
 from .config import ROLES, ConfigError, RunConfig
-from .data.format import DatasetInfo, read_index
+from .data.format import DatasetInfo, dataset_format, read_index
 from .models import expert_dirs, read_model_config
 from .parallel.state import check_layout
 from .presets import get_preset
-from .roles import load_ds_template
+from .roles import role_ds_config
 
 
 @dataclass
@@ -27,6 +27,8 @@ class TrainPlan:
     dp_size: int
     role_configs: dict = field(default_factory=dict)  # role -> config.json
     text_len: int = 0  # pad text embeddings to this (0: the dataset's longest); 512 for I2V models
+    data_format: str = "megadmd"  # or "fastvideo": a FastVideo parquet dataset read in place
+    data_options: dict = field(default_factory=dict)  # FastVideoDataset's options (interop/fastvideo_data.py)
     resume_from: Optional[Path] = None  # the checkpoint to resume from
     resume_universal: bool = False  # it was saved at another world size
 
@@ -66,13 +68,28 @@ def check_models(cfg: RunConfig) -> tuple[dict, dict, dict]:
     return paths, ref, configs
 
 
-def check_dataset(cfg: RunConfig, model_config: dict) -> tuple[str, bool, Optional[DatasetInfo]]:
+def check_dataset(cfg: RunConfig, model_config: dict, teacher_path: str) -> tuple[str, bool, Optional[DatasetInfo], dict]:
+    """The dataset's path, whether it is the built-in one, what it holds, and how to open it."""
     if not cfg.data.path:
         if not get_preset(cfg.preset).builtin:
             raise ConfigError(f"data.path is required for preset '{cfg.preset}' (a megadmd dataset "
-                              f"folder from 'megadmd synth' or 'megadmd make-dataset')")
-        return str(Path(cfg.output_dir) / "data"), True, None
-    info = read_index(cfg.data.path)
+                              f"folder from 'megadmd synth' or 'megadmd make-dataset', or a FastVideo "
+                              f"preprocessed parquet folder)")
+        return str(Path(cfg.output_dir) / "data"), True, None, {}
+    opened = {"data_format": dataset_format(cfg.data.path, cfg.data.format), "data_options": {}}
+    if opened["data_format"] == "fastvideo":
+        from .interop.fastvideo_data import fastvideo_options
+
+        info, opened["data_options"] = fastvideo_options(cfg.data, cfg.dmd.simulate_generator_forward,
+                                                         teacher_path, cfg.preset)
+        # rank 0 reads the parquet footers once at start-up and every rank reads this index
+        opened["data_options"]["index_cache"] = Path(cfg.output_dir) / "fastvideo_index.json"
+    else:
+        for key in ("negative_path", "vae_path"):
+            if getattr(cfg.data, key):
+                raise ConfigError(f"data.{key} is for FastVideo datasets; megadmd dataset {cfg.data.path} "
+                                  f"carries its own negative embedding and normalized latents")
+        info = read_index(cfg.data.path)
     if not cfg.dmd.simulate_generator_forward and not info.has_latents:
         raise ConfigError(f"dataset {cfg.data.path} holds only text embeddings; set "
                           f"dmd.simulate_generator_forward=true for data-free training or give a "
@@ -85,7 +102,7 @@ def check_dataset(cfg: RunConfig, model_config: dict) -> tuple[str, bool, Option
     if info.text_dim != model_config.get("text_dim"):
         raise ConfigError(f"dataset {cfg.data.path} has text embeddings of dimension {info.text_dim} "
                           f"but the model's text_dim is {model_config.get('text_dim')}")
-    return cfg.data.path, False, info
+    return cfg.data.path, False, info, opened
 
 
 def check_image_condition(path: str, info: DatasetInfo, model_config: dict) -> None:
@@ -148,15 +165,18 @@ def preflight_train(cfg: RunConfig, world_size: int) -> TrainPlan:
     """All checks of ``megadmd train``'s inputs; returns what the run will use."""
     paths, model_config, role_configs = check_models(cfg)
     dp = check_layout(world_size, cfg.parallel.sp_size, model_config.get("num_attention_heads"))
-    data_path, builtin, info = check_dataset(cfg, model_config)
+    data_path, builtin, info, opened = check_dataset(cfg, model_config, paths["teacher"])
     if cfg.dmd.gan.enabled and cfg.dmd.gan.block_index is not None:
         n = model_config.get("num_layers", 0)
         if not -n <= cfg.dmd.gan.block_index < n:
             raise ConfigError(f"dmd.gan.block_index={cfg.dmd.gan.block_index} is out of range for a "
                               f"fake score with {n} blocks")
     shape = latent_shape_for(cfg, info, model_config)
-    for role in ROLES:
-        load_ds_template(getattr(cfg.deepspeed, role), f"deepspeed.{role}")
+    import torch
+
+    bf16 = cfg.model.precision == "bf16" or (cfg.model.precision == "auto" and torch.cuda.is_available())
+    for role in ROLES:  # a user's full DeepSpeed JSON must agree with the config (roles.py)
+        role_ds_config(role, cfg.deepspeed, cfg.train, cfg.optim, dp, bf16)
     if cfg.attention.vsa_enabled:
         check_vsa_backend(cfg.attention.vsa_backend)
     from .checkpoint import find_resume, read_state
@@ -171,4 +191,4 @@ def preflight_train(cfg: RunConfig, world_size: int) -> TrainPlan:
         text_len = 512
     return TrainPlan(model_paths=paths, model_config=model_config, data_path=data_path, text_len=text_len,
                      builtin_data=builtin, latent_shape=shape, dp_size=dp, role_configs=role_configs,
-                     resume_from=resume, resume_universal=universal)
+                     resume_from=resume, resume_universal=universal, **opened)

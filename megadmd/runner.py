@@ -9,7 +9,7 @@ import torch.distributed as dist
 
 from .checkpoint import Checkpointer, step_name
 from .config import RunConfig, save_resolved
-from .data.format import LatentDataset
+from .data.format import open_dataset
 from .data.loader import BatchSource
 from .dmd.trainer import DMDTrainer
 from .ema import PartitionEMA
@@ -44,6 +44,13 @@ def prepare_outputs(cfg: RunConfig, plan: TrainPlan, pstate: ParallelState) -> N
 
             log.info("writing the toy dataset (%d samples) to %s", TOY_DATASET_SIZE, plan.data_path)
             write_toy_dataset(plan.data_path, TOY_DATASET_SIZE, seed=cfg.train.seed)
+        if plan.data_format == "fastvideo":  # the parquet footers are read once, here, for all ranks
+            from .interop.fastvideo_data import describe_index, write_index
+
+            idx = write_index(plan.data_path, plan.data_options["index_cache"])
+            log.info("FastVideo dataset %s: %s", plan.data_path, describe_index(idx))
+            if plan.data_options.get("latent_stats_source"):
+                log.info("FastVideo latents normalized with %s", plan.data_options["latent_stats_source"])
     dist.barrier()
 
 
@@ -90,7 +97,8 @@ def build_trainer(cfg: RunConfig, local_rank: int | None = None) -> DMDTrainer:
         cfg.dmd.generator_update_interval, load_universal=plan.resume_universal,
         boundary_ratio=cfg.model.boundary_ratio,
         prepare_module=lambda role, module: prepare_module(cfg, pstate, vsa, plan.model_paths, role, module))
-    data = BatchSource(LatentDataset(plan.data_path), micro_batch=cfg.train.micro_batch_size,
+    data = BatchSource(open_dataset(plan.data_path, plan.data_format, **plan.data_options),
+                       micro_batch=cfg.train.micro_batch_size,
                        dp_rank=pstate.dp_rank, dp_size=pstate.dp_size, seed=cfg.train.seed,
                        text_len=plan.text_len, device=proc.device)
     writer = MetricsWriter(cfg.output_dir, enabled=pstate.rank == 0 and cfg.logging.tensorboard)

@@ -329,3 +329,26 @@ class LatentDataset:
             emb = f.get_tensor("text_embeds").float()
             n = int(f.get_tensor("text_lens")[0])
             return emb[:n], (f.metadata() or {}).get("caption", "")
+
+
+def dataset_format(path: str | Path, fmt: str = "auto") -> str:
+    """``megadmd`` (a folder with index.json) or ``fastvideo`` (a folder of parquet files)."""
+    if fmt != "auto":
+        return fmt
+    root = Path(path)
+    if (root / INDEX_FILE).is_file():
+        return "megadmd"
+    from ..interop.fastvideo_data import is_fastvideo_dataset
+
+    return "fastvideo" if is_fastvideo_dataset(root) else "megadmd"  # read_index names what is missing
+
+
+def open_dataset(path: str | Path, fmt: str = "auto", **fastvideo_options):
+    """Random access to a dataset in our format, or to a FastVideo parquet dataset read in place
+    (``interop/fastvideo_data.py``; ``fastvideo_options`` go to it). Both have ``info``, ``len``,
+    ``get(i)`` and ``negative()``."""
+    if dataset_format(path, fmt) == "fastvideo":
+        from ..interop.fastvideo_data import FastVideoDataset
+
+        return FastVideoDataset(path, **fastvideo_options)
+    return LatentDataset(path)
