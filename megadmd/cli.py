@@ -117,7 +117,9 @@ def make_dataset(out, num_samples, latent_shape, text_len, text_dim, text_only, 
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="text-only dataset folder to write")
 @click.option("--text-encoder", required=True, type=click.Path(), help="UMT5EncoderModel folder, or a Wan pipeline folder")
 @click.option("--tokenizer", default=None, type=click.Path(), help="tokenizer folder (default: with the encoder)")
-@click.option("--negative-prompt", default="", help="the unconditional prompt for the teacher's CFG")
+@click.option("--negative-prompt", default=None,
+              help="the unconditional prompt for the teacher's CFG [default: Wan's standard negative prompt; "
+                   "--negative-prompt \"\" for none]")
 @click.option("--max-len", type=int, default=512, show_default=True)
 @click.option("--shard-size", type=int, default=256, show_default=True)
 @click.option("--batch-size", type=int, default=16, show_default=True)
@@ -125,8 +127,9 @@ def make_dataset(out, num_samples, latent_shape, text_len, text_dim, text_only, 
 @user_errors
 def encode_text(prompts, out, text_encoder, tokenizer, negative_prompt, max_len, shard_size, batch_size, precision):
     """Encode prompts with UMT5 into a text-only dataset (data-free training, or input to synth)."""
-    from .data.text import run_encode_text
+    from .data.text import WAN_NEGATIVE_PROMPT, run_encode_text
 
+    negative_prompt = WAN_NEGATIVE_PROMPT if negative_prompt is None else negative_prompt
     info = run_encode_text(prompts, out, text_encoder, tokenizer, negative_prompt, max_len, shard_size,
                            batch_size, precision)
     shutdown_distributed()
