@@ -2,8 +2,9 @@
 metadata (``megadmd_sampling.json``).
 
 Importing this package is what lets diffusers load an exported folder: its ``model_index.json``
-names ``["megadmd.pipeline.scheduler", "DMDScheduler"]``, and diffusers resolves a library that
-is not its own only from modules already imported (it never imports a module a folder names).
+names ``["megadmd.pipeline.scheduler", "DMDScheduler"]``, and recent diffusers (0.42) resolve a
+library that is not their own only from modules already imported (they never import a module a
+folder names; older versions did).
 """
 from .scheduler import DMDScheduler
 
