@@ -25,7 +25,7 @@ def i2v(tmp_path_factory):
              "vae": save_tiny_vae(root / "vae"), "teacher": save_test_model(root / "teacher", config=TEST_I2V_CONFIG),
              "images": save_test_images(root / "images", len(PROMPTS)), "root": root}
     r = megadmd("encode-text", "--prompts", root / "prompts.txt", "-o", root / "text", "--text-encoder", parts["encoder"],
-                "--max-len", "16", "--shard-size", "2", "--negative-prompt", "blurry")
+                "--max-len", "16", "--shard-size", "2")  # the default negative prompt: Wan's
     assert r.returncode == 0, r.stderr[-2000:]
     r = megadmd("encode-images", "--text-data", root / "text", "--images", parts["images"], "-o", root / "cond",
                 "--image-encoder", parts["clip"], "--vae", parts["vae"], "--video-size", "5,32,32")
@@ -41,6 +41,20 @@ def _train(parts, data, out, *extra):
             f"model.teacher_path={parts['teacher']}", "--set", "dmd.generator_update_interval=2",
             "--set", "logging.interval_steps=4", "--set", "ema.decay=0.5", *extra]
     return megadmd(*args)
+
+
+def test_encode_text_wrote_wans_negative_prompt_by_default(i2v):
+    import json
+
+    from safetensors import safe_open
+
+    from megadmd.data.text import WAN_NEGATIVE_PROMPT
+
+    text = i2v["root"] / "text"
+    assert json.loads((text / "index.json").read_text())["extra"]["negative_prompt"] == WAN_NEGATIVE_PROMPT
+    with safe_open(str(text / "negative.safetensors"), "pt") as f:
+        assert f.metadata()["caption"] == WAN_NEGATIVE_PROMPT
+    assert WAN_NEGATIVE_PROMPT.startswith("Bright tones, overexposed, static, blurred details, subtitles")
 
 
 def test_image_conditions_are_stored_and_synth_keeps_them(i2v):

@@ -1,30 +1,9 @@
-"""encode-text's negative prompt: Wan's standard one by default (in the dataset and its index),
-an empty one when asked for explicitly."""
-import json
-import subprocess
-import sys
-
-from tests.helpers import cli_env, save_tiny_text_encoder
+"""encode-text's negative prompt on the command line: Wan's standard one by default, an empty
+one or any other when given (the dataset it writes is checked in test_i2v.py, whose fixture
+encodes with the default)."""
 
 
-def test_encode_text_defaults_to_wans_negative_prompt(tmp_path):
-    from safetensors import safe_open
-
-    from megadmd.data.text import WAN_NEGATIVE_PROMPT
-
-    enc = save_tiny_text_encoder(tmp_path / "umt5")
-    (tmp_path / "p.txt").write_text("a cat runs\n")
-    r = subprocess.run([sys.executable, "-m", "megadmd", "encode-text", "--prompts", str(tmp_path / "p.txt"), "-o",
-                        str(tmp_path / "text"), "--text-encoder", str(enc), "--max-len", "16"],
-                       env=cli_env(), capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert json.loads((tmp_path / "text" / "index.json").read_text())["extra"]["negative_prompt"] == WAN_NEGATIVE_PROMPT
-    with safe_open(str(tmp_path / "text" / "negative.safetensors"), "pt") as f:
-        assert f.metadata()["caption"] == WAN_NEGATIVE_PROMPT
-    assert WAN_NEGATIVE_PROMPT.startswith("Bright tones, overexposed, static, blurred details, subtitles")
-
-
-def test_an_empty_negative_prompt_stays_an_explicit_choice(tmp_path, monkeypatch):
+def test_encode_text_negative_prompt_default_and_explicit_choices(tmp_path, monkeypatch):
     from click.testing import CliRunner
 
     import megadmd.data.text as text
