@@ -117,7 +117,9 @@ def make_dataset(out, num_samples, latent_shape, text_len, text_dim, text_only, 
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="text-only dataset folder to write")
 @click.option("--text-encoder", required=True, type=click.Path(), help="UMT5EncoderModel folder, or a Wan pipeline folder")
 @click.option("--tokenizer", default=None, type=click.Path(), help="tokenizer folder (default: with the encoder)")
-@click.option("--negative-prompt", default="", help="the unconditional prompt for the teacher's CFG")
+@click.option("--negative-prompt", default=None,
+              help="the unconditional prompt for the teacher's CFG [default: Wan's standard negative prompt; "
+                   "--negative-prompt \"\" for none]")
 @click.option("--max-len", type=int, default=512, show_default=True)
 @click.option("--shard-size", type=int, default=256, show_default=True)
 @click.option("--batch-size", type=int, default=16, show_default=True)
@@ -125,8 +127,9 @@ def make_dataset(out, num_samples, latent_shape, text_len, text_dim, text_only, 
 @user_errors
 def encode_text(prompts, out, text_encoder, tokenizer, negative_prompt, max_len, shard_size, batch_size, precision):
     """Encode prompts with UMT5 into a text-only dataset (data-free training, or input to synth)."""
-    from .data.text import run_encode_text
+    from .data.text import WAN_NEGATIVE_PROMPT, run_encode_text
 
+    negative_prompt = WAN_NEGATIVE_PROMPT if negative_prompt is None else negative_prompt
     info = run_encode_text(prompts, out, text_encoder, tokenizer, negative_prompt, max_len, shard_size,
                            batch_size, precision)
     shutdown_distributed()
@@ -201,13 +204,15 @@ def convert() -> None:
 @click.option("--config", "model_config", default=None, type=click.Path(),
               help="model config.json, for a bare DeepSpeed checkpoint folder")
 @click.option("--pipeline-from", default=None, type=click.Path(file_okay=False),
-              help="a diffusers Wan pipeline folder: write a complete pipeline (its other components linked)")
+              help="a diffusers Wan pipeline folder: write a complete pipeline (its other components copied)")
+@click.option("--link", is_flag=True,
+              help="with --pipeline-from: relative symlinks to its components instead of copies")
 @user_errors
-def convert_to_diffusers(checkpoint, out, role, dtype, max_shard_size, model_config, pipeline_from):
+def convert_to_diffusers(checkpoint, out, role, dtype, max_shard_size, model_config, pipeline_from, link):
     """A megadmd (or DeepSpeed) checkpoint -> a diffusers WanTransformer3DModel folder."""
     from .convert import to_diffusers
 
-    click.echo(f"wrote {to_diffusers(checkpoint, out, role, dtype, max_shard_size, model_config, pipeline_from)}")
+    click.echo(f"wrote {to_diffusers(checkpoint, out, role, dtype, max_shard_size, model_config, pipeline_from, link)}")
 
 
 @convert.command("to-universal")
@@ -276,25 +281,37 @@ def convert_from_fastvideo_data(source, out, negative, vae, preset, shard_size, 
 @click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
 @click.option("--max-shard-size", default="5GB", show_default=True)
 @click.option("--pipeline-from", default=None, type=click.Path(file_okay=False),
-              help="a diffusers Wan pipeline folder: write a complete pipeline (its other components linked)")
+              help="a diffusers Wan pipeline folder: write a complete pipeline (its other components copied)")
+@click.option("--link", is_flag=True,
+              help="with --pipeline-from: relative symlinks to its components instead of copies")
 @user_errors
-def export_ema_cmd(checkpoint, out, dtype, max_shard_size, pipeline_from):
-    """The generator's EMA weights of a checkpoint -> a diffusers folder."""
+def export_ema_cmd(checkpoint, out, dtype, max_shard_size, pipeline_from, link):
+    """The generator's EMA weights of a checkpoint -> a diffusers folder that samples on the run's
+    own DMD steps (scheduler and megadmd_sampling.json)."""
     from .convert import export_ema
 
-    click.echo(f"wrote {export_ema(checkpoint, out, dtype, max_shard_size, pipeline_from)}")
+    click.echo(f"wrote {export_ema(checkpoint, out, dtype, max_shard_size, pipeline_from, link)}")
 
 
 @main.command()
-@click.option("--model", required=True, type=click.Path(), help="the distilled generator (diffusers folder)")
+@click.option("--model", required=True, type=click.Path(),
+              help="the distilled generator: an export (pipeline folder) or a transformer folder")
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False))
 @click.option("--prompts", default=None, type=click.Path(dir_okay=False), help=".txt or .jsonl prompts")
-@click.option("--text-encoder", default=None, type=click.Path(), help="UMT5 folder or Wan pipeline folder")
+@click.option("--text-encoder", default=None, type=click.Path(),
+              help="UMT5 folder or Wan pipeline folder [default: the --model pipeline's own]")
 @click.option("--tokenizer", default=None, type=click.Path())
 @click.option("--embeds", default=None, type=click.Path(file_okay=False), help="a megadmd dataset's embeddings")
 @click.option("--latent-shape", default=None, help="C,F,H,W")
 @click.option("--video-size", default=None, help="FRAMES,HEIGHT,WIDTH (Wan VAE factors)")
-@click.option("--steps", default="1000,757,522", show_default=True, help="the DMD denoising steps")
+@click.option("--steps", default=None,
+              help="the DMD timesteps, e.g. 1000,757,522 [default: the model's megadmd_sampling.json, else those]")
+@click.option("--attention", type=click.Choice(["dense", "vsa"]), default=None,
+              help="the generator's self-attention [default: as the model trained, from megadmd_sampling.json]")
+@click.option("--vsa-sparsity", type=float, default=None,
+              help="VSA's fraction of skipped key cubes [default: the model's training value]; implies --attention vsa")
+@click.option("--vsa-backend", type=click.Choice(["auto", "torch", "flex", "fastvideo"]), default="auto",
+              show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--batch-size", type=int, default=1, show_default=True)
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True)
@@ -304,24 +321,33 @@ def export_ema_cmd(checkpoint, out, dtype, max_shard_size, pipeline_from):
 @click.option("--guidance-scale", type=float, default=5.0, show_default=True)
 @click.option("--cfg-form", type=click.Choice(["standard", "offset"]), default="standard", show_default=True)
 @click.option("--flow-shift", type=float, default=3.0, show_default=True)
-@click.option("--negative-prompt", default="", help="the teacher's unconditional prompt (with --prompts)")
+@click.option("--negative-prompt", default=None,
+              help="the teacher's unconditional prompt (with --prompts) [default: Wan's standard negative prompt]")
 @click.option("--images", default=None, type=click.Path(dir_okay=False), help="image-to-video: one image per prompt")
 @click.option("--image-encoder", default=None, type=click.Path(), help="CLIP vision model folder (with --images)")
 @user_errors
-def generate(model, out, prompts, text_encoder, tokenizer, embeds, latent_shape, video_size, steps, seed,
-             batch_size, precision, vae, compare_teacher, teacher_steps, guidance_scale, cfg_form, flow_shift,
-             negative_prompt, images, image_encoder):
-    """Few-step sampling with a distilled generator; optionally timed against the teacher."""
+def generate(model, out, prompts, text_encoder, tokenizer, embeds, latent_shape, video_size, steps, attention,
+             vsa_sparsity, vsa_backend, seed, batch_size, precision, vae, compare_teacher, teacher_steps,
+             guidance_scale, cfg_form, flow_shift, negative_prompt, images, image_encoder):
+    """Few-step sampling with a distilled generator; optionally timed against the teacher.
+
+    Sample j of --seed S equals diffusers' WanPipeline on the export with
+    generator=torch.Generator().manual_seed(S + j) (README: Using the distilled model in diffusers)."""
+    from .data.text import WAN_NEGATIVE_PROMPT
     from .generate import GenerateOptions, run_generate
 
     res = run_generate(GenerateOptions(
         model=model, out=out, latent_shape=tuple(_latent_shape(latent_shape, video_size)), prompts=prompts,
-        text_encoder=text_encoder, tokenizer=tokenizer, embeds=embeds, negative_prompt=negative_prompt,
-        steps=[float(x) for x in steps.split(",")], seed=seed, batch_size=batch_size, precision=precision,
+        text_encoder=text_encoder, tokenizer=tokenizer, embeds=embeds,
+        negative_prompt=WAN_NEGATIVE_PROMPT if negative_prompt is None else negative_prompt,
+        steps=_float_list(steps, "--steps") if steps else None, attention=attention, vsa_sparsity=vsa_sparsity,
+        vsa_backend=vsa_backend, seed=seed, batch_size=batch_size, precision=precision,
         vae=vae, compare_teacher=compare_teacher, teacher_steps=teacher_steps, guidance_scale=guidance_scale,
         cfg_form=cfg_form, flow_shift=flow_shift, images=images, image_encoder=image_encoder,
         video_size=tuple(_int_list(video_size, "--video-size", 3)) if video_size else None))
-    click.echo(f"student, {res['student_steps']} steps: {res['student_s_per_sample']:.4f} s/sample")
+    attn = f"VSA at sparsity {res['vsa_sparsity']:g}" if res["attention"] == "vsa" else "dense"
+    click.echo(f"student, {res['student_steps']} steps: {res['student_s_per_sample']:.4f} s/sample "
+               f"(timesteps {', '.join(f'{t:g}' for t in res['steps'])}; {attn} attention)")
     if "teacher_s_per_sample" in res:
         click.echo(f"teacher, {res['teacher_steps']} steps + CFG: {res['teacher_s_per_sample']:.4f} s/sample")
         click.echo(f"speedup: {res['speedup']:.1f}x")
@@ -370,6 +396,13 @@ def _latent_shape(latent_shape, video_size) -> list[int]:
     if (f - 1) % 4 or h % 8 or w % 8:
         raise ConfigError(f"--video-size {video_size}: frames must be 4k+1 and height/width multiples of 8")
     return [16, (f - 1) // 4 + 1, h // 8, w // 8]
+
+
+def _float_list(text: str, name: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"{name} must be comma-separated numbers, got '{text}'") from None
 
 
 def _int_list(text: str, name: str, n: int) -> list[int]:

@@ -1,17 +1,27 @@
 """``megadmd generate``: few-step sampling with a distilled generator (and a timed teacher baseline).
 
-The generator samples on the DMD schedule (default 1000, 757, 522): predict x0 at each step,
-re-noise it with fresh noise to the next step, no CFG. Prompts go through the UMT5 text encoder,
-or embeddings come from a megadmd dataset. Latents are saved as safetensors; with a Wan VAE they
-are also decoded to mp4 files and a png grid. ``--compare-teacher`` times the teacher at N Euler
-steps with CFG on the same prompts, in the same run, and prints both seconds per sample.
+The generator samples on the DMD schedule: predict x0 at each step, re-noise it with fresh noise
+to the next step, no CFG. The steps and the attention (dense, or VSA at the sparsity training
+used, gates included) default to what the model's ``megadmd_sampling.json`` records (an export
+of megadmd convert / export-ema), else to 1000, 757, 522 and dense. Prompts go through the UMT5
+text encoder (by default the model folder's own, for an exported pipeline), or embeddings come
+from a megadmd dataset. Latents are saved as safetensors; with a Wan VAE they are also decoded to
+mp4 files and a png grid. ``--compare-teacher`` times the teacher at N Euler steps with CFG on
+the same prompts, in the same run, and prints both seconds per sample.
+
+Noise: sample ``j`` of ``--seed S`` starts from ``torch.randn(1, C, F, H, W,
+generator=torch.Generator().manual_seed(S + j))`` (on the CPU) and re-noises as ``DMDScheduler``
+does (megadmd/pipeline/scheduler.py), so it equals ``pipe(prompt_j,
+generator=torch.Generator().manual_seed(S + j), num_inference_steps=len(steps),
+guidance_scale=1.0)`` with diffusers' ``WanPipeline`` on the exported folder.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -19,13 +29,14 @@ import torch
 
 from . import flow
 from .config import ConfigError
+from .data.text import WAN_NEGATIVE_PROMPT
 from .io_utils import atomic_write_bytes
 from .models import load_role_model, predict_velocity, read_model_config
-from .rng import sample_seed
 from .sampling import cfg_velocity, sample_generator, sample_teacher
 
 log = logging.getLogger("megadmd")
-PURPOSE_START, PURPOSE_RENOISE = 201, 202
+DEFAULT_STEPS = [1000.0, 757.0, 522.0]
+ATTENTION_KINDS = ("dense", "vsa")
 
 
 @dataclass
@@ -37,8 +48,8 @@ class GenerateOptions:
     text_encoder: Optional[str] = None
     tokenizer: Optional[str] = None
     embeds: Optional[str] = None  # a megadmd dataset: its text embeddings (and negative prompt)
-    negative_prompt: str = ""
-    steps: list = field(default_factory=lambda: [1000, 757, 522])
+    negative_prompt: str = WAN_NEGATIVE_PROMPT  # the teacher's unconditional prompt (--compare-teacher)
+    steps: Optional[list] = None  # None: the model's megadmd_sampling.json, else DEFAULT_STEPS
     seed: int = 0
     batch_size: int = 1
     precision: str = "auto"
@@ -52,6 +63,34 @@ class GenerateOptions:
     images: Optional[str] = None  # image-to-video: one image per prompt (with image_encoder and vae)
     image_encoder: Optional[str] = None
     video_size: Optional[tuple] = None  # (frames, height, width) the images are encoded for
+    attention: Optional[str] = None  # dense | vsa; None: the model's megadmd_sampling.json, else dense
+    vsa_sparsity: Optional[float] = None  # None: the model's megadmd_sampling.json
+    vsa_backend: str = "auto"
+
+
+def with_model_defaults(o: GenerateOptions) -> GenerateOptions:
+    """Fill what the options leave open from the model folder: steps and attention from its
+    megadmd_sampling.json, the text encoder from an exported pipeline's ``text_encoder/``."""
+    from .pipeline.info import read_sampling_info
+
+    info = read_sampling_info(o.model) if Path(o.model).is_dir() else None
+    steps = o.steps if o.steps is not None else (info["timesteps"] if info else DEFAULT_STEPS)
+    trained_sparsity = float(info["attention"]["vsa_sparsity"]) if info else 0.0
+    attention = o.attention or ("vsa" if o.vsa_sparsity is not None or trained_sparsity > 0 else "dense")
+    if attention not in ATTENTION_KINDS:
+        raise ConfigError(f"--attention must be one of {', '.join(ATTENTION_KINDS)}, got {attention}")
+    sparsity = o.vsa_sparsity
+    if attention == "dense" and sparsity is not None:
+        raise ConfigError("--vsa-sparsity needs --attention vsa")
+    if attention == "vsa":
+        sparsity = trained_sparsity if sparsity is None else sparsity
+        if not 0 < sparsity < 1:
+            raise ConfigError(f"--attention vsa needs --vsa-sparsity in (0, 1) (the model records none), got {sparsity}")
+    text_encoder = o.text_encoder
+    if text_encoder is None and o.prompts is not None and (Path(o.model) / "text_encoder" / "config.json").is_file():
+        text_encoder = o.model
+    return dataclasses.replace(o, steps=[float(t) for t in steps], attention=attention, vsa_sparsity=sparsity,
+                               text_encoder=text_encoder)
 
 
 def load_conditions(o: GenerateOptions, device) -> tuple[list[torch.Tensor], torch.Tensor, list[str], dict]:
@@ -122,9 +161,11 @@ def _pad(embeds: list[torch.Tensor], device, width: int = 0) -> torch.Tensor:
     return out
 
 
-def _noise(seed: int, index: int, purpose: int, shape, device, sub: int = 0) -> torch.Tensor:
-    g = torch.Generator(device=device).manual_seed(sample_seed(seed, index, purpose, sub=sub))
-    return torch.randn(tuple(shape), generator=g, device=device)
+def start_noise(seed: int, idx: list, shape, device) -> torch.Tensor:
+    """The starting latents of samples ``idx``: sample j from seed ``seed + j`` (module docstring)."""
+    from .pipeline.scheduler import start_noise as one
+
+    return torch.cat([one(seed + j, shape) for j in idx]).to(device)
 
 
 def _timed(fn, device) -> tuple[torch.Tensor, float]:
@@ -139,16 +180,20 @@ def _timed(fn, device) -> tuple[torch.Tensor, float]:
 
 @torch.no_grad()
 def sample_student(model, embeds: list, o: GenerateOptions, dtype, device, image: dict) -> tuple[torch.Tensor, float]:
+    from .pipeline.scheduler import draw_renoise, renoise_generators
+
     outs, seconds = [], 0.0
     width = 512 if image else 0  # Wan I2V attention expects 512 text tokens
     for i in range(0, len(embeds), o.batch_size):
         idx = list(range(i, min(i + o.batch_size, len(embeds))))
         text = _pad([embeds[j] for j in idx], device, width)
         cond = _conditioning(image, idx, device)
-        noise = torch.stack([_noise(o.seed, j, PURPOSE_START, o.latent_shape, device) for j in idx])
+        noise = start_noise(o.seed, idx, o.latent_shape, device)
+        gens = renoise_generators(noise)
 
-        def renoise(step, idx=idx):
-            return torch.stack([_noise(o.seed, j, PURPOSE_RENOISE, o.latent_shape, device, sub=step) for j in idx])
+        def renoise(step, gens=gens, shape=noise.shape):
+            # sample_generator asks for step 0, 1, ... once each: the order DMDScheduler draws in
+            return draw_renoise(gens, shape, device)
 
         vfn = lambda x, t, text=text, cond=cond: predict_velocity(model, x, t, text, dtype, **cond)  # noqa: E731
         x0, dt = _timed(lambda: sample_generator(vfn, o.steps, noise, renoise), device)
@@ -172,7 +217,7 @@ def sample_baseline(teacher, embeds: list, negative: torch.Tensor, o: GenerateOp
             v = predict_velocity(teacher, torch.cat([x, x]), torch.cat([t, t]), both, dtype, **cond)
             return v[:b], v[b:]
 
-        noise = torch.stack([_noise(o.seed, j, PURPOSE_START, o.latent_shape, device) for j in idx])
+        noise = start_noise(o.seed, idx, o.latent_shape, device)
         guided = cfg_velocity(pair, o.guidance_scale, o.cfg_form)
         x0, dt = _timed(lambda: sample_teacher(guided, None, noise, sigmas), device)
         outs.append(x0.cpu())
@@ -198,6 +243,7 @@ def check_generate_inputs(o: GenerateOptions) -> dict:
 def run_generate(o: GenerateOptions) -> dict:
     from .runner import compute_dtype
 
+    o = with_model_defaults(o)
     model_cfg = check_generate_inputs(o)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = compute_dtype(o.precision, device)
@@ -205,10 +251,11 @@ def run_generate(o: GenerateOptions) -> dict:
     if embeds[0].shape[1] != model_cfg.get("text_dim"):
         raise ConfigError(f"text embeddings have dimension {embeds[0].shape[1]} but the model's text_dim "
                           f"is {model_cfg.get('text_dim')}")
-    model = _load_generator(o.model, dtype, device)
+    model = _load_generator(o, dtype, device)
     _warm_up(model, embeds[0], o, dtype, device, image)  # first-call costs out of the timings
     latents, student_s = sample_student(model, embeds, o, dtype, device, image)
-    result = {"num_samples": len(embeds), "student_steps": len(o.steps),
+    result = {"num_samples": len(embeds), "student_steps": len(o.steps), "steps": o.steps,
+              "attention": o.attention, "vsa_sparsity": o.vsa_sparsity,
               "student_s_per_sample": student_s / len(embeds)}
     if o.compare_teacher is not None:
         teacher = load_role_model(o.compare_teacher, dtype, _boundary_of(o.compare_teacher),
@@ -240,29 +287,19 @@ def _boundary_of(path: str) -> Optional[float]:
     return float(ratio)
 
 
-def _load_generator(path: str, dtype, device):
-    from .attention.processor import GATE_ATTR
-    from .models import attach_vsa_gates, experts_of, load_role_model, resolve_model_dir
+def _load_generator(o: GenerateOptions, dtype, device):
+    """The generator as training ran it: with ``o.attention == "vsa"``, the training-time VSA
+    processor with the gates found in its folder (zero gates where it has none)."""
+    from .attention.processor import VSASettings, configure_attention
+    from .models import attach_vsa_gates
 
-    model = load_role_model(path, dtype, _boundary_of(path), what="generator model")
-    weights = [f for m in (["transformer", "transformer_2"] if len(experts_of(model)) == 2 else [""])
-               for f in resolve_model_dir(Path(path) / m if m else path).glob("*.safetensors")]
-    has_gates = any(GATE_ATTR in k for f in weights for k in _keys(f))
-    if has_gates:  # a sparse-distilled generator: its gates only matter with VSA at sampling time
-        attach_vsa_gates(model, path)
-        for name, p in model.named_parameters():
-            if GATE_ATTR in name:
-                p.data = p.data.to(dtype)
+    model = load_role_model(o.model, dtype, _boundary_of(o.model), what="generator model")
+    if o.attention == "vsa":
+        attach_vsa_gates(model, o.model)  # each gate takes its block's dtype and device
+        configure_attention(model, vsa=VSASettings(sparsity=o.vsa_sparsity, backend=o.vsa_backend))
     # from_pretrained already loaded at ``dtype``, keeping diffusers' fp32 modules (norms, time
     # embedding) in fp32; a blanket .to(dtype) would cast those too
     return model.to(device=device).eval()
-
-
-def _keys(f: Path) -> list:
-    from safetensors import safe_open
-
-    with safe_open(str(f), framework="pt") as h:
-        return list(h.keys())
 
 
 def _write_outputs(o: GenerateOptions, latents: torch.Tensor, captions: list, result: dict, device) -> None:

@@ -117,9 +117,11 @@ def save_tiny_vae(path: Path, z_dim: int = 4) -> Path:
     return path
 
 
-def save_tiny_wan22_pipeline(path: Path, boundary_ratio: float = 0.875) -> Path:
-    """A diffusers Wan2.2 pipeline folder with two tiny experts, a tiny VAE, UMT5 and tokenizer."""
-    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
+def save_tiny_wan_pipeline(path: Path, boundary_ratio: float | None = None, scheduler=None) -> Path:
+    """A diffusers Wan pipeline folder: a tiny DiT, a tiny VAE, UMT5 and tokenizer, and (by
+    default) the UniPC scheduler Wan's pipelines ship with. With ``boundary_ratio``, a Wan2.2
+    pipeline with two tiny experts."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline
     from transformers import AutoTokenizer, UMT5EncoderModel
 
     from megadmd.models import build_wan
@@ -127,14 +129,23 @@ def save_tiny_wan22_pipeline(path: Path, boundary_ratio: float = 0.875) -> Path:
     parts = path.parent / f".{path.name}-parts"
     enc = save_tiny_text_encoder(parts / "umt5")
     vae = save_tiny_vae(parts / "vae")
+    experts = {} if boundary_ratio is None else {"transformer_2": build_wan(TEST_WAN_CONFIG, seed=1),
+                                                 "boundary_ratio": boundary_ratio}
     pipe = WanPipeline(tokenizer=AutoTokenizer.from_pretrained(str(enc)),
                        text_encoder=UMT5EncoderModel.from_pretrained(str(enc)),
                        vae=AutoencoderKLWan.from_pretrained(str(vae)),
-                       scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-                       transformer=build_wan(TEST_WAN_CONFIG, seed=0), transformer_2=build_wan(TEST_WAN_CONFIG, seed=1),
-                       boundary_ratio=boundary_ratio)
+                       scheduler=scheduler or UniPCMultistepScheduler(prediction_type="flow_prediction",
+                                                                      use_flow_sigmas=True, flow_shift=3.0),
+                       transformer=build_wan(TEST_WAN_CONFIG, seed=0), **experts)
     pipe.save_pretrained(str(path))
     return path
+
+
+def save_tiny_wan22_pipeline(path: Path, boundary_ratio: float = 0.875) -> Path:
+    """A diffusers Wan2.2 pipeline folder with two tiny experts, a tiny VAE, UMT5 and tokenizer."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return save_tiny_wan_pipeline(path, boundary_ratio, FlowMatchEulerDiscreteScheduler(shift=3.0))
 
 
 # A tiny Wan2.1-style image-to-video DiT: 4 noise + 4 mask + 4 image channels, CLIP embeddings of

@@ -6,7 +6,9 @@ training reads, and what ``megadmd synth`` turns into a synthetic-latent dataset
 As in Wan's pipelines, each prompt is tokenized to at most ``max_len`` (512) tokens, encoded by
 transformers' ``UMT5EncoderModel``, and stored trimmed to its valid length (its mask); training
 zero-pads it back. The negative prompt is encoded the same way and stored as the dataset's
-unconditional input.
+unconditional input (its text also goes to ``index.json``, under ``extra.negative_prompt``). It
+defaults to Wan's standard English negative prompt, the one FastVideo's Wan presets and
+diffusers' Wan examples use, so the teacher's guided target matches theirs; ``""`` is allowed.
 
 Work is split across ranks by shard (shard k goes to rank k % world), every shard is written
 atomically, and shards that exist are skipped, so an interrupted run resumes where it stopped.
@@ -26,6 +28,15 @@ from ..config import ConfigError
 from .format import DatasetInfo, existing_shard, write_index, write_negative, write_shard
 
 log = logging.getLogger("megadmd")
+
+# Wan2.1's standard negative prompt (English), as in diffusers' Wan pipeline examples and
+# FastVideo's Wan presets.
+WAN_NEGATIVE_PROMPT = (
+    "Bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, images, static, "
+    "overall gray, worst quality, low quality, JPEG compression residue, ugly, incomplete, extra fingers, "
+    "poorly drawn hands, poorly drawn faces, deformed, disfigured, misshapen limbs, fused fingers, "
+    "still picture, messy background, three legs, many people in the background, walking backwards"
+)
 
 
 def read_prompts(path: str | Path) -> list[str]:
@@ -98,7 +109,7 @@ def encode_prompts(tokenizer, encoder, prompts: list[str], max_len: int, device)
 
 
 def run_encode_text(prompts_file: str, out: str, text_encoder: str, tokenizer: Optional[str] = None,
-                    negative_prompt: str = "", max_len: int = 512, shard_size: int = 256,
+                    negative_prompt: str = WAN_NEGATIVE_PROMPT, max_len: int = 512, shard_size: int = 256,
                     batch_size: int = 16, precision: str = "auto") -> DatasetInfo:
     """Encode every prompt into a text-only dataset at ``out``. Collective when launched on
     several ranks; resumable."""
@@ -128,7 +139,8 @@ def run_encode_text(prompts_file: str, out: str, text_encoder: str, tokenizer: O
     dist.barrier()
     info = DatasetInfo(num_samples=len(prompts), text_dim=dim, max_text_len=max_len, shard_size=shard_size,
                        shards=[existing_shard(root, k) for k in range(num_shards)],
-                       extra={"text_encoder": str(text_encoder), "source": str(prompts_file)})
+                       extra={"text_encoder": str(text_encoder), "source": str(prompts_file),
+                              "negative_prompt": clean_prompt(negative_prompt)})
     if proc.rank == 0:
         neg = encode_prompts(tokenizer_obj, encoder, [clean_prompt(negative_prompt)], max_len, proc.device)[0]
         write_negative(root, neg, negative_prompt)

@@ -142,4 +142,5 @@ def train_save_and_probe(rank: int, world: int, overrides: list, out_file: str) 
         for role in ("generator", "fake_score"):
             outs[role] = t.models.engine(role).module(x, step, text, return_dict=False)[0]
     if rank == 0:
-        torch.save({"x": x, "t": step, "text": text, "outputs": outs, "checkpoint": str(path)}, out_file)
+        torch.save({"x": x, "t": step, "text": text, "outputs": outs, "checkpoint": str(path),
+                    "steps": [float(s) for s in t.steps]}, out_file)

@@ -1,17 +1,48 @@
 """From a checkpoint to something users ship: convert, export-ema, WanPipeline, generate."""
+import contextlib
+import logging
+import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from tests.helpers import (TEST_LATENT_SHAPE, TEST_WAN_CONFIG, cli_env, save_test_dataset, save_test_model,
-                           save_tiny_text_encoder, save_tiny_vae, spawn)
+                           save_tiny_text_encoder, save_tiny_vae, save_tiny_wan_pipeline, spawn)
+
+PROMPT = "a cat runs on the beach"
+VSA_LATENT = "4,4,16,16"  # a 4x8x8 token grid: 4 VSA cubes, so sparsity 0.5 selects 2 of 4
 
 
 def megadmd(*args, timeout=600):
     return subprocess.run([sys.executable, "-m", "megadmd", *map(str, args)], env=cli_env(), capture_output=True,
                           text=True, timeout=timeout)
+
+
+def cli(*args):
+    """The CLI in this process (no interpreter start-up): click's runner, exit code and output."""
+    from click.testing import CliRunner
+
+    from megadmd.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+@contextlib.contextmanager
+def diffusers_log():
+    """Every message diffusers logs inside the block."""
+    records = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = lambda record: records.append(record.getMessage())
+    logger = logging.getLogger("diffusers")
+    logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +55,8 @@ def trained(tmp_path_factory):
     overrides = [f"model.teacher_path={model}", f"data.path={data}", f"output_dir={root / 'run'}",
                  "train.max_steps=4", "dmd.generator_update_interval=2", "logging.tensorboard=false",
                  "ema.decay=0.5", "attention.vsa_sparsity=0.5", "attention.vsa_backend=torch",
-                 "dmd.gan.enabled=true", "dmd.gan.hidden_dim=16", "optim.generator.lr=1e-2"]
+                 "dmd.gan.enabled=true", "dmd.gan.hidden_dim=16", "optim.generator.lr=1e-2",
+                 "dmd.warp_denoising_step=true"]
     spawn(train_save_and_probe, 2, overrides, str(root / "probe.pt"))
     return root, torch.load(root / "probe.pt", weights_only=False), model
 
@@ -41,23 +73,38 @@ def _load_like_training(folder, vsa: bool):
 
 
 def test_converted_roles_load_in_diffusers_and_match_the_engine_modules(trained, tmp_path):
+    """Each role's folder reproduces its training-time module; the generator's does so through
+    `megadmd generate`'s loader with VSA and through `enable_vsa` on a plain diffusers load."""
     from diffusers import WanTransformer3DModel
+
+    from megadmd.attention import enable_vsa
+    from megadmd.generate import GenerateOptions, _load_generator, with_model_defaults
 
     _, probe, _ = trained
     for role in ("generator", "fake_score"):
         out = tmp_path / role
         r = megadmd("convert", "to-diffusers", probe["checkpoint"], "-o", out, "--role", role)
         assert r.returncode == 0, r.stderr[-2000:]
-        plain = WanTransformer3DModel.from_pretrained(str(out))  # vanilla diffusers loads it
+        plain, info = WanTransformer3DModel.from_pretrained(str(out), output_loading_info=True)
+        assert not info["unexpected_keys"] and not info["missing_keys"], info  # no unused-weights warning
         assert plain.config.num_layers == TEST_WAN_CONFIG["num_layers"]
-        model = _load_like_training(out, vsa=role == "generator")
-        with torch.no_grad():
-            got = model(probe["x"], probe["t"], probe["text"], return_dict=False)[0]
-        assert torch.allclose(got, probe["outputs"][role], atol=1e-5), role
+        models = [_load_like_training(out, vsa=role == "generator")]
+        if role == "generator":
+            o = with_model_defaults(GenerateOptions(model=str(out), out="-", latent_shape=(4, 4, 16, 16)))
+            assert (o.attention, o.vsa_sparsity) == ("vsa", 0.5)  # from the run, via megadmd_sampling.json
+            assert o.steps == probe["steps"]
+            models.append(_load_generator(o, torch.float32, torch.device("cpu")))
+            assert enable_vsa(plain) == TEST_WAN_CONFIG["num_layers"]
+            models.append(plain.eval())
+        for model in models:
+            with torch.no_grad():
+                got = model(probe["x"], probe["t"], probe["text"], return_dict=False)[0]
+            assert torch.allclose(got, probe["outputs"][role], atol=1e-5), role
     from safetensors import safe_open
 
-    with safe_open(str(tmp_path / "generator" / "diffusion_pytorch_model.safetensors"), "pt") as f:
-        assert any("to_gate_compress" in k for k in f.keys())  # the VSA gates are kept
+    with safe_open(str(tmp_path / "generator" / "vsa_gates.safetensors"), "pt") as f:
+        assert f.keys() and all("to_gate_compress" in k for k in f.keys())  # the VSA gates, in their own file
+    assert not (tmp_path / "fake_score" / "vsa_gates.safetensors").exists()
     with safe_open(str(tmp_path / "fake_score" / "diffusion_pytorch_model.safetensors"), "pt") as f:
         assert not any(k.startswith("gan_head.") for k in f.keys())  # the GAN head is not a Wan weight
 
@@ -73,36 +120,91 @@ def test_sharded_output_above_the_size_limit(trained, tmp_path):
     WanTransformer3DModel.from_pretrained(str(tmp_path / "sharded"))
 
 
-def test_exported_ema_runs_in_wan_pipeline_on_the_three_step_schedule(trained, tmp_path):
-    from diffusers import WanPipeline
-    from transformers import AutoTokenizer, UMT5EncoderModel
+@pytest.fixture(scope="module")
+def shipped(trained, tmp_path_factory):
+    """The EMA exported as a complete pipeline from a tiny Wan pipeline (UniPC scheduler, as Wan
+    ships), then copied elsewhere with the export and the base pipeline deleted."""
+    _, probe, _ = trained
+    root = tmp_path_factory.mktemp("shipped")
+    base = save_tiny_wan_pipeline(root / "wan")
+    r = cli("export-ema", probe["checkpoint"], "-o", root / "src" / "fastwan", "--pipeline-from", base)
+    assert r.exit_code == 0, r.output
+    assert not [p for p in (root / "src").rglob("*") if p.is_symlink()]  # copies, not links
+    shutil.copytree(root / "src" / "fastwan", root / "moved" / "fastwan")
+    for gone in (root / "src", base, root / ".wan-parts"):
+        shutil.rmtree(gone)
+    return root / "moved" / "fastwan"
 
-    from megadmd.models import load_wan, predict_velocity
-    from megadmd.sampling import dmd_scheduler, sample_generator
+
+def test_export_samples_on_the_runs_steps_like_generate_and_round_trips(trained, shipped, tmp_path):
+    from diffusers import WanPipeline
+    from safetensors.torch import load_file
+
+    from megadmd.attention import enable_vsa
+    from megadmd.pipeline import DMDScheduler
 
     _, probe, _ = trained
-    r = megadmd("export-ema", probe["checkpoint"], "-o", tmp_path / "ema")
-    assert r.returncode == 0, r.stderr[-2000:]
-    enc = save_tiny_text_encoder(tmp_path / "umt5")
-    pipe = WanPipeline(tokenizer=AutoTokenizer.from_pretrained(str(enc)),
-                       text_encoder=UMT5EncoderModel.from_pretrained(str(enc)),
-                       vae=__import__("diffusers").AutoencoderKLWan.from_pretrained(str(save_tiny_vae(tmp_path / "vae"))),
-                       transformer=load_wan(tmp_path / "ema"), scheduler=dmd_scheduler([1000, 757, 522]))
-    g = torch.Generator().manual_seed(0)
-    start = torch.randn(1, 4, 2, 4, 4, generator=g)
-    torch.manual_seed(7)  # WanPipeline's scheduler.step draws its re-noising from the global generator
-    out = pipe(prompt="a cat runs on the beach", height=32, width=32, num_frames=5, num_inference_steps=3,
-               guidance_scale=1.0, latents=start.clone(), output_type="latent", max_sequence_length=16)
-    video = pipe(prompt="a cat runs on the beach", height=32, width=32, num_frames=5, num_inference_steps=3,
-                 guidance_scale=1.0, latents=start.clone(), max_sequence_length=16).frames
-    assert video.shape[1:] == (5, 32, 32, 3)
-    # the same three DMD steps through megadmd's sampler, with the same noise draws
-    text, _ = pipe.encode_prompt("a cat runs on the beach", do_classifier_free_guidance=False, max_sequence_length=16)
-    gen = torch.Generator().manual_seed(7)
-    vfn = lambda x, t: predict_velocity(pipe.transformer, x, t, text, torch.float32)  # noqa: E731
-    with torch.no_grad():
-        ours = sample_generator(vfn, [1000, 757, 522], start, lambda i: torch.randn(start.shape, generator=gen))
-    assert torch.allclose(out.frames, ours, atol=1e-4)
+    with diffusers_log() as logs:
+        pipe = WanPipeline.from_pretrained(str(shipped))
+    assert not [m for m in logs if "were not used" in m], logs  # the gates are not in diffusers' weights
+    assert isinstance(pipe.scheduler, DMDScheduler)
+    pipe.scheduler.set_timesteps(3)
+    assert pipe.scheduler.timesteps.tolist() == pytest.approx(probe["steps"]) and probe["steps"][1] > 900  # warped
+    assert enable_vsa(pipe.transformer) == TEST_WAN_CONFIG["num_layers"]  # sparsity 0.5 from the export
+    args = dict(prompt=PROMPT, height=128, width=128, num_frames=13, num_inference_steps=3, guidance_scale=1.0,
+                output_type="latent")
+    first = pipe(generator=torch.Generator().manual_seed(5), **args).frames
+    torch.manual_seed(123)  # the global RNG plays no part
+    assert torch.equal(pipe(generator=torch.Generator().manual_seed(5), **args).frames, first)
+    # megadmd generate, same folder and seed; its steps, attention and text encoder come from the export
+    (tmp_path / "p.txt").write_text(PROMPT + "\n")
+    r = cli("generate", "--model", shipped, "-o", tmp_path / "gen", "--prompts", tmp_path / "p.txt",
+            "--latent-shape", VSA_LATENT, "--seed", 5)
+    assert r.exit_code == 0, r.output
+    assert "VSA at sparsity 0.5 attention" in r.output
+    torch.testing.assert_close(load_file(str(tmp_path / "gen" / "latents.safetensors"))["latents"], first,
+                               rtol=0, atol=1e-5)
+    # save_pretrained -> from_pretrained: the same scheduler and the same samples
+    pipe.save_pretrained(str(tmp_path / "resaved"))
+    again = WanPipeline.from_pretrained(str(tmp_path / "resaved"))
+    assert again.scheduler.config.timesteps == pipe.scheduler.config.timesteps
+    enable_vsa(again.transformer, sparsity=0.5)  # megadmd_sampling.json is not part of what diffusers saves
+    assert torch.equal(again(generator=torch.Generator().manual_seed(5), **args).frames, first)
+
+
+def test_linked_export_uses_relative_links(trained, tmp_path):
+    from diffusers import WanPipeline
+
+    import megadmd.pipeline  # noqa: F401  (DMDScheduler, named by the folder)
+
+    _, probe, _ = trained
+    base = save_tiny_wan_pipeline(tmp_path / "a" / "models" / "wan")
+    r = cli("convert", "to-diffusers", probe["checkpoint"], "-o", tmp_path / "a" / "out" / "fastwan",
+            "--pipeline-from", base, "--link")
+    assert r.exit_code == 0, r.output
+    links = [p for p in (tmp_path / "a" / "out" / "fastwan").iterdir() if p.is_symlink()]
+    assert sorted(p.name for p in links) == ["text_encoder", "tokenizer", "vae"]  # the scheduler is ours
+    assert all(not os.path.isabs(os.readlink(p)) for p in links)
+    shutil.copytree(tmp_path / "a", tmp_path / "b", symlinks=True)  # the tree moves as one: links still hold
+    shutil.rmtree(tmp_path / "a")
+    pipe = WanPipeline.from_pretrained(str(tmp_path / "b" / "out" / "fastwan"))
+    assert pipe.vae is not None and isinstance(pipe.scheduler, megadmd.pipeline.DMDScheduler)
+
+
+def test_readme_diffusers_section_runs_against_an_export(shipped, tmp_path, monkeypatch):
+    """The README's code, as written, with only the folder and the video size swapped for the
+    tiny export's."""
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    code = text.split("### Using the distilled model in diffusers", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    for old, new in (('"fastwan-1.3b"', repr(str(shipped))),
+                     ("height=448, width=832, num_frames=61", "height=32, width=32, num_frames=5")):
+        assert code.count(old) == 1, old
+        code = code.replace(old, new)
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert scope["video"].shape == (5, 32, 32, 3)
+    assert (tmp_path / "cat.mp4").stat().st_size > 0
 
 
 def test_generate_with_prompts_vae_and_teacher_timing(trained, tmp_path):
@@ -169,8 +271,8 @@ def test_generate_pads_text_like_training_so_samples_do_not_depend_on_the_batch(
 
     from megadmd.data.format import LatentDataset
     from megadmd.data.loader import pad_text
-    from megadmd.generate import PURPOSE_RENOISE, PURPOSE_START, _noise
     from megadmd.models import load_wan, predict_velocity
+    from megadmd.pipeline.scheduler import draw_renoise, renoise_generators, start_noise
     from megadmd.sampling import sample_generator
 
     model, data = save_test_model(tmp_path / "m"), save_test_dataset(tmp_path / "d", num_samples=3, seed=4)
@@ -188,9 +290,9 @@ def test_generate_pads_text_like_training_so_samples_do_not_depend_on_the_batch(
     s = ds.get(1)
     text = pad_text(s["text_embeds"][: s["text_len"]], ds.info.max_text_len)[0].unsqueeze(0)
     net = load_wan(model)
+    start = start_noise(7 + 1, TEST_LATENT_SHAPE)  # sample 1 of seed 7
+    gens = renoise_generators(start)
     with torch.no_grad():
-        want = sample_generator(
-            lambda x, t: predict_velocity(net, x, t, text, torch.float32), [1000, 757, 522],
-            _noise(7, 1, PURPOSE_START, TEST_LATENT_SHAPE, "cpu").unsqueeze(0),
-            lambda k: _noise(7, 1, PURPOSE_RENOISE, TEST_LATENT_SHAPE, "cpu", sub=k).unsqueeze(0))
+        want = sample_generator(lambda x, t: predict_velocity(net, x, t, text, torch.float32), [1000, 757, 522],
+                                start, lambda k: draw_renoise(gens, start.shape, "cpu"))
     torch.testing.assert_close(one[key][1:2], want, rtol=1e-5, atol=1e-5)
