@@ -25,6 +25,8 @@ import torch
 
 from .config import TRAINABLE_ROLES, ConfigError
 from .io_utils import atomic_dir
+from .safety.folders import check_output
+from .safety.finite import check_finite_state
 
 WEIGHTS_PATTERN = "diffusion_pytorch_model{suffix}.safetensors"
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -38,7 +40,7 @@ def _dtype(name: str) -> torch.dtype:
 
 
 def write_diffusers_folder(state: dict, config: dict, out: str | Path, dtype: str = "fp32",
-                           max_shard_size: str = "5GB") -> Path:
+                           max_shard_size: str = "5GB", replace: bool = False) -> Path:
     """A diffusers ``WanTransformer3DModel`` folder: config.json plus (sharded) safetensors."""
     from huggingface_hub import save_torch_state_dict
 
@@ -46,7 +48,7 @@ def write_diffusers_folder(state: dict, config: dict, out: str | Path, dtype: st
     cfg["_class_name"] = "WanTransformer3DModel"
     dt = _dtype(dtype)
     tensors = {k: v.detach().to("cpu", dt if v.is_floating_point() else v.dtype).contiguous() for k, v in state.items()}
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, replace=replace) as tmp:
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         save_torch_state_dict(tensors, tmp, filename_pattern=WEIGHTS_PATTERN, max_shard_size=max_shard_size)
     return Path(out)
@@ -61,19 +63,22 @@ def split_experts(state: dict) -> dict:
 
 
 def write_role(state: dict, configs: dict, out: str | Path, dtype: str, max_shard_size: str,
-               pipeline_from: Optional[str] = None) -> Path:
+               pipeline_from: Optional[str] = None, replace: bool = False) -> Path:
     """Write a role's weights: a transformer folder, or a pipeline-style folder.
 
     ``configs`` maps ``transformer`` (and ``transformer_2``) to config dicts. A two-expert model,
     or any model with ``pipeline_from`` (a diffusers Wan pipeline folder to take the other
     components from), is written as ``out/transformer[_2]``; with ``pipeline_from`` the text
     encoder, tokenizer, VAE and scheduler are linked from it and its ``model_index.json`` copied,
-    so ``WanPipeline.from_pretrained(out)`` loads the distilled model.
+    so ``WanPipeline.from_pretrained(out)`` loads the distilled model. An existing ``out`` is
+    replaced only with ``replace`` (checked by megadmd.safety.folders.check_output first).
     """
+    check_finite_state(state)
     parts = split_experts(state)
     if len(parts) == 1 and pipeline_from is None:
-        return write_diffusers_folder(parts["transformer"], configs["transformer"], out, dtype, max_shard_size)
-    with atomic_dir(out) as tmp:
+        return write_diffusers_folder(parts["transformer"], configs["transformer"], out, dtype, max_shard_size,
+                                      replace)
+    with atomic_dir(out, replace=replace) as tmp:
         for name, sub in parts.items():
             write_diffusers_folder(sub, configs[name], tmp / name, dtype, max_shard_size)
         if pipeline_from is not None:
@@ -115,7 +120,7 @@ def role_state_dict(ckpt: str | Path, role: str, config: Optional[str] = None) -
     if _is_megadmd_checkpoint(path):
         if role not in TRAINABLE_ROLES:
             raise ConfigError(f"--role must be one of {', '.join(TRAINABLE_ROLES)} (the teacher is not trained)")
-        problem = verify(path)
+        problem = verify(path, only=(f"{role}/", "trainer_state.json"))
         if problem:
             raise ConfigError(f"checkpoint {problem}")
         ds_dir, tag = path / role, DS_TAG
@@ -140,30 +145,32 @@ def _role_configs(role_dir: Path) -> dict:
 
 def to_diffusers(ckpt: str, out: str, role: str = "generator", dtype: str = "fp32",
                  max_shard_size: str = "5GB", config: Optional[str] = None,
-                 pipeline_from: Optional[str] = None) -> Path:
+                 pipeline_from: Optional[str] = None, overwrite: bool = False) -> Path:
+    target = check_output(out, "convert to-diffusers", overwrite, inputs=[ckpt, config, pipeline_from])
     state, configs = role_state_dict(ckpt, role, config)
-    return write_role(state, configs, out, dtype, max_shard_size, pipeline_from)
+    return write_role(state, configs, out, dtype, max_shard_size, pipeline_from, target.replace)
 
 
 def export_ema(ckpt: str, out: str, dtype: str = "fp32", max_shard_size: str = "5GB",
-               pipeline_from: Optional[str] = None) -> Path:
+               pipeline_from: Optional[str] = None, overwrite: bool = False) -> Path:
     """The generator's EMA weights as a diffusers folder."""
     from safetensors.torch import load_file
 
     from .checkpoint import verify
 
+    target = check_output(out, "export-ema", overwrite, inputs=[ckpt, pipeline_from])
     path = Path(ckpt)
     if not _is_megadmd_checkpoint(path):
         raise ConfigError(f"{path} is not a megadmd checkpoint (no trainer_state.json)")
-    problem = verify(path)
-    if problem:
-        raise ConfigError(f"checkpoint {problem}")
     ema_file = path / "ema" / "ema.safetensors"
     if not ema_file.is_file():
         raise ConfigError(f"checkpoint {path.name} holds no EMA (train with ema.decay > 0, and past "
                           f"ema.start_step)")
+    problem = verify(path, only=("ema/ema.safetensors", "generator/config", "trainer_state.json"))
+    if problem:
+        raise ConfigError(f"checkpoint {problem}")
     return write_role(load_file(str(ema_file)), _role_configs(path / "generator"), out, dtype, max_shard_size,
-                      pipeline_from)
+                      pipeline_from, target.replace)
 
 
 def to_universal(ckpt: str) -> list[Path]:
@@ -177,13 +184,14 @@ def to_universal(ckpt: str) -> list[Path]:
 
 
 def init_from_weights(weights: str, config: str, out: str, dtype: str = "fp32",
-                      max_shard_size: str = "5GB") -> Path:
+                      max_shard_size: str = "5GB", overwrite: bool = False) -> Path:
     """Plain weights (diffusers or original Wan key names) + a config -> a role folder.
 
     ``config`` is a config.json, a diffusers folder holding one, or a preset name.
     """
     from safetensors.torch import load_file
 
+    target = check_output(out, "convert init", overwrite, inputs=[weights, config if Path(config).exists() else None])
     cfg = _load_config(config)
     p = Path(weights)
     if not p.is_file():
@@ -195,7 +203,8 @@ def init_from_weights(weights: str, config: str, out: str, dtype: str = "fp32",
 
         state = convert_wan_transformer_to_diffusers(state)
     _check_keys(state, cfg)
-    return write_diffusers_folder(state, cfg, out, dtype, max_shard_size)
+    check_finite_state(state)
+    return write_diffusers_folder(state, cfg, out, dtype, max_shard_size, target.replace)
 
 
 def _load_config(config: str) -> dict:
