@@ -22,7 +22,9 @@ has finished and every file is hashed, and ``latest`` is rewritten only after th
 the middle of a save leaves the previous checkpoint intact and ``latest`` pointing at it. A write
 that fails on any rank (a full disk) fails the save on every rank together: the temporary folder
 is removed and one line says what happened. Each rank hashes the files it wrote on a thread pool
-while the next role is being written. Resuming checks every file's hash (spread over the ranks)
+while the next role is being written; a periodic save returns as soon as the files are written,
+and is completed (hashes gathered, manifest, rename) at the next iteration, so the hashing
+overlaps that iteration. Resuming checks every file's hash (spread over the ranks)
 and skips damaged checkpoints under ``--resume auto``; pruning keeps the newest ``keep_last``
 verified checkpoints (docs/checkpoints.md). The teacher is frozen and is reloaded from its folder
 (DeepSpeed cannot save an engine without an optimizer).
@@ -124,7 +126,7 @@ class _SaveRecord:
                 self.run(f"hashing {path}", lambda path=path: self.hasher.submit(path))
 
     def finish(self) -> dict:
-        """Wait for the hashes: ``{relative path: {"bytes", "sha256"}}``."""
+        """Wait for the hashes: ``{relative path: {"bytes", "hash"}}``."""
         if self.hasher is None:
             return {}
         try:
@@ -179,14 +181,23 @@ class Checkpointer:
         self.hash_files = hash_files
         self.verdicts: dict[str, Optional[str]] = {}  # resolved path -> None (verified) or the problem
         self.state_step: Optional[int] = None  # the step of the checkpoint equal to the trainer's state
+        self._pending: Optional[tuple] = None  # a save whose files are written and being hashed
 
     # --- saving ------------------------------------------------------------------------------
     def maybe_save(self, trainer) -> None:
+        """The per-iteration hook: completes the previous iteration's save, then starts one every
+        ``interval_steps`` (completed at the next iteration, so its hashing overlaps that one)."""
+        self.finish_pending()
         n = self.cfg.checkpoint.interval_steps
         if n and trainer.state.step % n == 0:
-            self.save(trainer)
+            self.save(trainer, wait=False)
 
-    def save(self, trainer) -> Path:
+    def save(self, trainer, wait: bool = True) -> Path:
+        """Save the trainer's state as ``step-N``: every rank writes its files and hashes them on its
+        pool, rank 0 writes the shared ones. With ``wait`` the manifest is written and the folder
+        renamed into place before returning; otherwise ``finish_pending`` does that later (the
+        hashes keep going meanwhile; until then a crash leaves only an ``.incomplete`` folder)."""
+        self.finish_pending()
         step, rank = trainer.state.step, self.pstate.rank
         final = self.root / step_name(step)
         tmp = self.root / f".{step_name(step)}.incomplete"
@@ -202,16 +213,30 @@ class Checkpointer:
         record.run("writing the rank state", lambda: atomic_torch_save(
             {"rng": _rng_state(), "window": trainer.window.state_dict()}, rank_file))
         record.hash([rank_file])
-        hashed = self._agree(record, final, tmp)
+        if rank == 0:
+            record.run("writing the run state", lambda: self._write_shared(trainer, tmp))
+        self._agree(record, final, tmp, join=False)  # a failed write stops every rank now
         if os.environ.get("MEGADMD_CRASH_POINT") == f"mid-save:{step}" and rank == 0:
             os.kill(os.getpid(), signal.SIGKILL)  # test hook: die with the engines saved, not renamed
-        done = _SaveRecord(tmp, hash_files=False)
-        if rank == 0:
-            done.run("finishing", lambda: self._finish(trainer, tmp, final, hashed))
-        self._agree(done, final, tmp)
+        self._pending = (record, final, tmp)
         self.state_step = step
-        log.info("checkpoint saved: %s", final)
+        if wait:
+            self.finish_pending()
         return final
+
+    def finish_pending(self) -> None:
+        """Complete a started save: gather the hashes, and rank 0 writes the manifest, renames the
+        folder into place, points ``latest`` at it and prunes. A no-op when none is pending."""
+        if self._pending is None:
+            return
+        record, final, tmp = self._pending
+        self._pending = None
+        hashed = self._agree(record, final, tmp)
+        done = _SaveRecord(tmp, hash_files=False)
+        if self.pstate.rank == 0:
+            done.run("finishing", lambda: self._finish(tmp, final, hashed))
+        self._agree(done, final, tmp)
+        log.info("checkpoint saved: %s", final)
 
     def _save_engine(self, engine, role_dir: Path, record: _SaveRecord) -> None:
         writes = _recorded_writes(engine)
@@ -241,15 +266,17 @@ class Checkpointer:
             record.run("writing the EMA", lambda: save_file({k: v.contiguous() for k, v in full.items()}, str(path)))
             record.hash([path])
 
-    def _agree(self, record: _SaveRecord, final: Path, tmp: Path) -> dict:
-        """Every rank's outcome and hashes (collective). If any rank failed, rank 0 removes the
-        unfinished folder and every rank raises the same line."""
-        hashed = record.finish()
+    def _agree(self, record: _SaveRecord, final: Path, tmp: Path, join: bool = True) -> dict:
+        """Every rank's outcome and, with ``join``, its hashes (collective). If any rank failed,
+        rank 0 removes the unfinished folder and every rank raises the same line."""
+        hashed = record.finish() if join else {}
         gathered = [None] * self.pstate.world_size
         dist.all_gather_object(gathered, (record.error, hashed), group=self.pstate.world_group)
         failed = [(r, error) for r, (error, _) in enumerate(gathered) if error]
         if not failed:
             return {rel: entry for _, files in gathered for rel, entry in files.items()}
+        if not join:
+            record.finish()  # no hashing thread outlives the save
         if self.pstate.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         dist.barrier()
@@ -263,9 +290,8 @@ class Checkpointer:
         name = latest.read_text().strip() if latest.is_file() else ""
         return f"the previous checkpoint {name} and 'latest' are unchanged" if name else "no earlier checkpoint exists"
 
-    def _finish(self, trainer, tmp: Path, final: Path, hashed: dict) -> None:
-        """Rank 0 only: the shared files and the manifest (last) into ``tmp``; then the rename,
-        ``latest`` and pruning."""
+    def _write_shared(self, trainer, tmp: Path) -> None:
+        """Rank 0: the files every rank shares, from the state at the moment of the save."""
         p = self.pstate
         state = {
             **trainer.state.state_dict(),
@@ -281,6 +307,10 @@ class Checkpointer:
             if role in TRAINABLE_ROLES:
                 name = "config_2.json" if low else "config.json"
                 atomic_write_text(tmp / role / name, json.dumps(mcfg, indent=1) + "\n")
+
+    def _finish(self, tmp: Path, final: Path, hashed: dict) -> None:
+        """Rank 0: the manifest (hashing the files no rank hashed: the shared ones, DeepSpeed's
+        recovery scripts), written last; then the rename, ``latest`` and pruning."""
         manifest.write_manifest(tmp, hashed, hash_rest=self.hash_files)
         _replace_dir(tmp, final)
         self.verdicts[str(final.resolve())] = None

@@ -136,6 +136,7 @@ def run_train(cfg: RunConfig, local_rank: int | None = None, overwrite: bool = F
     try:
         trainer.train()
         ckpt = trainer.checkpointer
+        ckpt.finish_pending()
         if trainer.state.step > 0 and ckpt.state_step != trainer.state.step:
             ckpt.save(trainer)
     finally:

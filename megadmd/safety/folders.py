@@ -249,10 +249,14 @@ def check_run_dir(out, overwrite: bool) -> bool:
         raise ConfigError(f"output_dir {found}, not a run folder; give the run's folder (the one holding "
                           f"checkpoints/) or a new one")
     is_run = found is not None and found.kind == "run"
-    if not is_run and path.is_dir() and any(path.iterdir()) and not overwrite:
+    if not is_run and path.is_dir() and any(path.iterdir()):
         what = str(found) if found else f"{path} is not empty ({_some_names(path)}) and is not a megadmd run"
-        raise ConfigError(f"output_dir {what}; pass --overwrite to add a run to it (nothing in it is deleted), "
-                          f"or choose a new folder")
+        if not overwrite:
+            raise ConfigError(f"output_dir {what}; pass --overwrite to add a run to it (nothing in it is deleted), "
+                              f"or choose a new folder")
+        if (path / "config.json").exists():  # the run's resolved config would replace it
+            raise ConfigError(f"output_dir {path} holds a config.json that is not a megadmd run's, and the run "
+                              f"writes its own there; move it away, or choose a new folder")
     check_writable(path, "output_dir")
     return is_run
 

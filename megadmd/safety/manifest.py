@@ -2,12 +2,16 @@
 
 ``manifest.json`` (written last into a checkpoint, so its presence marks the save complete)::
 
-    {"format": "megadmd-checkpoint-manifest", "version": 2, "hash": "sha256-blocks-64MiB",
-     "files": {"generator/zero/...optim_states.pt": {"bytes": 123, "sha256": "..."}, ...}}
+    {"format": "megadmd-checkpoint-manifest", "version": 2, "hash": "xxh3-128-blocks-64MiB",
+     "files": {"generator/zero/...optim_states.pt": {"bytes": 123, "hash": "..."}, ...}}
 
-A file's hash is the SHA-256 of the concatenated SHA-256 digests of its 64 MiB blocks: one big
+A file's hash is the XXH3-128 of the concatenated XXH3-128 digests of its 64 MiB blocks: one big
 file (a rank's optimizer state) then hashes on several threads at once, at save and at load.
-Manifests of version 1 (``{"path": size}``, older megadmd) still load, checked by size only.
+XXH3 (the ``xxhash`` package) rather than SHA-256: the hashes guard against damage (bit flips,
+torn or truncated writes, a copy gone wrong), not against tampering, and it costs about a sixth
+of SHA-256's CPU time (BENCHMARKS.md), which is what keeps a save from slowing down where the
+cores are busy. Manifests of version 1 (``{"path": size}``, older megadmd) still load, checked by
+size only.
 
 Saving hashes in the background: each rank submits the files it wrote as soon as each role's
 save returns, and the pool reads them back (from the page cache) while the next role is written;
@@ -16,29 +20,32 @@ the results are joined before the manifest is written and the checkpoint renamed
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable, Optional
 
+import xxhash
+
 MANIFEST = "manifest.json"
 FORMAT = "megadmd-checkpoint-manifest"
 VERSION = 2
 BLOCK_BYTES = 64 << 20
-HASH_NAME = "sha256-blocks-64MiB"
+HASH_NAME = "xxh3-128-blocks-64MiB"
 _READ_BYTES = 8 << 20
+_new_hash = xxhash.xxh3_128  # a module attribute, so tools/bench_checkpoint.py can time SHA-256 against it
 
 
 def default_threads() -> int:
     """Hashing threads per process: the node's cores shared among the node's ranks, 1 to 8."""
-    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    # torchrun sets LOCAL_WORLD_SIZE, the deepspeed launcher LOCAL_SIZE
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
     return max(1, min(8, (os.cpu_count() or 1) // max(1, local_ranks)))
 
 
 def _block_digest(path: Path, index: int) -> bytes:
-    h = hashlib.sha256()
+    h = _new_hash()
     buf = bytearray(_READ_BYTES)
     view = memoryview(buf)
     left = BLOCK_BYTES
@@ -48,7 +55,7 @@ def _block_digest(path: Path, index: int) -> bytes:
             n = f.readinto(view[: min(left, _READ_BYTES)])
             if not n:
                 break
-            h.update(view[:n])  # hashlib releases the GIL on large buffers: threads hash in parallel
+            h.update(view[:n])  # xxhash releases the GIL: the pool's threads hash in parallel
             left -= n
     return h.digest()
 
@@ -68,9 +75,9 @@ class Hasher:
         self._files[rel] = (size, [self._pool.submit(_block_digest, Path(path), i) for i in range(blocks)])
 
     def results(self) -> dict:
-        """``{relative path: {"bytes", "sha256"}}`` of every submitted file (waits; read errors raise)."""
+        """``{relative path: {"bytes", "hash"}}`` of every submitted file (waits; read errors raise)."""
         try:
-            return {rel: {"bytes": size, "sha256": hashlib.sha256(b"".join(f.result() for f in futures)).hexdigest()}
+            return {rel: {"bytes": size, "hash": _new_hash(b"".join(f.result() for f in futures)).hexdigest()}
                     for rel, (size, futures) in sorted(self._files.items())}
         finally:
             self._pool.shutdown(wait=True)
@@ -102,7 +109,7 @@ def write_manifest(root: Path, hashed: dict, hash_rest: bool = True, threads: Op
 
 
 def read_manifest(root: Path) -> tuple[dict, bool]:
-    """``({relative path: {"bytes"[, "sha256"]}}, has content hashes)``; ValueError says what is wrong."""
+    """``({relative path: {"bytes"[, "hash"]}}, has content hashes)``; ValueError says what is wrong."""
     path = Path(root) / MANIFEST
     if not path.is_file():
         raise ValueError(f"{Path(root).name} has no {MANIFEST} (its save did not finish)")
@@ -133,7 +140,7 @@ def check_files(root: Path, files: dict, rels: Iterable[str], deep: bool = True,
         size = f.stat().st_size
         if size != files[rel]["bytes"]:
             return f"{root.name}/{rel} has {size} bytes, expected {files[rel]['bytes']} (truncated or damaged)"
-    hashed = [rel for rel in rels if "sha256" in files[rel]]
+    hashed = [rel for rel in rels if "hash" in files[rel]]
     if not deep or not hashed:
         return None
     try:
@@ -141,7 +148,7 @@ def check_files(root: Path, files: dict, rels: Iterable[str], deep: bool = True,
     except OSError as exc:
         return f"{root.name}: a file cannot be read ({exc})"
     for rel in hashed:
-        if got[rel]["sha256"] != files[rel]["sha256"]:
+        if got[rel]["hash"] != files[rel]["hash"]:
             return f"{root.name}/{rel} does not match its content hash (damaged on disk)"
     return None
 
