@@ -37,12 +37,23 @@ def user_errors(fn):
     return wrapper
 
 
+def overwrite_option(fn):
+    """``--overwrite``, shared by every command that writes a folder (megadmd/safety/folders.py)."""
+    return click.option("--overwrite", is_flag=True,
+                        help="replace a non-empty output folder (never a megadmd run, checkpoint, or a dataset "
+                             "written by another command)")(fn)
+
+
 def config_options(fn):
     """``--config``, ``--set`` and the common shortcuts, shared by commands that take a run config."""
     fn = click.option("--local_rank", "--local-rank", "local_rank", type=int, default=None, hidden=True,
                       help="set by the deepspeed launcher")(fn)
+    fn = click.option("--allow-config-change", is_flag=True,
+                      help="same as --set checkpoint.allow_config_change=true: resume although keys that "
+                           "change the optimisation differ from the checkpoint's config")(fn)
     fn = click.option("--resume", default=None, metavar="auto|PATH",
-                      help="same as --set checkpoint.resume=...: 'auto' = newest intact checkpoint")(fn)
+                      help="same as --set checkpoint.resume=...: 'auto' = newest intact checkpoint "
+                           "(a fresh start when the folder has none)")(fn)
     fn = click.option("--max-steps", type=int, default=None, help="same as --set train.max_steps=N")(fn)
     fn = click.option("--output-dir", "-o", default=None, help="same as --set output_dir=DIR")(fn)
     fn = click.option("--preset", default=None, help="same as --set preset=NAME (e.g. tiny, wan2.1-t2v-1.3b)")(fn)
@@ -53,12 +64,14 @@ def config_options(fn):
     return fn
 
 
-def _resolve(config_file, overrides, preset, output_dir, max_steps, resume=None):
+def _resolve(config_file, overrides, preset, output_dir, max_steps, resume=None, allow_config_change=False):
     from .config import resolve
 
     extra = list(overrides)
     if resume is not None:
         extra.append(f"checkpoint.resume={resume}")
+    if allow_config_change:
+        extra.append("checkpoint.allow_config_change=true")
     if preset is not None:
         extra.insert(0, f"preset={preset}")
     if output_dir is not None:
@@ -80,41 +93,46 @@ def main(local_rank) -> None:
 
 @main.command()
 @config_options
+@click.option("--overwrite", is_flag=True,
+              help="start a run in a non-empty folder that is not a megadmd run (nothing in it is deleted)")
 @user_errors
-def train(config_file, overrides, preset, output_dir, max_steps, local_rank, resume):
+def train(config_file, overrides, preset, output_dir, max_steps, local_rank, resume, allow_config_change,
+          overwrite):
     """Distill a teacher into a few-step generator with DMD2.
 
-    With no arguments it distills the built-in toy teacher (preset 'tiny') on this machine.
+    With no arguments it distills the built-in toy teacher (preset 'tiny') on this machine. One run
+    per output folder: a folder with checkpoints is continued with --resume auto, never restarted.
     """
     from .runner import run_train
 
-    cfg = _resolve(config_file, overrides, preset, output_dir, max_steps, resume)
-    run_train(cfg, local_rank=local_rank)
+    cfg = _resolve(config_file, overrides, preset, output_dir, max_steps, resume, allow_config_change)
+    run_train(cfg, local_rank=local_rank, overwrite=overwrite)
     shutdown_distributed()
 
 
 @main.command("make-dataset")
-@click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="dataset folder to write")
+@click.option("--out", "-o", required=True, type=click.Path(), help="dataset folder to write")
 @click.option("--num-samples", "-n", type=int, default=64, show_default=True)
 @click.option("--latent-shape", default="16,4,8,8", show_default=True, help="C,F,H,W")
 @click.option("--text-len", type=int, default=16, show_default=True, help="tokens per text embedding")
 @click.option("--text-dim", type=int, default=4096, show_default=True)
 @click.option("--text-only", is_flag=True, help="no latents (for data-free training)")
 @click.option("--seed", type=int, default=0, show_default=True)
+@overwrite_option
 @user_errors
-def make_dataset(out, num_samples, latent_shape, text_len, text_dim, text_only, seed):
+def make_dataset(out, num_samples, latent_shape, text_len, text_dim, text_only, seed, overwrite):
     """Write a random synthetic-latent dataset of any shape (for tests and demos)."""
     from .data.make import write_random_dataset
 
     shape = _int_list(latent_shape, "--latent-shape", 4)
     info = write_random_dataset(out, num_samples=num_samples, latent_shape=None if text_only else shape,
-                                text_len=text_len, text_dim=text_dim, seed=seed)
+                                text_len=text_len, text_dim=text_dim, seed=seed, overwrite=overwrite)
     click.echo(f"wrote {info.num_samples} samples to {out}")
 
 
 @main.command("encode-text")
 @click.option("--prompts", required=True, type=click.Path(dir_okay=False), help="prompts file: .txt (one per line) or .jsonl")
-@click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="text-only dataset folder to write")
+@click.option("--out", "-o", required=True, type=click.Path(), help="text-only dataset folder to write")
 @click.option("--text-encoder", required=True, type=click.Path(), help="UMT5EncoderModel folder, or a Wan pipeline folder")
 @click.option("--tokenizer", default=None, type=click.Path(), help="tokenizer folder (default: with the encoder)")
 @click.option("--negative-prompt", default=None,
@@ -124,14 +142,17 @@ def make_dataset(out, num_samples, latent_shape, text_len, text_dim, text_only, 
 @click.option("--shard-size", type=int, default=256, show_default=True)
 @click.option("--batch-size", type=int, default=16, show_default=True)
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True)
+@overwrite_option
 @user_errors
-def encode_text(prompts, out, text_encoder, tokenizer, negative_prompt, max_len, shard_size, batch_size, precision):
-    """Encode prompts with UMT5 into a text-only dataset (data-free training, or input to synth)."""
+def encode_text(prompts, out, text_encoder, tokenizer, negative_prompt, max_len, shard_size, batch_size, precision,
+                overwrite):
+    """Encode prompts with UMT5 into a text-only dataset (data-free training, or input to synth).
+    Resumable: rerun the same command to finish an interrupted one."""
     from .data.text import WAN_NEGATIVE_PROMPT, run_encode_text
 
     negative_prompt = WAN_NEGATIVE_PROMPT if negative_prompt is None else negative_prompt
     info = run_encode_text(prompts, out, text_encoder, tokenizer, negative_prompt, max_len, shard_size,
-                           batch_size, precision)
+                           batch_size, precision, overwrite)
     shutdown_distributed()
     if os.environ.get("RANK", "0") == "0":
         click.echo(f"encoded {info.num_samples} prompts into {out}")
@@ -140,7 +161,7 @@ def encode_text(prompts, out, text_encoder, tokenizer, negative_prompt, max_len,
 @main.command()
 @click.option("--teacher", required=True, type=click.Path(), help="diffusers Wan DiT folder or pipeline folder")
 @click.option("--text-data", required=True, type=click.Path(file_okay=False), help="from megadmd encode-text")
-@click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="synthetic-latent dataset to write")
+@click.option("--out", "-o", required=True, type=click.Path(), help="synthetic-latent dataset to write")
 @click.option("--latent-shape", default=None, help="C,F,H,W of the latents to sample")
 @click.option("--video-size", default=None, help="FRAMES,HEIGHT,WIDTH in pixels; latent = 16,(F-1)/4+1,H/8,W/8 (Wan VAE)")
 @click.option("--steps", type=int, default=50, show_default=True)
@@ -152,9 +173,10 @@ def encode_text(prompts, out, text_encoder, tokenizer, negative_prompt, max_len,
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True)
 @click.option("--vae", default=None, type=click.Path(), help="AutoencoderKLWan folder: decode a few samples to mp4/png")
 @click.option("--decode", "num_decode", type=int, default=4, show_default=True, help="samples to decode with --vae")
+@overwrite_option
 @user_errors
 def synth(teacher, text_data, out, latent_shape, video_size, steps, guidance_scale, cfg_form, flow_shift,
-          seed, batch_size, precision, vae, num_decode):
+          seed, batch_size, precision, vae, num_decode, overwrite):
     """Sample clean teacher latents for every prompt (resumable; split across ranks)."""
     from .data.synth import SynthOptions, run_synth
 
@@ -162,7 +184,8 @@ def synth(teacher, text_data, out, latent_shape, video_size, steps, guidance_sca
     info = run_synth(SynthOptions(
         teacher=teacher, text_data=text_data, out=out, latent_shape=tuple(shape), num_steps=steps,
         guidance_scale=guidance_scale, cfg_form=cfg_form, flow_shift=flow_shift, seed=seed,
-        batch_size=batch_size, precision=precision, vae=vae, num_decode=num_decode if vae else 0))
+        batch_size=batch_size, precision=precision, vae=vae, num_decode=num_decode if vae else 0,
+        overwrite=overwrite))
     shutdown_distributed()
     if os.environ.get("RANK", "0") == "0":
         click.echo(f"synthesized {info.num_samples} latents of shape {shape} into {out}")
@@ -172,19 +195,20 @@ def synth(teacher, text_data, out, latent_shape, video_size, steps, guidance_sca
 @click.option("--text-data", required=True, type=click.Path(file_okay=False), help="from megadmd encode-text")
 @click.option("--images", required=True, type=click.Path(dir_okay=False),
               help="one image path per prompt, in order (.txt lines or .jsonl {\"image\": ...})")
-@click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="dataset to write")
+@click.option("--out", "-o", required=True, type=click.Path(), help="dataset to write")
 @click.option("--image-encoder", required=True, type=click.Path(), help="CLIP vision model folder or Wan I2V pipeline")
 @click.option("--vae", required=True, type=click.Path(), help="AutoencoderKLWan folder or Wan pipeline")
 @click.option("--video-size", required=True, help="FRAMES,HEIGHT,WIDTH the conditions are made for")
 @click.option("--batch-size", type=int, default=8, show_default=True)
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True)
+@overwrite_option
 @user_errors
-def encode_images(text_data, images, out, image_encoder, vae, video_size, batch_size, precision):
+def encode_images(text_data, images, out, image_encoder, vae, video_size, batch_size, precision, overwrite):
     """Add image-to-video conditions (first-frame latent, CLIP embedding) to a text dataset."""
     from .data.image import run_encode_images
 
     info = run_encode_images(text_data, images, out, image_encoder, vae, tuple(_int_list(video_size, "--video-size", 3)),
-                             batch_size, precision)
+                             batch_size, precision, overwrite)
     shutdown_distributed()
     if os.environ.get("RANK", "0") == "0":
         click.echo(f"encoded {info.num_samples} image conditions into {out}")
@@ -197,7 +221,7 @@ def convert() -> None:
 
 @convert.command("to-diffusers")
 @click.argument("checkpoint", type=click.Path(file_okay=False))
-@click.option("--out", "-o", required=True, type=click.Path(file_okay=False))
+@click.option("--out", "-o", required=True, type=click.Path(), help="folder to write")
 @click.option("--role", type=click.Choice(["generator", "fake_score"]), default="generator", show_default=True)
 @click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
 @click.option("--max-shard-size", default="5GB", show_default=True)
@@ -207,12 +231,14 @@ def convert() -> None:
               help="a diffusers Wan pipeline folder: write a complete pipeline (its other components copied)")
 @click.option("--link", is_flag=True,
               help="with --pipeline-from: relative symlinks to its components instead of copies")
+@overwrite_option
 @user_errors
-def convert_to_diffusers(checkpoint, out, role, dtype, max_shard_size, model_config, pipeline_from, link):
+def convert_to_diffusers(checkpoint, out, role, dtype, max_shard_size, model_config, pipeline_from, link, overwrite):
     """A megadmd (or DeepSpeed) checkpoint -> a diffusers WanTransformer3DModel folder."""
     from .convert import to_diffusers
 
-    click.echo(f"wrote {to_diffusers(checkpoint, out, role, dtype, max_shard_size, model_config, pipeline_from, link)}")
+    path = to_diffusers(checkpoint, out, role, dtype, max_shard_size, model_config, pipeline_from, link, overwrite)
+    click.echo(f"wrote {path}")
 
 
 @convert.command("to-universal")
@@ -229,14 +255,15 @@ def convert_to_universal(checkpoint):
 @convert.command("init")
 @click.argument("weights", type=click.Path(dir_okay=False))
 @click.option("--config", "model_config", required=True, help="config.json, a folder with one, or a preset name")
-@click.option("--out", "-o", required=True, type=click.Path(file_okay=False))
+@click.option("--out", "-o", required=True, type=click.Path(), help="folder to write")
 @click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
+@overwrite_option
 @user_errors
-def convert_init(weights, model_config, out, dtype):
+def convert_init(weights, model_config, out, dtype, overwrite):
     """Plain safetensors weights (diffusers or original Wan names) -> a folder usable as any role's path."""
     from .convert import init_from_weights
 
-    click.echo(f"wrote {init_from_weights(weights, model_config, out, dtype)}")
+    click.echo(f"wrote {init_from_weights(weights, model_config, out, dtype, overwrite=overwrite)}")
 
 
 @convert.command("from-fastvideo-config")
@@ -277,26 +304,27 @@ def convert_from_fastvideo_data(source, out, negative, vae, preset, shard_size, 
 
 @main.command("export-ema")
 @click.argument("checkpoint", type=click.Path(file_okay=False))
-@click.option("--out", "-o", required=True, type=click.Path(file_okay=False))
+@click.option("--out", "-o", required=True, type=click.Path(), help="folder to write")
 @click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
 @click.option("--max-shard-size", default="5GB", show_default=True)
 @click.option("--pipeline-from", default=None, type=click.Path(file_okay=False),
               help="a diffusers Wan pipeline folder: write a complete pipeline (its other components copied)")
 @click.option("--link", is_flag=True,
               help="with --pipeline-from: relative symlinks to its components instead of copies")
+@overwrite_option
 @user_errors
-def export_ema_cmd(checkpoint, out, dtype, max_shard_size, pipeline_from, link):
+def export_ema_cmd(checkpoint, out, dtype, max_shard_size, pipeline_from, link, overwrite):
     """The generator's EMA weights of a checkpoint -> a diffusers folder that samples on the run's
     own DMD steps (scheduler and megadmd_sampling.json)."""
     from .convert import export_ema
 
-    click.echo(f"wrote {export_ema(checkpoint, out, dtype, max_shard_size, pipeline_from, link)}")
+    click.echo(f"wrote {export_ema(checkpoint, out, dtype, max_shard_size, pipeline_from, link, overwrite)}")
 
 
 @main.command()
 @click.option("--model", required=True, type=click.Path(),
               help="the distilled generator: an export (pipeline folder) or a transformer folder")
-@click.option("--out", "-o", required=True, type=click.Path(file_okay=False))
+@click.option("--out", "-o", required=True, type=click.Path(), help="folder to write")
 @click.option("--prompts", default=None, type=click.Path(dir_okay=False), help=".txt or .jsonl prompts")
 @click.option("--text-encoder", default=None, type=click.Path(),
               help="UMT5 folder or Wan pipeline folder [default: the --model pipeline's own]")
@@ -325,10 +353,11 @@ def export_ema_cmd(checkpoint, out, dtype, max_shard_size, pipeline_from, link):
               help="the teacher's unconditional prompt (with --prompts) [default: Wan's standard negative prompt]")
 @click.option("--images", default=None, type=click.Path(dir_okay=False), help="image-to-video: one image per prompt")
 @click.option("--image-encoder", default=None, type=click.Path(), help="CLIP vision model folder (with --images)")
+@overwrite_option
 @user_errors
 def generate(model, out, prompts, text_encoder, tokenizer, embeds, latent_shape, video_size, steps, attention,
              vsa_sparsity, vsa_backend, seed, batch_size, precision, vae, compare_teacher, teacher_steps,
-             guidance_scale, cfg_form, flow_shift, negative_prompt, images, image_encoder):
+             guidance_scale, cfg_form, flow_shift, negative_prompt, images, image_encoder, overwrite):
     """Few-step sampling with a distilled generator; optionally timed against the teacher.
 
     Sample j of --seed S equals diffusers' WanPipeline on the export with
@@ -344,7 +373,7 @@ def generate(model, out, prompts, text_encoder, tokenizer, embeds, latent_shape,
         vsa_backend=vsa_backend, seed=seed, batch_size=batch_size, precision=precision,
         vae=vae, compare_teacher=compare_teacher, teacher_steps=teacher_steps, guidance_scale=guidance_scale,
         cfg_form=cfg_form, flow_shift=flow_shift, images=images, image_encoder=image_encoder,
-        video_size=tuple(_int_list(video_size, "--video-size", 3)) if video_size else None))
+        video_size=tuple(_int_list(video_size, "--video-size", 3)) if video_size else None, overwrite=overwrite))
     attn = f"VSA at sparsity {res['vsa_sparsity']:g}" if res["attention"] == "vsa" else "dense"
     click.echo(f"student, {res['student_steps']} steps: {res['student_s_per_sample']:.4f} s/sample "
                f"(timesteps {', '.join(f'{t:g}' for t in res['steps'])}; {attn} attention)")

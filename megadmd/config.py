@@ -151,6 +151,9 @@ class CheckpointConfig:
     interval_steps: int = 500  # save every N iterations (0: only at the end); always at the end
     keep_last: int = 3  # keep the newest N checkpoints (0: keep all)
     resume: str = ""  # "" (fresh start), "auto" (newest intact checkpoint in output_dir), or a path
+    # resume even though keys that change the optimisation differ from the checkpoint's config
+    # (--allow-config-change; megadmd/safety/runfolder.py lists them)
+    allow_config_change: bool = False
 
 
 @dataclass

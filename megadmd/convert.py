@@ -32,6 +32,8 @@ import torch
 
 from .config import TRAINABLE_ROLES, ConfigError
 from .io_utils import atomic_dir
+from .safety.folders import check_output
+from .safety.finite import check_finite_state
 
 log = logging.getLogger("megadmd")
 WEIGHTS_PATTERN = "diffusion_pytorch_model{suffix}.safetensors"
@@ -46,9 +48,11 @@ def _dtype(name: str) -> torch.dtype:
 
 
 def write_diffusers_folder(state: dict, config: dict, out: str | Path, dtype: str = "fp32",
-                           max_shard_size: str = "5GB", sampling: Optional[dict] = None) -> Path:
+                           max_shard_size: str = "5GB", sampling: Optional[dict] = None,
+                           replace: bool = False) -> Path:
     """A diffusers ``WanTransformer3DModel`` folder: config.json plus (sharded) safetensors, the
-    VSA gates (if any) in ``vsa_gates.safetensors``, and ``sampling`` as megadmd_sampling.json."""
+    VSA gates (if any) in ``vsa_gates.safetensors``, and ``sampling`` as megadmd_sampling.json.
+    An existing ``out`` is replaced only with ``replace``."""
     from huggingface_hub import save_torch_state_dict
     from safetensors.torch import save_file
 
@@ -59,7 +63,7 @@ def write_diffusers_folder(state: dict, config: dict, out: str | Path, dtype: st
     dt = _dtype(dtype)
     tensors = {k: v.detach().to("cpu", dt if v.is_floating_point() else v.dtype).contiguous() for k, v in state.items()}
     gates = {k: tensors.pop(k) for k in [k for k in tensors if is_gate_key(k)]}
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, replace=replace) as tmp:
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         save_torch_state_dict(tensors, tmp, filename_pattern=WEIGHTS_PATTERN, max_shard_size=max_shard_size)
         if gates:
@@ -80,7 +84,8 @@ def split_experts(state: dict) -> dict:
 
 
 def write_role(state: dict, configs: dict, out: str | Path, dtype: str, max_shard_size: str,
-               pipeline_from: Optional[str] = None, link: bool = False, sampling: Optional[dict] = None) -> Path:
+               pipeline_from: Optional[str] = None, link: bool = False, sampling: Optional[dict] = None,
+               replace: bool = False) -> Path:
     """Write a role's weights: a transformer folder, or a pipeline-style folder.
 
     ``configs`` maps ``transformer`` (and ``transformer_2``) to config dicts. A two-expert model,
@@ -89,17 +94,19 @@ def write_role(state: dict, configs: dict, out: str | Path, dtype: str, max_shar
     encoder, tokenizer, VAE (...) are copied from it (``link``: relative symlinks) and its
     ``model_index.json`` copied, so ``WanPipeline.from_pretrained(out)`` loads the distilled model.
     ``sampling`` (a generator's megadmd_sampling.json) goes to the folder's root and, in a
-    pipeline, replaces the base scheduler by a ``DMDScheduler``.
+    pipeline, replaces the base scheduler by a ``DMDScheduler``. An existing ``out`` is replaced
+    only with ``replace`` (checked by megadmd.safety.folders.check_output first).
     """
+    check_finite_state(state)
     parts = split_experts(state)
     if len(parts) == 1 and pipeline_from is None:
         return write_diffusers_folder(parts["transformer"], configs["transformer"], out, dtype, max_shard_size,
-                                      sampling)
+                                      sampling, replace)
     if pipeline_from is not None:
         from .pipeline.folder import read_pipeline_index
 
         read_pipeline_index(Path(pipeline_from), list(parts))  # a bad base fails before any work
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, replace=replace) as tmp:
         for name, sub in parts.items():
             write_diffusers_folder(sub, configs[name], tmp / name, dtype, max_shard_size)
         if pipeline_from is not None:
@@ -130,7 +137,7 @@ def role_state_dict(ckpt: str | Path, role: str, config: Optional[str] = None) -
     if _is_megadmd_checkpoint(path):
         if role not in TRAINABLE_ROLES:
             raise ConfigError(f"--role must be one of {', '.join(TRAINABLE_ROLES)} (the teacher is not trained)")
-        problem = verify(path)
+        problem = verify(path, only=(f"{role}/", "trainer_state.json"))
         if problem:
             raise ConfigError(f"checkpoint {problem}")
         ds_dir, tag = path / role, DS_TAG
@@ -155,7 +162,8 @@ def _role_configs(role_dir: Path) -> dict:
 
 def to_diffusers(ckpt: str, out: str, role: str = "generator", dtype: str = "fp32",
                  max_shard_size: str = "5GB", config: Optional[str] = None,
-                 pipeline_from: Optional[str] = None, link: bool = False) -> Path:
+                 pipeline_from: Optional[str] = None, link: bool = False, overwrite: bool = False) -> Path:
+    target = check_output(out, "convert to-diffusers", overwrite, inputs=[ckpt, config, pipeline_from])
     state, configs = role_state_dict(ckpt, role, config)
     sampling = None
     if role == "generator" and _is_megadmd_checkpoint(Path(ckpt)):
@@ -165,29 +173,30 @@ def to_diffusers(ckpt: str, out: str, role: str = "generator", dtype: str = "fp3
     elif pipeline_from is not None:
         log.warning("the pipeline keeps the scheduler of %s: only a megadmd checkpoint's generator records "
                     "its DMD steps", pipeline_from)
-    return write_role(state, configs, out, dtype, max_shard_size, pipeline_from, link, sampling)
+    return write_role(state, configs, out, dtype, max_shard_size, pipeline_from, link, sampling, target.replace)
 
 
 def export_ema(ckpt: str, out: str, dtype: str = "fp32", max_shard_size: str = "5GB",
-               pipeline_from: Optional[str] = None, link: bool = False) -> Path:
+               pipeline_from: Optional[str] = None, link: bool = False, overwrite: bool = False) -> Path:
     """The generator's EMA weights as a diffusers folder, with how to sample them."""
     from safetensors.torch import load_file
 
     from .checkpoint import verify
     from .pipeline.info import checkpoint_sampling_info
 
+    target = check_output(out, "export-ema", overwrite, inputs=[ckpt, pipeline_from])
     path = Path(ckpt)
     if not _is_megadmd_checkpoint(path):
         raise ConfigError(f"{path} is not a megadmd checkpoint (no trainer_state.json)")
-    problem = verify(path)
-    if problem:
-        raise ConfigError(f"checkpoint {problem}")
     ema_file = path / "ema" / "ema.safetensors"
     if not ema_file.is_file():
         raise ConfigError(f"checkpoint {path.name} holds no EMA (train with ema.decay > 0, and past "
                           f"ema.start_step)")
+    problem = verify(path, only=("ema/ema.safetensors", "generator/config", "trainer_state.json"))
+    if problem:
+        raise ConfigError(f"checkpoint {problem}")
     return write_role(load_file(str(ema_file)), _role_configs(path / "generator"), out, dtype, max_shard_size,
-                      pipeline_from, link, checkpoint_sampling_info(path, "ema"))
+                      pipeline_from, link, checkpoint_sampling_info(path, "ema"), target.replace)
 
 
 def to_universal(ckpt: str) -> list[Path]:
@@ -201,13 +210,14 @@ def to_universal(ckpt: str) -> list[Path]:
 
 
 def init_from_weights(weights: str, config: str, out: str, dtype: str = "fp32",
-                      max_shard_size: str = "5GB") -> Path:
+                      max_shard_size: str = "5GB", overwrite: bool = False) -> Path:
     """Plain weights (diffusers or original Wan key names) + a config -> a role folder.
 
     ``config`` is a config.json, a diffusers folder holding one, or a preset name.
     """
     from safetensors.torch import load_file
 
+    target = check_output(out, "convert init", overwrite, inputs=[weights, config if Path(config).exists() else None])
     cfg = _load_config(config)
     p = Path(weights)
     if not p.is_file():
@@ -219,7 +229,8 @@ def init_from_weights(weights: str, config: str, out: str, dtype: str = "fp32",
 
         state = convert_wan_transformer_to_diffusers(state)
     _check_keys(state, cfg)
-    return write_diffusers_folder(state, cfg, out, dtype, max_shard_size)
+    check_finite_state(state)
+    return write_diffusers_folder(state, cfg, out, dtype, max_shard_size, target.replace)
 
 
 def _load_config(config: str) -> dict:

@@ -30,7 +30,8 @@ import torch
 from . import flow
 from .config import ConfigError
 from .data.text import WAN_NEGATIVE_PROMPT
-from .io_utils import atomic_write_bytes
+from .io_utils import atomic_dir
+from .safety.folders import check_output
 from .models import load_role_model, predict_velocity, read_model_config
 from .sampling import cfg_velocity, sample_generator, sample_teacher
 
@@ -66,6 +67,7 @@ class GenerateOptions:
     attention: Optional[str] = None  # dense | vsa; None: the model's megadmd_sampling.json, else dense
     vsa_sparsity: Optional[float] = None  # None: the model's megadmd_sampling.json
     vsa_backend: str = "auto"
+    overwrite: bool = False  # replace a non-empty output folder (megadmd/safety/folders.py)
 
 
 def with_model_defaults(o: GenerateOptions) -> GenerateOptions:
@@ -245,6 +247,8 @@ def run_generate(o: GenerateOptions) -> dict:
 
     o = with_model_defaults(o)
     model_cfg = check_generate_inputs(o)
+    target = check_output(o.out, "generate", o.overwrite, inputs=[o.model, o.embeds, o.compare_teacher, o.prompts,
+                                                                   o.images])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = compute_dtype(o.precision, device)
     embeds, negative, captions, image = load_conditions(o, device)
@@ -264,7 +268,7 @@ def run_generate(o: GenerateOptions) -> dict:
         _, teacher_s = sample_baseline(teacher, embeds, negative, o, dtype, device, image)
         result.update(teacher_steps=o.teacher_steps, teacher_s_per_sample=teacher_s / len(embeds),
                       speedup=teacher_s / max(student_s, 1e-12))
-    _write_outputs(o, latents, captions, result, device)
+    _write_outputs(o, latents, captions, result, device, target.replace)
     return result
 
 
@@ -302,18 +306,19 @@ def _load_generator(o: GenerateOptions, dtype, device):
     return model.to(device=device).eval()
 
 
-def _write_outputs(o: GenerateOptions, latents: torch.Tensor, captions: list, result: dict, device) -> None:
+def _write_outputs(o: GenerateOptions, latents: torch.Tensor, captions: list, result: dict, device,
+                   replace: bool) -> None:
+    """The samples folder, built under a temporary name and renamed into place when complete."""
     from safetensors.torch import save
 
-    out = Path(o.out)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out / "latents.safetensors",
-                       save({"latents": latents.contiguous()}, metadata={"megadmd": json.dumps({"captions": captions})}))
-    (out / "timing.json").write_text(json.dumps(result, indent=1) + "\n")
-    if o.vae is not None:
-        from .data.video import decode_latents, frames_grid, load_vae, write_mp4, write_png
+    with atomic_dir(o.out, replace=replace) as out:
+        (out / "latents.safetensors").write_bytes(
+            save({"latents": latents.contiguous()}, metadata={"megadmd": json.dumps({"captions": captions})}))
+        (out / "timing.json").write_text(json.dumps(result, indent=1) + "\n")
+        if o.vae is not None:
+            from .data.video import decode_latents, frames_grid, load_vae, write_mp4, write_png
 
-        videos = decode_latents(load_vae(o.vae, device), latents)
-        for i, v in enumerate(videos):
-            write_mp4(out / f"sample_{i:04d}.mp4", v)
-        write_png(out / "grid.png", torch.cat([frames_grid(v) for v in videos], dim=0))
+            videos = decode_latents(load_vae(o.vae, device), latents)
+            for i, v in enumerate(videos):
+                write_mp4(out / f"sample_{i:04d}.mp4", v)
+            write_png(out / "grid.png", torch.cat([frames_grid(v) for v in videos], dim=0))

@@ -65,26 +65,42 @@ def atomic_torch_save(obj, path: str | os.PathLike) -> None:
 
 
 @contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_dir(path: str | os.PathLike, replace: bool = False) -> Iterator[Path]:
     """Build a folder under a temporary name; rename it to ``path`` only if the block succeeds.
 
-    An existing ``path`` is replaced. The caller writes into the yielded temporary folder.
+    ``path`` may be absent or an empty folder. A non-empty ``path`` is replaced only with
+    ``replace=True`` (a command's ``--overwrite``, after megadmd.safety.folders has checked that it
+    holds nothing that must never be deleted); otherwise the new folder is discarded and
+    ConfigError raised, so something that appeared while the command ran is never lost.
     """
+    from .config import ConfigError
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(path, old)
+        if path.is_dir() and any(path.iterdir()):
+            if not replace:
+                raise ConfigError(f"{path} was created by something else while this command ran; it was left "
+                                  f"as it is and nothing was written (rerun with a new output folder)")
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, old / "replaced")
             os.replace(tmp, path)
             shutil.rmtree(old, ignore_errors=True)
         else:
+            if path.is_dir():
+                path.rmdir()  # empty: rename(2) would replace it too, but not on every filesystem
             os.replace(tmp, path)
         _fsync_dir(path.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def remove_tree(path: str | os.PathLike) -> None:
+    """Delete a folder by first renaming it aside (atomic), so a crash never leaves it half deleted."""
+    path = Path(path)
+    aside = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+    os.replace(path, aside / "removed")
+    shutil.rmtree(aside, ignore_errors=True)

@@ -82,28 +82,33 @@ def memory_stats(device: torch.device) -> dict[str, float]:
 
 
 class MetricsWriter:
-    """TensorBoard on rank 0; a no-op elsewhere. Writes into ``<output_dir>/tensorboard``."""
+    """TensorBoard on rank 0; a no-op elsewhere. Writes into ``<output_dir>/tensorboard``, whose
+    event file is created with the first value (a run refused at start-up writes nothing)."""
 
     def __init__(self, output_dir: str | Path, enabled: bool):
         self.enabled = enabled
+        self._log_dir = Path(output_dir) / "tensorboard"
         self._tb = None
-        if enabled:
+
+    def _writer(self):
+        if self._tb is None and self.enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"))
+            self._tb = SummaryWriter(log_dir=str(self._log_dir))
+        return self._tb
 
     def scalars(self, values: dict[str, float], step: int) -> None:
-        if self._tb is None:
+        if self._writer() is None:
             return
         for k, v in values.items():
             self._tb.add_scalar(k, v, global_step=step)
 
     def image(self, tag: str, image_chw: torch.Tensor, step: int) -> None:
-        if self._tb is not None:
+        if self._writer() is not None:
             self._tb.add_image(tag, image_chw, global_step=step, dataformats="CHW")
 
     def text(self, tag: str, text: str, step: int) -> None:
-        if self._tb is not None:
+        if self._writer() is not None:
             self._tb.add_text(tag, text, global_step=step)
 
     def flush(self) -> None:

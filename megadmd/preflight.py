@@ -29,7 +29,7 @@ class TrainPlan:
     text_len: int = 0  # pad text embeddings to this (0: the dataset's longest); 512 for I2V models
     data_format: str = "megadmd"  # or "fastvideo": a FastVideo parquet dataset read in place
     data_options: dict = field(default_factory=dict)  # FastVideoDataset's options (interop/fastvideo_data.py)
-    resume_from: Optional[Path] = None  # the checkpoint to resume from
+    resume_from: Optional[Path] = None  # the checkpoint to resume from (the newest whose sizes match)
     resume_universal: bool = False  # it was saved at another world size
 
 
@@ -75,6 +75,9 @@ def check_dataset(cfg: RunConfig, model_config: dict, teacher_path: str) -> tupl
             raise ConfigError(f"data.path is required for preset '{cfg.preset}' (a megadmd dataset "
                               f"folder from 'megadmd synth' or 'megadmd make-dataset', or a FastVideo "
                               f"preprocessed parquet folder)")
+        from .safety.folders import check_toy_data_dir
+
+        check_toy_data_dir(Path(cfg.output_dir) / "data")
         return str(Path(cfg.output_dir) / "data"), True, None, {}
     opened = {"data_format": dataset_format(cfg.data.path, cfg.data.format), "data_options": {}}
     if opened["data_format"] == "fastvideo":
@@ -161,8 +164,12 @@ def check_vsa_backend(name: str) -> None:
         raise ConfigError(f"attention.vsa_backend: {exc}") from exc
 
 
-def preflight_train(cfg: RunConfig, world_size: int) -> TrainPlan:
-    """All checks of ``megadmd train``'s inputs; returns what the run will use."""
+def preflight_train(cfg: RunConfig, world_size: int, overwrite: bool = False) -> TrainPlan:
+    """All checks of ``megadmd train``'s inputs and output folder; returns what the run will use.
+    ``overwrite``: a non-empty folder that is not a run may take the run (nothing is deleted)."""
+    from .safety.runfolder import check_resume_config, plan_resume
+
+    resume_plan = plan_resume(cfg, overwrite)
     paths, model_config, role_configs = check_models(cfg)
     dp = check_layout(world_size, cfg.parallel.sp_size, model_config.get("num_attention_heads"))
     data_path, builtin, info, opened = check_dataset(cfg, model_config, paths["teacher"])
@@ -179,10 +186,9 @@ def preflight_train(cfg: RunConfig, world_size: int) -> TrainPlan:
         role_ds_config(role, cfg.deepspeed, cfg.train, cfg.optim, dp, bf16)
     if cfg.attention.vsa_enabled:
         check_vsa_backend(cfg.attention.vsa_backend)
-    from .checkpoint import find_resume, read_state
-
-    resume = find_resume(cfg.output_dir, cfg.checkpoint.resume)
-    universal = resume is not None and read_state(resume)["world_size"] != world_size
+    resume = resume_plan.candidates[0] if resume_plan.candidates else None
+    if resume is not None:
+        check_resume_config(cfg, resume, dp)
     text_len = cfg.data.text_len
     if model_config.get("image_dim") is not None:
         # diffusers' Wan I2V attention takes the last 512 context tokens as text, the rest as image
@@ -191,4 +197,4 @@ def preflight_train(cfg: RunConfig, world_size: int) -> TrainPlan:
         text_len = 512
     return TrainPlan(model_paths=paths, model_config=model_config, data_path=data_path, text_len=text_len,
                      builtin_data=builtin, latent_shape=shape, dp_size=dp, role_configs=role_configs,
-                     resume_from=resume, resume_universal=universal, **opened)
+                     resume_from=resume, **opened)

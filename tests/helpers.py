@@ -176,3 +176,50 @@ def save_test_images(folder: Path, count: int) -> Path:
         names.append(f"img{i}.png")
     (folder / "images.txt").write_text("\n".join(names) + "\n")
     return folder / "images.txt"
+
+
+def invoke_cli(*args):
+    """``megadmd ARGS`` in this process with click's CliRunner (much faster than a subprocess).
+    Commands keep the test session's one-process gloo world (``shutdown_distributed`` is skipped),
+    and megadmd's log handler is reset so each command's log lines land in its own result."""
+    from unittest import mock
+
+    from click.testing import CliRunner
+
+    from megadmd.cli import main
+
+    reset_logging()
+    try:
+        with mock.patch("megadmd.cli.shutdown_distributed", lambda: None):
+            return CliRunner().invoke(main, [str(a) for a in args])
+    finally:
+        reset_logging()  # the command's handler wrote to the runner's stream, closed now
+
+
+def reset_logging() -> None:
+    """megadmd's logger as before any ``setup_logging``: no handler of its own, records propagate."""
+    import logging
+
+    logger = logging.getLogger("megadmd")
+    logger.handlers.clear()
+    logger.propagate = True
+    logger.setLevel(logging.NOTSET)
+
+
+def tree_digest(path: Path) -> dict:
+    """Every file under ``path`` (relative path -> SHA-256 of its bytes) and every folder (-> None):
+    equal digests mean the folder was left byte-identical."""
+    import hashlib
+
+    path = Path(path)
+    if not path.exists():
+        return {}
+    if path.is_file():
+        return {".": hashlib.sha256(path.read_bytes()).hexdigest()}
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None
+            for p in sorted(path.rglob("*"))}
+
+
+def error_lines(result) -> list:
+    """The ``megadmd: error:`` lines a CliRunner result printed on stderr."""
+    return [ln for ln in result.stderr.splitlines() if ln.startswith("megadmd: error:")]

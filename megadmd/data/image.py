@@ -101,7 +101,7 @@ def read_image_list(path: str | Path, count: int) -> list[Path]:
 
 
 def run_encode_images(text_data: str, images: str, out: str, image_encoder: str, vae: str,
-                      video_size: tuple, batch_size: int = 8, precision: str = "auto"):
+                      video_size: tuple, batch_size: int = 8, precision: str = "auto", overwrite: bool = False):
     """A copy of a text dataset with each sample's image condition added. Collective when
     launched on several ranks (shard k goes to rank k % world); resumable shard by shard."""
     from PIL import Image
@@ -112,14 +112,23 @@ def run_encode_images(text_data: str, images: str, out: str, image_encoder: str,
                          write_negative, write_shard)
     from .video import load_vae
 
+    from ..safety.folders import begin_output, check_output, content_sha256
+
     info = read_index(text_data)
     paths = read_image_list(images, info.num_samples)
+    settings = {"text_data": str(Path(text_data).resolve()), "images": str(Path(images).resolve()),
+                "images_sha256": content_sha256(images), "image_encoder": str(Path(image_encoder).resolve()),
+                "vae": str(Path(vae).resolve()), "video_size": list(video_size), "precision": precision}
+    target = check_output(out, "encode-images", overwrite, inputs=[text_data, images, image_encoder, vae],
+                          settings=settings)
     proc = init_distributed()
     dtype = compute_dtype(precision, proc.device)
     processor, encoder = load_image_encoder(image_encoder, proc.device, dtype)
     vae_model = load_vae(vae, proc.device)
     root = Path(out)
-    root.mkdir(parents=True, exist_ok=True)
+    if proc.rank == 0:
+        begin_output(target, "encode-images", settings)
+    dist.barrier()
     shape = None
     for k in range(proc.rank, len(info.shards), proc.world_size):
         if existing_shard(root, k) is not None:
@@ -144,7 +153,8 @@ def run_encode_images(text_data: str, images: str, out: str, image_encoder: str,
     result = DatasetInfo(num_samples=info.num_samples, text_dim=info.text_dim, max_text_len=info.max_text_len,
                          shard_size=info.shard_size, latent_shape=info.latent_shape,
                          shards=[existing_shard(root, k) for k in range(len(info.shards))],
-                         extra=dict(info.extra, images=str(images)), image_condition=shape)
+                         extra=dict(info.extra, images=str(images), written_by="encode-images"),
+                         image_condition=shape)
     if proc.rank == 0:
         neg, caption = LatentDataset(text_data).negative()
         write_negative(root, neg, caption)

@@ -25,6 +25,7 @@ from ..config import ConfigError
 from ..metrics import ProgressBar
 from ..models import load_wan, predict_velocity, read_model_config
 from ..rng import sample_seed
+from ..safety.folders import begin_output, check_output
 from ..sampling import cfg_velocity, sample_teacher
 from .image import condition_channels
 from .format import (DatasetInfo, LatentDataset, existing_shard, read_index, read_shard, write_index,
@@ -49,6 +50,14 @@ class SynthOptions:
     precision: str = "auto"
     vae: Optional[str] = None
     num_decode: int = 0
+    overwrite: bool = False  # replace an existing output (not one of the same settings: that is continued)
+
+    def settings(self) -> dict:
+        """What decides the dataset's content: a rerun with the same settings continues it."""
+        return {"teacher": str(Path(self.teacher).resolve()), "text_data": str(Path(self.text_data).resolve()),
+                "latent_shape": list(self.latent_shape), "steps": self.num_steps,
+                "guidance_scale": self.guidance_scale, "cfg_form": self.cfg_form, "flow_shift": self.flow_shift,
+                "seed": self.seed, "precision": self.precision}
 
 
 def check_synth_inputs(o: SynthOptions) -> DatasetInfo:
@@ -135,12 +144,15 @@ def run_synth(o: SynthOptions) -> DatasetInfo:
     from ..runner import compute_dtype
 
     src_info = check_synth_inputs(o)
+    target = check_output(o.out, "synth", o.overwrite, inputs=[o.teacher, o.text_data, o.vae], settings=o.settings())
     proc = init_distributed()
     dtype = compute_dtype(o.precision, proc.device)
     teacher = load_wan(o.teacher, dtype=dtype, what="teacher model").to(proc.device).eval()
     src = LatentDataset(o.text_data)
     root = Path(o.out)
-    root.mkdir(parents=True, exist_ok=True)
+    if proc.rank == 0:
+        begin_output(target, "synth", o.settings())
+    dist.barrier()
     num_shards = len(src_info.shards)
     mine = [k for k in range(proc.rank, num_shards, proc.world_size) if existing_shard(root, k) is None]
     bar = ProgressBar(len(mine), f"synth rank {proc.rank}", enabled=proc.rank == 0)
@@ -154,7 +166,8 @@ def run_synth(o: SynthOptions) -> DatasetInfo:
         shard_size=src_info.shard_size, latent_shape=list(o.latent_shape), image_condition=src_info.image_condition,
         shards=[existing_shard(root, k) for k in range(num_shards)],
         extra={"synth": {"teacher": str(o.teacher), "steps": o.num_steps, "guidance_scale": o.guidance_scale,
-                         "cfg_form": o.cfg_form, "flow_shift": o.flow_shift, "seed": o.seed}})
+                         "cfg_form": o.cfg_form, "flow_shift": o.flow_shift, "seed": o.seed},
+               "written_by": "synth"})
     if proc.rank == 0:
         neg, caption = src.negative()
         write_negative(root, neg, caption)

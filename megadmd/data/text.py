@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import ConfigError
+from ..safety.folders import begin_output, check_output, content_sha256
 from .format import DatasetInfo, existing_shard, write_index, write_negative, write_shard
 
 log = logging.getLogger("megadmd")
@@ -110,20 +111,29 @@ def encode_prompts(tokenizer, encoder, prompts: list[str], max_len: int, device)
 
 def run_encode_text(prompts_file: str, out: str, text_encoder: str, tokenizer: Optional[str] = None,
                     negative_prompt: str = WAN_NEGATIVE_PROMPT, max_len: int = 512, shard_size: int = 256,
-                    batch_size: int = 16, precision: str = "auto") -> DatasetInfo:
+                    batch_size: int = 16, precision: str = "auto", overwrite: bool = False) -> DatasetInfo:
     """Encode every prompt into a text-only dataset at ``out``. Collective when launched on
-    several ranks; resumable."""
+    several ranks; resumable (an output of this command with the same settings is continued)."""
     from ..parallel.init import init_distributed
     from ..runner import compute_dtype
 
     prompts = read_prompts(prompts_file)  # bad input fails before anything starts
     if shard_size <= 0 or batch_size <= 0 or max_len <= 0:
         raise ConfigError("--shard-size, --batch-size and --max-len must be positive")
+    settings = {"prompts": str(Path(prompts_file).resolve()), "prompts_sha256": content_sha256(prompts_file),
+                "text_encoder": str(Path(text_encoder).resolve()),
+                "tokenizer": str(Path(tokenizer).resolve()) if tokenizer else None,
+                "negative_prompt": negative_prompt, "max_len": max_len, "shard_size": shard_size,
+                "precision": precision}
+    target = check_output(out, "encode-text", overwrite, inputs=[prompts_file, text_encoder, tokenizer],
+                          settings=settings)
     proc = init_distributed()
     tokenizer_obj, encoder = load_text_encoder(text_encoder, tokenizer, proc.device,
                                                compute_dtype(precision, proc.device))
     root = Path(out)
-    root.mkdir(parents=True, exist_ok=True)
+    if proc.rank == 0:
+        begin_output(target, "encode-text", settings)
+    dist.barrier()
     dim = encoder.config.d_model
     num_shards = (len(prompts) + shard_size - 1) // shard_size
     for k in range(proc.rank, num_shards, proc.world_size):
@@ -140,7 +150,7 @@ def run_encode_text(prompts_file: str, out: str, text_encoder: str, tokenizer: O
     info = DatasetInfo(num_samples=len(prompts), text_dim=dim, max_text_len=max_len, shard_size=shard_size,
                        shards=[existing_shard(root, k) for k in range(num_shards)],
                        extra={"text_encoder": str(text_encoder), "source": str(prompts_file),
-                              "negative_prompt": clean_prompt(negative_prompt)})
+                              "negative_prompt": clean_prompt(negative_prompt), "written_by": "encode-text"})
     if proc.rank == 0:
         neg = encode_prompts(tokenizer_obj, encoder, [clean_prompt(negative_prompt)], max_len, proc.device)[0]
         write_negative(root, neg, negative_prompt)
