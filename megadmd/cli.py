@@ -76,6 +76,9 @@ def main(local_rank) -> None:
     """megadmd: DMD2 distillation of Wan video DiTs on DeepSpeed ZeRO-3."""
     if local_rank is not None:
         os.environ["LOCAL_RANK"] = str(local_rank)
+    from .monitoring.console import setup_console
+
+    setup_console()  # every command, on every rank: log lines, known third-party warnings filtered
 
 
 @main.command()

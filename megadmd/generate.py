@@ -13,7 +13,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -21,6 +21,7 @@ from . import flow
 from .config import ConfigError
 from .io_utils import atomic_write_bytes
 from .models import load_role_model, predict_velocity, read_model_config
+from .monitoring.progress import progress
 from .rng import sample_seed
 from .sampling import cfg_velocity, sample_generator, sample_teacher
 
@@ -138,7 +139,10 @@ def _timed(fn, device) -> tuple[torch.Tensor, float]:
 
 
 @torch.no_grad()
-def sample_student(model, embeds: list, o: GenerateOptions, dtype, device, image: dict) -> tuple[torch.Tensor, float]:
+def sample_student(model, embeds: list, o: GenerateOptions, dtype, device, image: dict,
+                   on_batch: Optional[Callable[[int], None]] = None) -> tuple[torch.Tensor, float]:
+    """Few-step samples of every embedding, and the seconds spent sampling; ``on_batch(n)`` after
+    each batch of n (progress, outside the timing)."""
     outs, seconds = [], 0.0
     width = 512 if image else 0  # Wan I2V attention expects 512 text tokens
     for i in range(0, len(embeds), o.batch_size):
@@ -154,12 +158,14 @@ def sample_student(model, embeds: list, o: GenerateOptions, dtype, device, image
         x0, dt = _timed(lambda: sample_generator(vfn, o.steps, noise, renoise), device)
         outs.append(x0.cpu())
         seconds += dt
+        if on_batch is not None:
+            on_batch(len(idx))
     return torch.cat(outs), seconds
 
 
 @torch.no_grad()
 def sample_baseline(teacher, embeds: list, negative: torch.Tensor, o: GenerateOptions, dtype,
-                    device, image: dict) -> tuple[torch.Tensor, float]:
+                    device, image: dict, on_batch: Optional[Callable[[int], None]] = None) -> tuple[torch.Tensor, float]:
     sigmas = flow.euler_sigmas(o.teacher_steps, o.flow_shift)
     outs, seconds = [], 0.0
     for i in range(0, len(embeds), o.batch_size):
@@ -177,6 +183,8 @@ def sample_baseline(teacher, embeds: list, negative: torch.Tensor, o: GenerateOp
         x0, dt = _timed(lambda: sample_teacher(guided, None, noise, sigmas), device)
         outs.append(x0.cpu())
         seconds += dt
+        if on_batch is not None:
+            on_batch(len(idx))
     return torch.cat(outs), seconds
 
 
@@ -207,14 +215,16 @@ def run_generate(o: GenerateOptions) -> dict:
                           f"is {model_cfg.get('text_dim')}")
     model = _load_generator(o.model, dtype, device)
     _warm_up(model, embeds[0], o, dtype, device, image)  # first-call costs out of the timings
-    latents, student_s = sample_student(model, embeds, o, dtype, device, image)
+    with progress(len(embeds), f"generate ({len(o.steps)} steps)", unit="samples") as bar:
+        latents, student_s = sample_student(model, embeds, o, dtype, device, image, on_batch=bar.update)
     result = {"num_samples": len(embeds), "student_steps": len(o.steps),
               "student_s_per_sample": student_s / len(embeds)}
     if o.compare_teacher is not None:
         teacher = load_role_model(o.compare_teacher, dtype, _boundary_of(o.compare_teacher),
                                   what="teacher model").to(device).eval()
         _warm_up(teacher, embeds[0], o, dtype, device, image)
-        _, teacher_s = sample_baseline(teacher, embeds, negative, o, dtype, device, image)
+        with progress(len(embeds), f"teacher ({o.teacher_steps} steps + CFG)", unit="samples") as bar:
+            _, teacher_s = sample_baseline(teacher, embeds, negative, o, dtype, device, image, on_batch=bar.update)
         result.update(teacher_steps=o.teacher_steps, teacher_s_per_sample=teacher_s / len(embeds),
                       speedup=teacher_s / max(student_s, 1e-12))
     _write_outputs(o, latents, captions, result, device)
@@ -276,6 +286,7 @@ def _write_outputs(o: GenerateOptions, latents: torch.Tensor, captions: list, re
     if o.vae is not None:
         from .data.video import decode_latents, frames_grid, load_vae, write_mp4, write_png
 
+        log.info("generate: decoding %d samples with the VAE", len(latents))
         videos = decode_latents(load_vae(o.vae, device), latents)
         for i, v in enumerate(videos):
             write_mp4(out / f"sample_{i:04d}.mp4", v)

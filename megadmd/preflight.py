@@ -144,6 +144,16 @@ def check_vsa_backend(name: str) -> None:
         raise ConfigError(f"attention.vsa_backend: {exc}") from exc
 
 
+def check_logging_backends(backends: list) -> None:
+    """An optional tracking backend must be installed before the run starts."""
+    if "wandb" in backends:
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            raise ConfigError("logging.backends lists wandb but the wandb package is not installed; "
+                              "pip install 'megadmd[wandb]' (or drop wandb from logging.backends)")
+
+
 def preflight_train(cfg: RunConfig, world_size: int) -> TrainPlan:
     """All checks of ``megadmd train``'s inputs; returns what the run will use."""
     paths, model_config, role_configs = check_models(cfg)
@@ -159,6 +169,7 @@ def preflight_train(cfg: RunConfig, world_size: int) -> TrainPlan:
         load_ds_template(getattr(cfg.deepspeed, role), f"deepspeed.{role}")
     if cfg.attention.vsa_enabled:
         check_vsa_backend(cfg.attention.vsa_backend)
+    check_logging_backends(cfg.logging.active_backends)
     from .checkpoint import find_resume, read_state
 
     resume = find_resume(cfg.output_dir, cfg.checkpoint.resume)
