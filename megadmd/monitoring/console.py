@@ -100,7 +100,21 @@ def setup_logging(rank: int) -> None:
     root.propagate = False
 
 
+def quiet_other_progress_bars(rank: int) -> None:
+    """Other libraries' tqdm bars (transformers' and huggingface_hub's weight loading and saving,
+    DeepSpeed's checkpoint reading) follow our rule: drawn on rank 0's terminal only, never into a
+    log. Environment defaults, so a user's own setting wins; set before those libraries import."""
+    from .progress import on_terminal
+
+    if rank != 0 or not on_terminal():
+        os.environ.setdefault("TQDM_DISABLE", "1")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
 def setup_console(rank: int | None = None) -> None:
-    """The CLI entry's one call: known warnings filtered, log lines set up for this rank."""
+    """The CLI entry's one call: known warnings filtered, log lines set up for this rank, other
+    libraries' progress bars kept out of logs."""
+    rank = env_rank() if rank is None else rank
     quiet_known_warnings()
-    setup_logging(env_rank() if rank is None else rank)
+    quiet_other_progress_bars(rank)
+    setup_logging(rank)

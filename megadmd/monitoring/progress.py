@@ -53,8 +53,9 @@ class Progress:
         if enabled and (on_terminal() if tty is None else tty):
             from tqdm import tqdm
 
+            # disable=False: TQDM_DISABLE (console.py sets it for logs) is for other libraries' bars
             self._bar = tqdm(total=self.total, initial=initial, desc=desc, unit=unit, file=sys.stderr,
-                             dynamic_ncols=True, leave=True)
+                             dynamic_ncols=True, leave=True, disable=False)
 
     def __enter__(self) -> "Progress":
         return self

@@ -106,3 +106,37 @@ def test_ci_means_plain_lines_even_on_a_terminal(monkeypatch, ci):
     monkeypatch.setattr(progress_module.sys, "stderr", type("Tty", (io.StringIO,), {"isatty": lambda self: True})())
     monkeypatch.setenv("CI", ci)
     assert progress_module.on_terminal() is (ci == "")
+
+
+def test_logging_backends_config_and_the_missing_wandb_error(monkeypatch):
+    from megadmd.config import ConfigError, resolve
+    from megadmd.preflight import check_logging_backends
+
+    assert resolve().logging.active_backends == ["tensorboard"]
+    both = resolve(overrides=["logging.backends=tensorboard,wandb", "logging.tensorboard=false"])
+    assert both.logging.active_backends == ["wandb"]  # the older switch still drops TensorBoard
+    with pytest.raises(ConfigError, match="logging.backends entries must be one of tensorboard, wandb; got 'mlflow'"):
+        resolve(overrides=["logging.backends=tensorboard,mlflow"])
+    with pytest.raises(ConfigError, match="lists a backend twice"):
+        resolve(overrides=["logging.backends=wandb,wandb"])
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ConfigError, match=r"wandb package is not installed; pip install 'megadmd\[wandb\]'"):
+        check_logging_backends(["tensorboard", "wandb"])
+    check_logging_backends(["tensorboard"])
+
+
+@pytest.mark.parametrize("rank, tty, quiet", [(0, True, False), (0, False, True), (1, True, True)])
+def test_other_libraries_progress_bars_stay_out_of_logs(monkeypatch, rank, tty, quiet):
+    from megadmd.monitoring import progress as progress_module
+
+    for key in ("TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS", "CI"):
+        monkeypatch.setenv(key, "")
+        monkeypatch.delenv(key)
+    monkeypatch.setattr(progress_module, "on_terminal", lambda: tty)
+    console.quiet_other_progress_bars(rank)
+    import os
+
+    assert (os.environ.get("TQDM_DISABLE"), os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS")) == (
+        ("1", "1") if quiet else (None, None))

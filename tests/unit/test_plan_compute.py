@@ -149,6 +149,10 @@ def test_fastvideo_1_3b_run_calibrates_the_utilisation():
 
 
 def test_bad_gpu_and_utilisation_fail_with_one_line():
+    from megadmd.cli import GPU_NAMES
+    from megadmd.plan import GPUS
+
+    assert set(GPU_NAMES) == set(GPUS)  # the CLI's choices, kept out of its import path
     shape = WanShape.of(SMALL, LATENT, TEXT)
     with pytest.raises(ConfigError, match="unknown GPU 'v100'"):
         plan_time(shape, LoopSettings(), 1, 1, 10, gpu="v100")
