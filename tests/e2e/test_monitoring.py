@@ -92,7 +92,6 @@ def _cli(monkeypatch, *args):
 
     # every command here runs in the test session's one-process world; leave it up at the end
     monkeypatch.setattr(cli, "shutdown_distributed", lambda: None)
-    monkeypatch.delenv("CI", raising=False)
     r = CliRunner().invoke(cli.main, [str(a) for a in args])
     assert r.exit_code == 0, r.output[-3000:] + repr(r.exception)
     return r.output
