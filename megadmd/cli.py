@@ -9,6 +9,8 @@ import click
 
 from .config import ConfigError
 
+GPU_NAMES = ("a100", "a100-40gb", "h100", "h200", "b200")  # megadmd.plan.compute.GPUS (not imported: CLI start-up)
+
 
 def _fail(message: str) -> None:
     """One clear line on stderr (from rank 0 only under a launcher), then exit status 2."""
@@ -89,6 +91,9 @@ def main(local_rank) -> None:
     """megadmd: DMD2 distillation of Wan video DiTs on DeepSpeed ZeRO-3."""
     if local_rank is not None:
         os.environ["LOCAL_RANK"] = str(local_rank)
+    from .monitoring.console import setup_console
+
+    setup_console()  # every command, on every rank: log lines, known third-party warnings filtered
 
 
 @main.command()
@@ -384,33 +389,42 @@ def generate(model, out, prompts, text_encoder, tokenizer, embeds, latent_shape,
 
 
 @main.command()
-@click.option("--preset", required=True, help="model preset, e.g. wan2.1-t2v-1.3b or wan2.1-t2v-14b")
+@config_options
 @click.option("--video-size", default=None, metavar="FRAMES,HEIGHT,WIDTH",
-              help="video size in pixels [default: the preset's]")
+              help="video size in pixels [default: data.latent_shape, else the preset's]")
 @click.option("--nodes", type=int, default=1, show_default=True)
 @click.option("--gpus-per-node", type=int, default=8, show_default=True)
-@click.option("--sp", type=int, default=1, show_default=True, help="Ulysses sequence-parallel size")
-@click.option("--micro-batch", type=int, default=1, show_default=True, help="samples per rank")
-@click.option("--offload", type=click.Choice(["none", "optimizer", "all"]), default="none", show_default=True,
-              help="DeepSpeed CPU offload of the optimizer states, or of them and the parameters")
-@click.option("--no-activation-checkpointing", is_flag=True, help="plan without activation checkpointing")
-@click.option("--vsa-sparsity", type=float, default=0.0, show_default=True,
-              help="the generator's VSA sparsity; 0 = dense attention")
-@click.option("--ema/--no-ema", default=False, show_default=True, help="keep an fp32 EMA of the generator")
-@click.option("--gpu-memory-gib", type=float, default=80.0, show_default=True)
-@click.option("--precision", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True)
+@click.option("--sp", type=int, default=None, help="Ulysses sequence-parallel size [default: parallel.sp_size]")
+@click.option("--micro-batch", type=int, default=None, help="samples per rank [default: train.micro_batch_size]")
+@click.option("--offload", type=click.Choice(["none", "optimizer", "all"]), default=None,
+              help="DeepSpeed CPU offload of the optimizer states, or of them and the parameters "
+                   "[default: as the deepspeed.* templates say]")
+@click.option("--activation-checkpointing/--no-activation-checkpointing", default=None,
+              help="all trainable roles on or off [default: model.activation_checkpointing]")
+@click.option("--vsa-sparsity", type=float, default=None,
+              help="the generator's VSA sparsity; 0 = dense [default: attention.vsa_sparsity, with its ramp]")
+@click.option("--ema/--no-ema", default=None, help="an fp32 EMA of the generator [default: ema.decay > 0]")
+@click.option("--precision", type=click.Choice(["bf16", "fp32"]), default=None,
+              help="[default: model.precision; auto is bf16 on a GPU]")
+@click.option("--gpu", type=click.Choice(sorted(GPU_NAMES)), default="h100", show_default=True,
+              help="sets the defaults of --gpu-memory-gib, --peak-tflops and --utilisation")
+@click.option("--gpu-memory-gib", type=float, default=None, help="[default: the --gpu's]")
+@click.option("--peak-tflops", type=float, default=None, help="dense bf16 (or TF32) peak [default: the --gpu's]")
+@click.option("--utilisation", "--mfu", "utilisation", type=float, default=None,
+              help="share of the peak an iteration reaches [default: the --gpu's, calibrated on FastVideo's run]")
 @user_errors
-def plan(preset, video_size, nodes, gpus_per_node, sp, micro_batch, offload, no_activation_checkpointing,
-         vsa_sparsity, ema, gpu_memory_gib, precision):
-    """Per-GPU memory of a run, on paper. Exit status 0: it fits; 3: it does not; 2: bad input."""
-    from .plan import format_plan, plan_memory
+def plan(config_file, overrides, preset, output_dir, max_steps, local_rank, resume, **flags):
+    """Memory per GPU and time of a run, on paper, from its config (-c, --set, --preset) and flags.
 
-    size = tuple(_int_list(video_size, "--video-size", 3)) if video_size else None
-    result = plan_memory(preset, video_size=size, nodes=nodes, gpus_per_node=gpus_per_node, sp=sp,
-                         micro_batch=micro_batch, offload=offload,
-                         activation_checkpointing=not no_activation_checkpointing, vsa_sparsity=vsa_sparsity,
-                         ema=ema, gpu_memory_gib=gpu_memory_gib, precision=precision)
-    click.echo(format_plan(result))
+    Exit status 0: it fits; 3: it does not; 2: bad input.
+    """
+    from .plan import PlanFlags, format_run_plan, plan_run
+
+    cfg = _resolve(config_file, overrides, preset, output_dir, max_steps, resume)
+    if flags["video_size"]:
+        flags["video_size"] = tuple(_int_list(flags["video_size"], "--video-size", 3))
+    result = plan_run(cfg, PlanFlags(**flags))
+    click.echo(format_run_plan(result))
     if not result.fits:
         sys.exit(3)
 

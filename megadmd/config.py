@@ -185,10 +185,22 @@ class AttentionConfig:
         return self.vsa_sparsity > 0
 
 
+LOGGING_BACKENDS = ("tensorboard", "wandb")
+
+
 @dataclass
 class LoggingConfig:
-    interval_steps: int = 10  # log line and TensorBoard scalars every N iterations
-    tensorboard: bool = True
+    interval_steps: int = 10  # log line and tracked scalars every N iterations
+    backends: list = field(default_factory=lambda: ["tensorboard"])  # tensorboard and/or wandb
+    tensorboard: bool = True  # the older switch: false drops tensorboard from the backends
+    histograms: bool = True  # generator x0 and DMD-gradient histograms at every logging interval
+    wandb_project: str = "megadmd"
+    wandb_entity: str = ""  # "" = the W&B default entity of the logged-in user
+    wandb_run_name: str = ""  # "" = the output folder's name
+
+    @property
+    def active_backends(self) -> list:
+        return [b for b in self.backends if b != "tensorboard" or self.tensorboard]
 
 
 @dataclass
@@ -411,6 +423,10 @@ def validate(cfg: RunConfig) -> None:
     _positive("parallel.sp_size", cfg.parallel.sp_size)
     _choice("parallel.backend", cfg.parallel.backend, ("auto", "nccl", "gloo"))
     _positive("logging.interval_steps", cfg.logging.interval_steps)
+    for b in cfg.logging.backends:
+        _choice("logging.backends entries", b, LOGGING_BACKENDS)
+    if len(set(cfg.logging.backends)) != len(cfg.logging.backends):
+        raise ConfigError(f"logging.backends lists a backend twice: {cfg.logging.backends}")
     c = cfg.checkpoint
     if c.interval_steps < 0 or c.keep_last < 0:
         raise ConfigError("checkpoint.interval_steps and checkpoint.keep_last must be >= 0")

@@ -32,8 +32,9 @@ import torch
 
 from .config import TRAINABLE_ROLES, ConfigError
 from .io_utils import atomic_dir
-from .safety.folders import check_output
+from .monitoring.progress import progress
 from .safety.finite import check_finite_state
+from .safety.folders import check_output
 
 log = logging.getLogger("megadmd")
 WEIGHTS_PATTERN = "diffusion_pytorch_model{suffix}.safetensors"
@@ -61,8 +62,14 @@ def write_diffusers_folder(state: dict, config: dict, out: str | Path, dtype: st
     cfg = {k: v for k, v in config.items() if k != "_name_or_path"}
     cfg["_class_name"] = "WanTransformer3DModel"
     dt = _dtype(dtype)
-    tensors = {k: v.detach().to("cpu", dt if v.is_floating_point() else v.dtype).contiguous() for k, v in state.items()}
+    tensors = {}
+    with progress(len(state), f"convert: {dtype} tensors for {Path(out).name}", unit="tensors") as bar:
+        for k, v in state.items():
+            tensors[k] = v.detach().to("cpu", dt if v.is_floating_point() else v.dtype).contiguous()
+            bar.update(1)
     gates = {k: tensors.pop(k) for k in [k for k in tensors if is_gate_key(k)]}
+    gib = sum(t.numel() * t.element_size() for t in tensors.values()) / 2 ** 30
+    log.info("convert: writing %s (%.2f GiB of safetensors)", out, gib)
     with atomic_dir(out, replace=replace) as tmp:
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         save_torch_state_dict(tensors, tmp, filename_pattern=WEIGHTS_PATTERN, max_shard_size=max_shard_size)
@@ -148,6 +155,7 @@ def role_state_dict(ckpt: str | Path, role: str, config: Optional[str] = None) -
                               f"with the model's config.json")
         ds_dir, tag = path, None
         model_cfg = {"transformer": json.loads(Path(config).read_text())}
+    log.info("convert: gathering the %s's ZeRO shards from %s", role, path)
     state = get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag=tag)
     state = {k: v for k, v in state.items() if not k.startswith(f"{HEAD_ATTR}.")}
     return state, model_cfg

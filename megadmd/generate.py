@@ -23,7 +23,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -33,6 +33,7 @@ from .data.text import WAN_NEGATIVE_PROMPT
 from .io_utils import atomic_dir
 from .safety.folders import check_output
 from .models import load_role_model, predict_velocity, read_model_config
+from .monitoring.progress import progress
 from .sampling import cfg_velocity, sample_generator, sample_teacher
 
 log = logging.getLogger("megadmd")
@@ -181,7 +182,10 @@ def _timed(fn, device) -> tuple[torch.Tensor, float]:
 
 
 @torch.no_grad()
-def sample_student(model, embeds: list, o: GenerateOptions, dtype, device, image: dict) -> tuple[torch.Tensor, float]:
+def sample_student(model, embeds: list, o: GenerateOptions, dtype, device, image: dict,
+                   on_batch: Optional[Callable[[int], None]] = None) -> tuple[torch.Tensor, float]:
+    """Few-step samples of every embedding, and the seconds spent sampling; ``on_batch(n)`` after
+    each batch of n (progress, outside the timing)."""
     from .pipeline.scheduler import draw_renoise, renoise_generators
 
     outs, seconds = [], 0.0
@@ -201,12 +205,14 @@ def sample_student(model, embeds: list, o: GenerateOptions, dtype, device, image
         x0, dt = _timed(lambda: sample_generator(vfn, o.steps, noise, renoise), device)
         outs.append(x0.cpu())
         seconds += dt
+        if on_batch is not None:
+            on_batch(len(idx))
     return torch.cat(outs), seconds
 
 
 @torch.no_grad()
 def sample_baseline(teacher, embeds: list, negative: torch.Tensor, o: GenerateOptions, dtype,
-                    device, image: dict) -> tuple[torch.Tensor, float]:
+                    device, image: dict, on_batch: Optional[Callable[[int], None]] = None) -> tuple[torch.Tensor, float]:
     sigmas = flow.euler_sigmas(o.teacher_steps, o.flow_shift)
     outs, seconds = [], 0.0
     for i in range(0, len(embeds), o.batch_size):
@@ -224,6 +230,8 @@ def sample_baseline(teacher, embeds: list, negative: torch.Tensor, o: GenerateOp
         x0, dt = _timed(lambda: sample_teacher(guided, None, noise, sigmas), device)
         outs.append(x0.cpu())
         seconds += dt
+        if on_batch is not None:
+            on_batch(len(idx))
     return torch.cat(outs), seconds
 
 
@@ -257,7 +265,8 @@ def run_generate(o: GenerateOptions) -> dict:
                           f"is {model_cfg.get('text_dim')}")
     model = _load_generator(o, dtype, device)
     _warm_up(model, embeds[0], o, dtype, device, image)  # first-call costs out of the timings
-    latents, student_s = sample_student(model, embeds, o, dtype, device, image)
+    with progress(len(embeds), f"generate ({len(o.steps)} steps)", unit="samples") as bar:
+        latents, student_s = sample_student(model, embeds, o, dtype, device, image, on_batch=bar.update)
     result = {"num_samples": len(embeds), "student_steps": len(o.steps), "steps": o.steps,
               "attention": o.attention, "vsa_sparsity": o.vsa_sparsity,
               "student_s_per_sample": student_s / len(embeds)}
@@ -265,7 +274,8 @@ def run_generate(o: GenerateOptions) -> dict:
         teacher = load_role_model(o.compare_teacher, dtype, _boundary_of(o.compare_teacher),
                                   what="teacher model").to(device).eval()
         _warm_up(teacher, embeds[0], o, dtype, device, image)
-        _, teacher_s = sample_baseline(teacher, embeds, negative, o, dtype, device, image)
+        with progress(len(embeds), f"teacher ({o.teacher_steps} steps + CFG)", unit="samples") as bar:
+            _, teacher_s = sample_baseline(teacher, embeds, negative, o, dtype, device, image, on_batch=bar.update)
         result.update(teacher_steps=o.teacher_steps, teacher_s_per_sample=teacher_s / len(embeds),
                       speedup=teacher_s / max(student_s, 1e-12))
     _write_outputs(o, latents, captions, result, device, target.replace)
@@ -318,6 +328,7 @@ def _write_outputs(o: GenerateOptions, latents: torch.Tensor, captions: list, re
         if o.vae is not None:
             from .data.video import decode_latents, frames_grid, load_vae, write_mp4, write_png
 
+            log.info("generate: decoding %d samples with the VAE", len(latents))
             videos = decode_latents(load_vae(o.vae, device), latents)
             for i, v in enumerate(videos):
                 write_mp4(out / f"sample_{i:04d}.mp4", v)

@@ -164,6 +164,16 @@ def check_vsa_backend(name: str) -> None:
         raise ConfigError(f"attention.vsa_backend: {exc}") from exc
 
 
+def check_logging_backends(backends: list) -> None:
+    """An optional tracking backend must be installed before the run starts."""
+    if "wandb" in backends:
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            raise ConfigError("logging.backends lists wandb but the wandb package is not installed; "
+                              "pip install 'megadmd[wandb]' (or drop wandb from logging.backends)")
+
+
 def preflight_train(cfg: RunConfig, world_size: int, overwrite: bool = False) -> TrainPlan:
     """All checks of ``megadmd train``'s inputs and output folder; returns what the run will use.
     ``overwrite``: a non-empty folder that is not a run may take the run (nothing is deleted)."""
@@ -186,6 +196,7 @@ def preflight_train(cfg: RunConfig, world_size: int, overwrite: bool = False) ->
         role_ds_config(role, cfg.deepspeed, cfg.train, cfg.optim, dp, bf16)
     if cfg.attention.vsa_enabled:
         check_vsa_backend(cfg.attention.vsa_backend)
+    check_logging_backends(cfg.logging.active_backends)
     resume = resume_plan.candidates[0] if resume_plan.candidates else None
     if resume is not None:
         check_resume_config(cfg, resume, dp)

@@ -8,12 +8,13 @@ import torch
 import torch.distributed as dist
 
 from .checkpoint import Checkpointer, read_state
-from .config import RunConfig, save_resolved
+from .config import RunConfig, save_resolved, to_dict
 from .data.format import open_dataset
 from .data.loader import BatchSource
 from .dmd.trainer import DMDTrainer
 from .ema import PartitionEMA
-from .metrics import MetricsWriter, setup_logging
+from .metrics import MetricsWriter
+from .monitoring.console import setup_logging
 from .parallel.init import env_world_size, init_distributed
 from .parallel.state import ParallelState
 from .preemption import PreemptionFlag
@@ -75,6 +76,18 @@ def prepare_module(cfg: RunConfig, pstate: ParallelState, vsa, paths: dict, role
         attach_gan_head(module, cfg.dmd.gan.hidden_dim, seed=cfg.train.seed)
 
 
+def log_run_info(cfg: RunConfig, plan: TrainPlan, pstate: ParallelState, writer: MetricsWriter,
+                 toy_quality: bool) -> None:
+    """The resolved config and the main hyperparameters, once per start, to the tracking backends."""
+    from .monitoring.hparams import main_hparams, result_metrics
+
+    config = to_dict(cfg)
+    step = 0
+    if plan.resume_from is not None:
+        step = int(read_state(plan.resume_from).get("step", 0))
+    writer.run_info(config, main_hparams(config, pstate.world_size, pstate.dp_size), result_metrics(toy_quality), step)
+
+
 def build_trainer(cfg: RunConfig, local_rank: int | None = None, overwrite: bool = False) -> DMDTrainer:
     """Everything before the first iteration: checks, processes, the run lock, outputs, engines,
     data, and the state of the checkpoint being resumed. The lock is held (``trainer.run_lock``)
@@ -116,7 +129,8 @@ def _build_locked(cfg: RunConfig, plan: TrainPlan, proc, pstate: ParallelState, 
                        micro_batch=cfg.train.micro_batch_size,
                        dp_rank=pstate.dp_rank, dp_size=pstate.dp_size, seed=cfg.train.seed,
                        text_len=plan.text_len, device=proc.device)
-    writer = MetricsWriter(cfg.output_dir, enabled=pstate.rank == 0 and cfg.logging.tensorboard)
+    writer = MetricsWriter(cfg.output_dir, enabled=pstate.rank == 0, logging_cfg=cfg.logging,
+                           resuming=plan.resume_from is not None)
     ema = PartitionEMA(models.generator.module, cfg.ema.decay, cfg.ema.start_step) if cfg.ema.decay else None
     trainer = DMDTrainer(cfg, models, data, pstate, SampleRNG(cfg.train.seed, proc.device), writer,
                          proc.device, vsa=vsa, ema=ema, sample_shape=plan.latent_shape)
@@ -127,6 +141,8 @@ def _build_locked(cfg: RunConfig, plan: TrainPlan, proc, pstate: ParallelState, 
     trainer.hooks.append(checkpointer.maybe_save)
     if plan.resume_from is not None:
         checkpointer.load(trainer, plan.resume_from)
+    # after the checks of the resumed state: a refused resume leaves no event file behind
+    log_run_info(cfg, plan, pstate, writer, toy_quality=validator is not None and plan.builtin_data)
     if pstate.rank == 0:
         save_resolved(cfg, Path(cfg.output_dir) / "config.json")
     dist.barrier()

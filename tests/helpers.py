@@ -48,6 +48,9 @@ def _spawn_entry(rank: int, world: int, port: int, fn, args) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       LOCAL_RANK=str(rank), WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
+    from megadmd.monitoring.console import quiet_known_warnings
+
+    quiet_known_warnings()  # as the CLI does on every rank (pytest's filters stop at this process)
     fn(rank, world, *args)
     # An orderly exit: without it a rank can leave while gloo's threads still serve the other
     # one, and the C++ runtime aborts the process ("terminate called without an active exception").

@@ -100,16 +100,38 @@ def read_image_list(path: str | Path, count: int) -> list[Path]:
     return paths
 
 
+def _encode_shard(k: int, info, text_data: Path, root: Path, paths: list, encoders: tuple, video_size: tuple,
+                  batch_size: int, device, bar) -> None:
+    """Shard k of the text dataset with its image conditions, written to ``root``."""
+    from PIL import Image
+
+    from .format import read_shard, write_shard
+
+    shard = read_shard(text_data, k)
+    first = info.shards[k]["first_index"]
+    lats, embs = [], []
+    n = shard["text_lens"].shape[0]
+    for i in range(0, n, batch_size):
+        imgs = [Image.open(paths[first + j]).convert("RGB") for j in range(i, min(i + batch_size, n))]
+        lat, emb = encode_images(imgs, *encoders, video_size, device)
+        lats.append(lat)
+        embs.append(emb)
+        bar.update(len(imgs))
+    lens = shard["text_lens"].tolist()
+    write_shard(root, k, text_embeds=[shard["text_embeds"][j, : lens[j]] for j in range(n)],
+                captions=shard["captions"], first_index=first, max_text_len=info.max_text_len,
+                text_dim=info.text_dim, latents=shard.get("latents"), image_latents=torch.cat(lats),
+                image_embeds=torch.cat(embs))
+
+
 def run_encode_images(text_data: str, images: str, out: str, image_encoder: str, vae: str,
                       video_size: tuple, batch_size: int = 8, precision: str = "auto", overwrite: bool = False):
     """A copy of a text dataset with each sample's image condition added. Collective when
     launched on several ranks (shard k goes to rank k % world); resumable shard by shard."""
-    from PIL import Image
-
+    from ..monitoring.progress import progress
     from ..parallel.init import init_distributed
     from ..runner import compute_dtype
-    from .format import (DatasetInfo, LatentDataset, existing_shard, read_index, read_shard, write_index,
-                         write_negative, write_shard)
+    from .format import DatasetInfo, LatentDataset, existing_shard, read_index, read_shard, write_index, write_negative
     from .video import load_vae
 
     from ..safety.folders import begin_output, check_output, content_sha256
@@ -129,24 +151,12 @@ def run_encode_images(text_data: str, images: str, out: str, image_encoder: str,
     if proc.rank == 0:
         begin_output(target, "encode-images", settings)
     dist.barrier()
-    shape = None
-    for k in range(proc.rank, len(info.shards), proc.world_size):
-        if existing_shard(root, k) is not None:
-            continue
-        shard = read_shard(Path(text_data), k)
-        first = info.shards[k]["first_index"]
-        lats, embs = [], []
-        n = shard["text_lens"].shape[0]
-        for i in range(0, n, batch_size):
-            imgs = [Image.open(paths[first + j]).convert("RGB") for j in range(i, min(i + batch_size, n))]
-            lat, emb = encode_images(imgs, processor, encoder, vae_model, video_size, proc.device)
-            lats.append(lat)
-            embs.append(emb)
-        lens = shard["text_lens"].tolist()
-        write_shard(root, k, text_embeds=[shard["text_embeds"][j, : lens[j]] for j in range(n)],
-                    captions=shard["captions"], first_index=first, max_text_len=info.max_text_len,
-                    text_dim=info.text_dim, latents=shard.get("latents"), image_latents=torch.cat(lats),
-                    image_embeds=torch.cat(embs))
+    mine = [k for k in range(proc.rank, len(info.shards), proc.world_size) if existing_shard(root, k) is None]
+    with progress(sum(info.shards[k]["num_samples"] for k in mine), "encode-images", unit="images",
+                  rank=proc.rank, world_size=proc.world_size) as bar:
+        for k in mine:
+            _encode_shard(k, info, Path(text_data), root, paths, (processor, encoder, vae_model), video_size,
+                          batch_size, proc.device, bar)
     dist.barrier()
     sample = read_shard(root, 0)
     shape = {"latent_shape": list(sample["image_latents"].shape[1:]), "embed_shape": list(sample["image_embeds"].shape[1:])}

@@ -15,14 +15,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 
 from .. import flow
 from ..config import ConfigError
-from ..metrics import ProgressBar
+from ..monitoring.progress import progress
 from ..models import load_wan, predict_velocity, read_model_config
 from ..rng import sample_seed
 from ..safety.folders import begin_output, check_output
@@ -96,8 +96,10 @@ def _noise(o: SynthOptions, indices: list[int], device) -> torch.Tensor:
     return torch.stack(out)
 
 
-def synth_shard(o: SynthOptions, teacher, src: LatentDataset, k: int, device, dtype) -> dict:
-    """Sample shard k's latents; return what ``write_shard`` needs."""
+def synth_shard(o: SynthOptions, teacher, src: LatentDataset, k: int, device, dtype,
+                on_batch: Optional[Callable[[int], None]] = None) -> dict:
+    """Sample shard k's latents; return what ``write_shard`` needs. ``on_batch(n)`` is called
+    after each batch of n samples (progress)."""
     shard = read_shard(Path(o.text_data), k)
     lens = shard["text_lens"].tolist()
     first = k * src.info.shard_size
@@ -133,6 +135,8 @@ def synth_shard(o: SynthOptions, teacher, src: LatentDataset, k: int, device, dt
         with torch.no_grad():
             guided = cfg_velocity(v_pair, o.guidance_scale, o.cfg_form)
             latents.append(sample_teacher(guided, None, noise, sigmas).cpu())
+        if on_batch is not None:
+            on_batch(len(idx))
     embeds = [shard["text_embeds"][j, : lens[j]] for j in range(n)]
     return dict(text_embeds=embeds, captions=shard["captions"], first_index=first, latents=torch.cat(latents),
                 image_latents=shard.get("image_latents"), image_embeds=shard.get("image_embeds"))
@@ -155,11 +159,11 @@ def run_synth(o: SynthOptions) -> DatasetInfo:
     dist.barrier()
     num_shards = len(src_info.shards)
     mine = [k for k in range(proc.rank, num_shards, proc.world_size) if existing_shard(root, k) is None]
-    bar = ProgressBar(len(mine), f"synth rank {proc.rank}", enabled=proc.rank == 0)
-    for k in mine:
-        write_shard(root, k, max_text_len=src_info.max_text_len, text_dim=src_info.text_dim,
-                    **synth_shard(o, teacher, src, k, proc.device, dtype))
-        bar.update()
+    todo = sum(src_info.shards[k]["num_samples"] for k in mine)
+    with progress(todo, "synth", unit="samples", rank=proc.rank, world_size=proc.world_size) as bar:
+        for k in mine:
+            write_shard(root, k, max_text_len=src_info.max_text_len, text_dim=src_info.text_dim,
+                        **synth_shard(o, teacher, src, k, proc.device, dtype, on_batch=bar.update))
     dist.barrier()
     info = DatasetInfo(
         num_samples=src_info.num_samples, text_dim=src_info.text_dim, max_text_len=src_info.max_text_len,

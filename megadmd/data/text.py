@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import ConfigError
+from ..monitoring.progress import progress
 from ..safety.folders import begin_output, check_output, content_sha256
 from .format import DatasetInfo, existing_shard, write_index, write_negative, write_shard
 
@@ -136,16 +137,19 @@ def run_encode_text(prompts_file: str, out: str, text_encoder: str, tokenizer: O
     dist.barrier()
     dim = encoder.config.d_model
     num_shards = (len(prompts) + shard_size - 1) // shard_size
-    for k in range(proc.rank, num_shards, proc.world_size):
-        if existing_shard(root, k) is not None:
-            continue  # written by an earlier, interrupted run
-        chunk = prompts[k * shard_size:(k + 1) * shard_size]
-        embeds = []
-        for i in range(0, len(chunk), batch_size):
-            embeds += encode_prompts(tokenizer_obj, encoder, chunk[i:i + batch_size], max_len, proc.device)
-        write_shard(root, k, text_embeds=embeds, captions=chunk, first_index=k * shard_size,
-                    max_text_len=max_len, text_dim=dim)
-        log.info("encode-text: shard %d/%d written", k + 1, num_shards)
+    # shards written by an earlier, interrupted run are kept
+    mine = [k for k in range(proc.rank, num_shards, proc.world_size) if existing_shard(root, k) is None]
+    todo = sum(len(prompts[k * shard_size:(k + 1) * shard_size]) for k in mine)
+    with progress(todo, "encode-text", unit="prompts", rank=proc.rank, world_size=proc.world_size) as bar:
+        for k in mine:
+            chunk = prompts[k * shard_size:(k + 1) * shard_size]
+            embeds = []
+            for i in range(0, len(chunk), batch_size):
+                embeds += encode_prompts(tokenizer_obj, encoder, chunk[i:i + batch_size], max_len, proc.device)
+                bar.update(len(chunk[i:i + batch_size]))
+            write_shard(root, k, text_embeds=embeds, captions=chunk, first_index=k * shard_size,
+                        max_text_len=max_len, text_dim=dim)
+            log.info("encode-text: shard %d/%d written", k + 1, num_shards)
     dist.barrier()
     info = DatasetInfo(num_samples=len(prompts), text_dim=dim, max_text_len=max_len, shard_size=shard_size,
                        shards=[existing_shard(root, k) for k in range(num_shards)],

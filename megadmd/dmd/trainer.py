@@ -24,6 +24,7 @@ from ..config import RunConfig
 from ..data.image import condition_channels
 from ..data.loader import Batch, BatchSource
 from ..metrics import MetricsWriter, ScalarWindow, StepTimer, format_line, memory_stats
+from ..monitoring.progress import progress
 from ..models import predict_velocity
 from ..rng import Purpose, SampleRNG
 from ..roles import restrict_step_to_used_experts
@@ -65,6 +66,9 @@ class DMDTrainer:
         self.state = TrainState()
         self.current_step = 0
         self.window = ScalarWindow()
+        # the last generator update's x0 and DMD direction (rank 0's share), for histograms at the
+        # next log line; kept only when logging.histograms is on and this rank writes
+        self.histograms: dict[str, torch.Tensor] = {}
         self.history: list[tuple[int, dict]] = []  # (step, logged values), for tests and summaries
         self.sample_shape = tuple(sample_shape)  # [C, F, H, W] of a generated latent
         self.vsa = vsa  # the generator's VSASettings (shared by its attention processors), or None
@@ -212,7 +216,9 @@ class DMDTrainer:
         engine = self.models.generator
         for batch in batches:
             x0_gen = self.generator_x0(engine, batch, PHASE_GENERATOR)
-            loss, _, stats = self.dmd_loss(x0_gen, batch)
+            loss, grad, stats = self.dmd_loss(x0_gen, batch)
+            if self.cfg.logging.histograms and self.writer.enabled:
+                self.histograms = {"stats/x0_generator": x0_gen.detach(), "stats/dmd_grad": grad}
             if self.dmd.gan.enabled:
                 self.window.add("loss/generator_dmd", loss.detach())
                 g_loss = self.gan_generator_loss(x0_gen, batch)
@@ -297,6 +303,8 @@ class DMDTrainer:
         first = self.state.step + 1
         samples_per_step = (self.pstate.dp_size * self.cfg.train.micro_batch_size
                             * self.cfg.train.grad_accum_steps)
+        # a bar on a terminal only: in logs the line of every logging interval is the progress
+        bar = progress(max_steps, "train", unit="it", rank=self.pstate.rank, plain=False, initial=self.state.step)
         for step in range(first, max_steps + 1):
             timer.start()
             self.train_step(step)
@@ -304,6 +312,7 @@ class DMDTrainer:
             self.state.step = step
             self.window.add("time/step_s", dt)
             self.window.add("throughput/samples_per_s", samples_per_step / max(dt, 1e-9))
+            bar.update(1)
             if step % self.cfg.logging.interval_steps == 0 or step == max_steps:
                 self.log_window(step, (time.perf_counter() - t_start) / (step - first + 1) * (max_steps - step))
             for hook in self.hooks:
@@ -312,6 +321,7 @@ class DMDTrainer:
                 self.preempted = True
                 log.info("preemption signal received: stopping after iteration %d", step)
                 break
+        bar.close()
         self.writer.flush()
 
     def log_window(self, step: int, eta_s: float) -> None:
@@ -319,6 +329,9 @@ class DMDTrainer:
         values.update(memory_stats(self.device))
         self.history.append((step, values))
         self.writer.scalars(values, step)
+        for tag, tensor in self.histograms.items():
+            self.writer.histogram(tag, tensor, step)
+        self.histograms = {}
         log.info(format_line(step, self.cfg.train.max_steps, values, eta_s))
 
 
