@@ -47,7 +47,17 @@ def overwrite_option(fn):
 
 
 def config_options(fn):
-    """``--config``, ``--set`` and the common shortcuts, shared by commands that take a run config."""
+    """``--config``, ``--set``, ``--preset``, shared by commands that read a run config (train, plan)."""
+    fn = click.option("--preset", default=None, help="same as --set preset=NAME (e.g. tiny, wan2.1-t2v-1.3b)")(fn)
+    fn = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                      help="override one config key, e.g. --set dmd.guidance_scale=3.0 (repeatable)")(fn)
+    fn = click.option("--config", "-c", "config_file", default=None, type=click.Path(dir_okay=False),
+                      help="YAML or JSON config file")(fn)
+    return fn
+
+
+def run_options(fn):
+    """The shortcuts of a training run: its folder, length, resume, and the launcher's rank."""
     fn = click.option("--local_rank", "--local-rank", "local_rank", type=int, default=None, hidden=True,
                       help="set by the deepspeed launcher")(fn)
     fn = click.option("--allow-config-change", is_flag=True,
@@ -58,15 +68,10 @@ def config_options(fn):
                            "(a fresh start when the folder has none)")(fn)
     fn = click.option("--max-steps", type=int, default=None, help="same as --set train.max_steps=N")(fn)
     fn = click.option("--output-dir", "-o", default=None, help="same as --set output_dir=DIR")(fn)
-    fn = click.option("--preset", default=None, help="same as --set preset=NAME (e.g. tiny, wan2.1-t2v-1.3b)")(fn)
-    fn = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-                      help="override one config key, e.g. --set dmd.guidance_scale=3.0 (repeatable)")(fn)
-    fn = click.option("--config", "-c", "config_file", default=None, type=click.Path(dir_okay=False),
-                      help="YAML or JSON config file")(fn)
     return fn
 
 
-def _resolve(config_file, overrides, preset, output_dir, max_steps, resume=None, allow_config_change=False):
+def _resolve(config_file, overrides, preset, output_dir=None, max_steps=None, resume=None, allow_config_change=False):
     from .config import resolve
 
     extra = list(overrides)
@@ -98,6 +103,7 @@ def main(local_rank) -> None:
 
 @main.command()
 @config_options
+@run_options
 @click.option("--overwrite", is_flag=True,
               help="start a run in a non-empty folder that is not a megadmd run (nothing in it is deleted)")
 @user_errors
@@ -413,14 +419,14 @@ def generate(model, out, prompts, text_encoder, tokenizer, embeds, latent_shape,
 @click.option("--utilisation", "--mfu", "utilisation", type=float, default=None,
               help="share of the peak an iteration reaches [default: the --gpu's, calibrated on FastVideo's run]")
 @user_errors
-def plan(config_file, overrides, preset, output_dir, max_steps, local_rank, resume, **flags):
+def plan(config_file, overrides, preset, **flags):
     """Memory per GPU and time of a run, on paper, from its config (-c, --set, --preset) and flags.
 
     Exit status 0: it fits; 3: it does not; 2: bad input.
     """
     from .plan import PlanFlags, format_run_plan, plan_run
 
-    cfg = _resolve(config_file, overrides, preset, output_dir, max_steps, resume)
+    cfg = _resolve(config_file, overrides, preset)
     if flags["video_size"]:
         flags["video_size"] = tuple(_int_list(flags["video_size"], "--video-size", 3))
     result = plan_run(cfg, PlanFlags(**flags))
