@@ -352,6 +352,10 @@ def export_ema_cmd(checkpoint, out, dtype, max_shard_size, pipeline_from, link, 
 @click.option("--vsa-backend", type=click.Choice(["auto", "torch", "flex", "fastvideo"]), default="auto",
               show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--noise", type=click.Choice(["megadmd", "diffusers"]), default="megadmd", show_default=True,
+              help="sample j's noise as WanPipeline draws it with generator=torch.Generator().manual_seed(SEED+j) "
+                   "after use_dmd_scheduler (megadmd), or after torch.manual_seed(SEED+j) with the export's "
+                   "stock scheduler (diffusers)")
 @click.option("--batch-size", type=int, default=1, show_default=True)
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True)
 @click.option("--vae", default=None, type=click.Path(), help="decode to mp4 and a png grid")
@@ -367,12 +371,12 @@ def export_ema_cmd(checkpoint, out, dtype, max_shard_size, pipeline_from, link, 
 @overwrite_option
 @user_errors
 def generate(model, out, prompts, text_encoder, tokenizer, embeds, latent_shape, video_size, steps, attention,
-             vsa_sparsity, vsa_backend, seed, batch_size, precision, vae, compare_teacher, teacher_steps,
+             vsa_sparsity, vsa_backend, seed, noise, batch_size, precision, vae, compare_teacher, teacher_steps,
              guidance_scale, cfg_form, flow_shift, negative_prompt, images, image_encoder, overwrite):
     """Few-step sampling with a distilled generator; optionally timed against the teacher.
 
-    Sample j of --seed S equals diffusers' WanPipeline on the export with
-    generator=torch.Generator().manual_seed(S + j) (README: Using the distilled model in diffusers)."""
+    Sample j of --seed S equals diffusers' WanPipeline on the export called for prompt j with
+    --seed S + j, as --noise says (README: Using the distilled model in diffusers)."""
     from .data.text import WAN_NEGATIVE_PROMPT
     from .generate import GenerateOptions, run_generate
 
@@ -381,7 +385,7 @@ def generate(model, out, prompts, text_encoder, tokenizer, embeds, latent_shape,
         text_encoder=text_encoder, tokenizer=tokenizer, embeds=embeds,
         negative_prompt=WAN_NEGATIVE_PROMPT if negative_prompt is None else negative_prompt,
         steps=_float_list(steps, "--steps") if steps else None, attention=attention, vsa_sparsity=vsa_sparsity,
-        vsa_backend=vsa_backend, seed=seed, batch_size=batch_size, precision=precision,
+        vsa_backend=vsa_backend, seed=seed, noise=noise, batch_size=batch_size, precision=precision,
         vae=vae, compare_teacher=compare_teacher, teacher_steps=teacher_steps, guidance_scale=guidance_scale,
         cfg_form=cfg_form, flow_shift=flow_shift, images=images, image_encoder=image_encoder,
         video_size=tuple(_int_list(video_size, "--video-size", 3)) if video_size else None, overwrite=overwrite))

@@ -11,8 +11,9 @@ plain weights to role initializations.
   loads (``megadmd generate``, ``megadmd.attention.enable_vsa``, a role initialization).
 - ``export_ema``: the gathered EMA saved in a checkpoint -> the same kind of folder.
 - A generator's folder also records how to sample it (``megadmd_sampling.json``, from the run's
-  config); with ``pipeline_from`` its scheduler is a ``DMDScheduler`` on the run's steps and the
-  other components are copied, or linked with relative links (megadmd/pipeline/).
+  config); with ``pipeline_from`` its scheduler samples the run's steps (diffusers' own
+  ``FlowMatchEulerDiscreteScheduler`` where it can, else a ``DMDScheduler``) and the other
+  components are copied, or linked with relative links (megadmd/pipeline/).
 - ``to_universal``: DeepSpeed's universal checkpoint, to resume at another world size (resuming
   does this by itself; this is for doing it ahead of time).
 - ``init_from_weights``: a safetensors file in diffusers or original Wan key names plus a config ->
@@ -101,8 +102,8 @@ def write_role(state: dict, configs: dict, out: str | Path, dtype: str, max_shar
     encoder, tokenizer, VAE (...) are copied from it (``link``: relative symlinks) and its
     ``model_index.json`` copied, so ``WanPipeline.from_pretrained(out)`` loads the distilled model.
     ``sampling`` (a generator's megadmd_sampling.json) goes to the folder's root and, in a
-    pipeline, replaces the base scheduler by a ``DMDScheduler``. An existing ``out`` is replaced
-    only with ``replace`` (checked by megadmd.safety.folders.check_output first).
+    pipeline, replaces the base scheduler by one on its steps (pipeline/folder.py). An existing
+    ``out`` is replaced only with ``replace`` (checked by megadmd.safety.folders.check_output first).
     """
     check_finite_state(state)
     parts = split_experts(state)

@@ -9,11 +9,16 @@ from a megadmd dataset. Latents are saved as safetensors; with a Wan VAE they ar
 mp4 files and a png grid. ``--compare-teacher`` times the teacher at N Euler steps with CFG on
 the same prompts, in the same run, and prints both seconds per sample.
 
-Noise: sample ``j`` of ``--seed S`` starts from ``torch.randn(1, C, F, H, W,
-generator=torch.Generator().manual_seed(S + j))`` (on the CPU) and re-noises as ``DMDScheduler``
-does (megadmd/pipeline/scheduler.py), so it equals ``pipe(prompt_j,
-generator=torch.Generator().manual_seed(S + j), num_inference_steps=len(steps),
-guidance_scale=1.0)`` with diffusers' ``WanPipeline`` on the exported folder.
+Noise (``--noise``), so that sample ``j`` of ``--seed S`` equals diffusers' ``WanPipeline`` on the
+exported folder, called with ``num_inference_steps=len(steps), guidance_scale=1.0``:
+
+- ``megadmd`` (default): it starts from ``torch.randn(1, C, F, H, W,
+  generator=torch.Generator().manual_seed(S + j))`` (on the CPU) and re-noises as ``DMDScheduler``
+  does (megadmd/pipeline/scheduler.py): ``pipe(prompt_j,
+  generator=torch.Generator().manual_seed(S + j))`` after ``use_dmd_scheduler(pipe)``. Device-free.
+- ``diffusers``: the start and every re-noise come, in that order, from the device's RNG seeded
+  ``S + j``: ``torch.manual_seed(S + j); pipe(prompt_j)`` with the export's stock scheduler and no
+  ``generator`` (megadmd/pipeline/stock.py), on the same device.
 """
 from __future__ import annotations
 
@@ -39,6 +44,7 @@ from .sampling import cfg_velocity, sample_generator, sample_teacher
 log = logging.getLogger("megadmd")
 DEFAULT_STEPS = [1000.0, 757.0, 522.0]
 ATTENTION_KINDS = ("dense", "vsa")
+NOISE_KINDS = ("megadmd", "diffusers")
 
 
 @dataclass
@@ -53,6 +59,7 @@ class GenerateOptions:
     negative_prompt: str = WAN_NEGATIVE_PROMPT  # the teacher's unconditional prompt (--compare-teacher)
     steps: Optional[list] = None  # None: the model's megadmd_sampling.json, else DEFAULT_STEPS
     seed: int = 0
+    noise: str = "megadmd"  # NOISE_KINDS: whose seeding convention sample j follows (module docstring)
     batch_size: int = 1
     precision: str = "auto"
     vae: Optional[str] = None
@@ -171,6 +178,21 @@ def start_noise(seed: int, idx: list, shape, device) -> torch.Tensor:
     return torch.cat([one(seed + j, shape) for j in idx]).to(device)
 
 
+def sample_noise(kind: str, seed: int, idx: list, shape, device) -> tuple:
+    """(starting latents of samples ``idx``, the function ``sample_generator`` calls for each
+    step's re-noise), in the ``--noise`` convention ``kind`` (module docstring)."""
+    if kind == "diffusers":
+        from .pipeline.stock import diffusers_noise
+
+        return diffusers_noise(seed, idx, shape, device)
+    from .pipeline.scheduler import draw_renoise, renoise_generators
+
+    start = start_noise(seed, idx, shape, device)
+    gens = renoise_generators(start)
+    # sample_generator asks for step 0, 1, ... once each: the order DMDScheduler draws in
+    return start, lambda step: draw_renoise(gens, start.shape, device)
+
+
 def _timed(fn, device) -> tuple[torch.Tensor, float]:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -186,21 +208,13 @@ def sample_student(model, embeds: list, o: GenerateOptions, dtype, device, image
                    on_batch: Optional[Callable[[int], None]] = None) -> tuple[torch.Tensor, float]:
     """Few-step samples of every embedding, and the seconds spent sampling; ``on_batch(n)`` after
     each batch of n (progress, outside the timing)."""
-    from .pipeline.scheduler import draw_renoise, renoise_generators
-
     outs, seconds = [], 0.0
     width = 512 if image else 0  # Wan I2V attention expects 512 text tokens
     for i in range(0, len(embeds), o.batch_size):
         idx = list(range(i, min(i + o.batch_size, len(embeds))))
         text = _pad([embeds[j] for j in idx], device, width)
         cond = _conditioning(image, idx, device)
-        noise = start_noise(o.seed, idx, o.latent_shape, device)
-        gens = renoise_generators(noise)
-
-        def renoise(step, gens=gens, shape=noise.shape):
-            # sample_generator asks for step 0, 1, ... once each: the order DMDScheduler draws in
-            return draw_renoise(gens, shape, device)
-
+        noise, renoise = sample_noise(o.noise, o.seed, idx, o.latent_shape, device)
         vfn = lambda x, t, text=text, cond=cond: predict_velocity(model, x, t, text, dtype, **cond)  # noqa: E731
         x0, dt = _timed(lambda: sample_generator(vfn, o.steps, noise, renoise), device)
         outs.append(x0.cpu())
@@ -243,6 +257,8 @@ def check_generate_inputs(o: GenerateOptions) -> dict:
     if cfg.get("image_dim") is not None and o.images is None and o.embeds is None:
         raise ConfigError("the model is image-to-video: give --images (with --image-encoder, --vae, --video-size) "
                           "or --embeds with image conditions")
+    if o.noise not in NOISE_KINDS:
+        raise ConfigError(f"--noise must be one of {', '.join(NOISE_KINDS)}, got {o.noise}")
     if list(o.steps) != sorted(o.steps, reverse=True) or not all(0 < s <= 1000 for s in o.steps):
         raise ConfigError(f"--steps must decrease within (0, 1000], got {o.steps}")
     if o.compare_teacher is not None:

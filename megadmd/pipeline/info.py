@@ -5,7 +5,11 @@ Written at the root of every folder ``megadmd convert to-diffusers`` (generator 
 defaults from it. It records:
 
 - ``timesteps``: the sampler's steps, ``dmd.denoising_steps`` warped through the shifted
-  schedule when training warped them (``dmd.warp_denoising_step``), exactly as the trainer does;
+  schedule when training warped them (``dmd.warp_denoising_step``), exactly as the trainer does,
+  and their number ``num_inference_steps``, which the pipeline must be called with;
+- ``scheduler`` (pipeline exports): the class the folder's ``scheduler/`` holds, ``library`` and
+  ``class_name`` as in ``model_index.json``: diffusers' ``FlowMatchEulerDiscreteScheduler``, or
+  ``DMDScheduler`` with ``why_not_stock``;
 - ``guidance_scale`` 1 (DMD samples without CFG) and, under ``training``, the guidance, shift and
   step list the run trained with;
 - ``attention``: ``vsa`` with the VSA sparsity the generator trained at when the checkpoint was
@@ -41,6 +45,7 @@ def sampling_info(run_config: dict, step: int, weights: str) -> dict:
     return {
         "format_version": FORMAT_VERSION,
         "timesteps": timesteps,
+        "num_inference_steps": len(timesteps),
         "guidance_scale": 1.0,
         "attention": {"kind": "vsa" if sparsity > 0 else "dense", "vsa_sparsity": sparsity},
         "training": {"denoising_steps": steps, "warp_denoising_step": d["warp_denoising_step"],

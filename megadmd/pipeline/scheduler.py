@@ -7,10 +7,13 @@ x0. There is no CFG: pipelines run it with ``guidance_scale=1``. The timesteps a
 (warped where training warped them) and are pinned in the config, so ``set_timesteps`` ignores
 ``num_inference_steps`` and ``save_pretrained`` / ``from_pretrained`` round-trip them.
 
-Why not a stock scheduler: ``FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)`` makes
-the same step, but its config cannot pin a list of sigmas (``set_timesteps(N)`` derives them
-from a linspace, the shift and the terminal stretch), and ``WanPipeline`` calls ``step`` without
-its generator, so the re-noise would come from the global RNG.
+Where it stands beside the stock scheduler: exports ship diffusers' own
+``FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)`` when it can hold the run's steps
+(megadmd/pipeline/stock.py), so they load with diffusers alone. That scheduler makes the same
+step but derives its steps from ``num_inference_steps``, and ``WanPipeline`` calls ``step``
+without its generator, so its re-noise comes from the global RNG. ``use_dmd_scheduler(pipe)``
+swaps this class in for pinned steps and seeds that ``pipe(generator=g)`` controls; exports whose
+steps the stock class cannot hold ship it directly.
 
 Seeds: the pipeline draws the starting latent from ``pipe(generator=g)``; every later draw comes
 from a generator per sample, seeded by a hash of that sample's starting latent (its float32
@@ -156,3 +159,24 @@ def draw_renoise(generators: list, shape: Sequence[int], device) -> torch.Tensor
     if len(generators) != shape[0]:
         raise ValueError(f"{len(generators)} re-noise generators for a batch of {shape[0]}")
     return torch.stack([torch.randn(tuple(shape[1:]), generator=g) for g in generators]).to(device)
+
+
+def use_dmd_scheduler(pipe, model=None) -> DMDScheduler:
+    """Make ``pipe`` sample with a ``DMDScheduler`` on the export's steps: pinned whatever
+    ``num_inference_steps`` says, and every draw fixed by ``pipe(generator=g)``, independently of
+    the batch-mates, as ``megadmd generate`` draws it.
+
+    The steps come from ``megadmd_sampling.json`` in ``model`` (an export folder), by default the
+    folder ``pipe`` was loaded from. ``pipe.save_pretrained`` then writes a folder naming this
+    class (loading it needs ``import megadmd.pipeline`` first)."""
+    from pathlib import Path
+
+    from .info import SAMPLING_FILE, read_sampling_info
+
+    folder = model if model is not None else getattr(pipe, "name_or_path", None)
+    info = read_sampling_info(folder) if folder is not None and Path(folder).is_dir() else None
+    if info is None:
+        raise ConfigError(f"no {SAMPLING_FILE} in {folder} (a megadmd export holds one; save_pretrained does "
+                          f"not copy it): pass the export folder, use_dmd_scheduler(pipe, model=...)")
+    pipe.scheduler = DMDScheduler(timesteps=info["timesteps"])
+    return pipe.scheduler

@@ -1,7 +1,9 @@
 """From a checkpoint to something users ship: convert, export-ema, WanPipeline, generate."""
 import contextlib
+import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -14,6 +16,8 @@ from tests.helpers import (TEST_LATENT_SHAPE, TEST_WAN_CONFIG, cli_env, save_tes
                            save_tiny_text_encoder, save_tiny_vae, save_tiny_wan_pipeline, spawn)
 
 PROMPT = "a cat runs on the beach"
+SAMPLE_ARGS = dict(prompt=PROMPT, height=128, width=128, num_frames=13, num_inference_steps=3, guidance_scale=1.0,
+                   output_type="latent")  # latents 4x4x16x16: VSA_LATENT
 VSA_LATENT = "4,4,16,16"  # a 4x8x8 token grid: 4 VSA cubes, so sparsity 0.5 selects 2 of 4
 
 
@@ -136,26 +140,31 @@ def shipped(trained, tmp_path_factory):
     return root / "moved" / "fastwan"
 
 
-def test_export_samples_on_the_runs_steps_like_generate_and_round_trips(trained, shipped, tmp_path):
-    from diffusers import WanPipeline
+def test_export_samples_like_generate_with_dmd_scheduler_and_round_trips(trained, shipped, tmp_path):
+    """The reproducible path: use_dmd_scheduler pins the run's steps and pipe(generator=g) fixes
+    every draw, as `megadmd generate` (its default --noise) draws them."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
     from safetensors.torch import load_file
 
     from megadmd.attention import enable_vsa
-    from megadmd.pipeline import DMDScheduler
+    from megadmd.pipeline import DMDScheduler, use_dmd_scheduler
+    from megadmd.pipeline.info import SAMPLING_FILE
 
     _, probe, _ = trained
     with diffusers_log() as logs:
         pipe = WanPipeline.from_pretrained(str(shipped))
     assert not [m for m in logs if "were not used" in m], logs  # the gates are not in diffusers' weights
-    assert isinstance(pipe.scheduler, DMDScheduler)
+    assert type(pipe.scheduler) is FlowMatchEulerDiscreteScheduler  # diffusers' own (loaded without megadmd below)
+    info = json.loads((shipped / SAMPLING_FILE).read_text())
+    assert info["scheduler"] == {"library": "diffusers", "class_name": "FlowMatchEulerDiscreteScheduler"}
+    assert info["num_inference_steps"] == 3
+    assert use_dmd_scheduler(pipe) is pipe.scheduler and isinstance(pipe.scheduler, DMDScheduler)
     pipe.scheduler.set_timesteps(3)
     assert pipe.scheduler.timesteps.tolist() == pytest.approx(probe["steps"]) and probe["steps"][1] > 900  # warped
     assert enable_vsa(pipe.transformer) == TEST_WAN_CONFIG["num_layers"]  # sparsity 0.5 from the export
-    args = dict(prompt=PROMPT, height=128, width=128, num_frames=13, num_inference_steps=3, guidance_scale=1.0,
-                output_type="latent")
-    first = pipe(generator=torch.Generator().manual_seed(5), **args).frames
+    first = pipe(generator=torch.Generator().manual_seed(5), **SAMPLE_ARGS).frames
     torch.manual_seed(123)  # the global RNG plays no part
-    assert torch.equal(pipe(generator=torch.Generator().manual_seed(5), **args).frames, first)
+    assert torch.equal(pipe(generator=torch.Generator().manual_seed(5), **SAMPLE_ARGS).frames, first)
     # megadmd generate, same folder and seed; its steps, attention and text encoder come from the export
     (tmp_path / "p.txt").write_text(PROMPT + "\n")
     r = cli("generate", "--model", shipped, "-o", tmp_path / "gen", "--prompts", tmp_path / "p.txt",
@@ -167,15 +176,68 @@ def test_export_samples_on_the_runs_steps_like_generate_and_round_trips(trained,
     # save_pretrained -> from_pretrained: the same scheduler and the same samples
     pipe.save_pretrained(str(tmp_path / "resaved"))
     again = WanPipeline.from_pretrained(str(tmp_path / "resaved"))
-    assert again.scheduler.config.timesteps == pipe.scheduler.config.timesteps
+    assert isinstance(again.scheduler, DMDScheduler) and again.scheduler.config.timesteps == probe["steps"]
     enable_vsa(again.transformer, sparsity=0.5)  # megadmd_sampling.json is not part of what diffusers saves
-    assert torch.equal(again(generator=torch.Generator().manual_seed(5), **args).frames, first)
+    assert torch.equal(again(generator=torch.Generator().manual_seed(5), **SAMPLE_ARGS).frames, first)
+
+
+# Run in a fresh interpreter where importing megadmd fails: the export must load and sample with
+# diffusers alone, reproducibly after torch.manual_seed, and survive save_pretrained.
+DIFFUSERS_ALONE = """
+import json, sys
+sys.modules["megadmd"] = None  # any import of megadmd (or a submodule) now raises ImportError
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+
+folder, resaved, out, args = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+steps = json.load(open(folder + "/megadmd_sampling.json"))["num_inference_steps"]
+pipe = WanPipeline.from_pretrained(folder)
+assert type(pipe.scheduler) is FlowMatchEulerDiscreteScheduler
+pipe.scheduler.set_timesteps(steps)
+timesteps = pipe.scheduler.timesteps.tolist()
+
+def sample(p):
+    torch.manual_seed(5)  # the starting latent and every re-noise: no generator
+    return p(num_inference_steps=steps, **args).frames
+
+first = sample(pipe)
+same = torch.equal(sample(pipe), first)
+pipe.save_pretrained(resaved)
+resaved_same = torch.equal(sample(WanPipeline.from_pretrained(resaved)), first)
+loaded = sorted(m for m in sys.modules if m.split(".")[0] == "megadmd" and sys.modules[m] is not None)
+torch.save({"timesteps": timesteps, "first": first, "same": same, "resaved_same": resaved_same,
+            "megadmd_modules": loaded}, out)
+"""
+
+
+def test_export_loads_and_samples_with_diffusers_alone_like_generate(trained, shipped, tmp_path):
+    from safetensors.torch import load_file
+
+    from megadmd.pipeline.stock import TOLERANCE
+
+    _, probe, _ = trained
+    env = cli_env()
+    env.pop("PYTHONPATH")
+    args = {k: v for k, v in SAMPLE_ARGS.items() if k != "num_inference_steps"}
+    r = subprocess.run([sys.executable, "-c", DIFFUSERS_ALONE, str(shipped), str(tmp_path / "resaved"),
+                        str(tmp_path / "out.pt"), json.dumps(args)], env=env, cwd=tmp_path, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = torch.load(tmp_path / "out.pt", weights_only=False)
+    assert got["megadmd_modules"] == []
+    assert got["timesteps"] == pytest.approx(probe["steps"], abs=TOLERANCE) and probe["steps"][1] > 900  # warped
+    assert got["same"] and got["resaved_same"]  # bit-identical after the same torch.manual_seed
+    # megadmd generate with diffusers' convention: dense attention, as diffusers alone runs it
+    (tmp_path / "p.txt").write_text(PROMPT + "\n")
+    r = cli("generate", "--model", shipped, "-o", tmp_path / "gen", "--prompts", tmp_path / "p.txt",
+            "--latent-shape", VSA_LATENT, "--seed", 5, "--noise", "diffusers", "--attention", "dense")
+    assert r.exit_code == 0, r.output
+    torch.testing.assert_close(load_file(str(tmp_path / "gen" / "latents.safetensors"))["latents"], got["first"],
+                               rtol=0, atol=1e-5)
 
 
 def test_linked_export_uses_relative_links(trained, tmp_path):
-    from diffusers import WanPipeline
-
-    import megadmd.pipeline  # noqa: F401  (DMDScheduler, named by the folder)
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
 
     _, probe, _ = trained
     base = save_tiny_wan_pipeline(tmp_path / "a" / "models" / "wan")
@@ -183,28 +245,31 @@ def test_linked_export_uses_relative_links(trained, tmp_path):
             "--pipeline-from", base, "--link")
     assert r.exit_code == 0, r.output
     links = [p for p in (tmp_path / "a" / "out" / "fastwan").iterdir() if p.is_symlink()]
-    assert sorted(p.name for p in links) == ["text_encoder", "tokenizer", "vae"]  # the scheduler is ours
+    assert sorted(p.name for p in links) == ["text_encoder", "tokenizer", "vae"]  # the scheduler is written
     assert all(not os.path.isabs(os.readlink(p)) for p in links)
     shutil.copytree(tmp_path / "a", tmp_path / "b", symlinks=True)  # the tree moves as one: links still hold
     shutil.rmtree(tmp_path / "a")
     pipe = WanPipeline.from_pretrained(str(tmp_path / "b" / "out" / "fastwan"))
-    assert pipe.vae is not None and isinstance(pipe.scheduler, megadmd.pipeline.DMDScheduler)
+    assert pipe.vae is not None and type(pipe.scheduler) is FlowMatchEulerDiscreteScheduler
 
 
 def test_readme_diffusers_section_runs_against_an_export(shipped, tmp_path, monkeypatch):
-    """The README's code, as written, with only the folder and the video size swapped for the
-    tiny export's."""
+    """The README's code blocks, as written and in order (the second continues the first), with
+    only the folder and the video size swapped for the tiny export's."""
     text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    code = text.split("### Using the distilled model in diffusers", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
-    for old, new in (('"fastwan-1.3b"', repr(str(shipped))),
-                     ("height=448, width=832, num_frames=61", "height=32, width=32, num_frames=5")):
-        assert code.count(old) == 1, old
+    section = text.split("### Using the distilled model in diffusers", 1)[1].split("\n## ", 1)[0]
+    blocks = [b.split("```", 1)[0] for b in section.split("```python\n")[1:]]
+    assert len(blocks) == 2 and not re.search(r"^(import|from) megadmd", blocks[0], re.M)  # diffusers alone
+    code = "\n".join(blocks)
+    for old, new, count in (('"fastwan-1.3b"', repr(str(shipped)), 1),
+                            ("height=448, width=832, num_frames=61", "height=32, width=32, num_frames=5", 2)):
+        assert code.count(old) == count, old
         code = code.replace(old, new)
     monkeypatch.chdir(tmp_path)
     scope = {}
     exec(compile(code, "README.md", "exec"), scope)
     assert scope["video"].shape == (5, 32, 32, 3)
-    assert (tmp_path / "cat.mp4").stat().st_size > 0
+    assert (tmp_path / "cat.mp4").stat().st_size > 0 and (tmp_path / "cat-vsa.mp4").stat().st_size > 0
 
 
 def test_generate_with_prompts_vae_and_teacher_timing(trained, tmp_path):

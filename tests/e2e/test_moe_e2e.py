@@ -24,7 +24,7 @@ def test_two_experts_round_trip(tmp_path):
     from diffusers import WanPipeline
 
     from megadmd.models import WanExperts, predict_velocity
-    from megadmd.pipeline import DMDScheduler
+    from megadmd.pipeline import DMDScheduler, use_dmd_scheduler
     from megadmd.pipeline.scheduler import draw_renoise, renoise_generators
     from megadmd.sampling import sample_generator
     from tests.distributed.workers import load_and_gather
@@ -49,7 +49,9 @@ def test_two_experts_round_trip(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     pipe = WanPipeline.from_pretrained(str(tmp_path / "shipped"))
     assert pipe.transformer_2 is not None and pipe.config.boundary_ratio == 0.875
-    assert isinstance(pipe.scheduler, DMDScheduler) and pipe.scheduler.config.timesteps == [1000.0, 500.0]
+    pipe.scheduler.set_timesteps(2)  # diffusers' own scheduler on the run's steps
+    assert pipe.scheduler.config.stochastic_sampling and pipe.scheduler.timesteps.tolist() == [1000.0, 500.0]
+    assert isinstance(use_dmd_scheduler(pipe), DMDScheduler)  # the seeded re-noise ours draws
     start = torch.randn(1, 4, 2, 4, 4, generator=torch.Generator().manual_seed(0))
     out = pipe(prompt="a dog runs", height=32, width=32, num_frames=5, num_inference_steps=2, guidance_scale=1.0,
                latents=start.clone(), output_type="latent", max_sequence_length=16).frames
