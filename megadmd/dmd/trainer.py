@@ -145,18 +145,20 @@ class DMDTrainer:
         guided = losses.cfg_combine(x0_cond, x0_uncond, self.dmd.guidance_scale, self.dmd.cfg_form)
         return losses.limit_guidance(guided, x0_cond, t, self.dmd.guidance_interval)
 
-    def score_timesteps(self, batch: Batch, purpose: Purpose, phase: int) -> torch.Tensor:
+    def score_timesteps(self, batch: Batch, purpose: Purpose, phase: int,
+                        expert_purpose: Optional[Purpose] = None) -> torch.Tensor:
         """Per-sample teacher / fake-score timesteps. With two experts, one shared draw per global
         micro-step picks the expert for the whole micro-batch on every rank (ZeRO-3 gathers are
         collective), and the samples spread over that expert's range: t stays distributed as
-        without experts."""
+        without experts. Draws of ``expert_purpose`` (default ``purpose``) pick the expert, so
+        timesteps of two purposes that share one forward can share the expert too."""
         d = self.dmd
         u = self.rng.rand(batch.positions.tolist(), purpose, phase)
-        if self.boundary_ratio is not None:
-            split = flow.expert_split_u(self.boundary_ratio, d.flow_shift, d.min_timestep_ratio, d.max_timestep_ratio)
-            shared = float(self.rng.rand([batch.micro_step], purpose, phase, sub=1))
-            u = flow.stratified_u(u, shared, split)
-        return flow.sample_score_timesteps(u, d.flow_shift, d.min_timestep_ratio, d.max_timestep_ratio)
+        if self.boundary_ratio is None:
+            return flow.sample_score_timesteps(u, d.flow_shift, d.min_timestep_ratio, d.max_timestep_ratio)
+        shared = float(self.rng.rand([batch.micro_step], expert_purpose or purpose, phase, sub=1))
+        return flow.expert_score_timesteps(u, shared, self.boundary_ratio, d.flow_shift, d.min_timestep_ratio,
+                                           d.max_timestep_ratio)
 
     def generator_step_indices(self, batch: Batch, phase: int) -> torch.Tensor:
         """Per-sample entries of the denoising-step list. With two experts, the expert is drawn once
@@ -247,7 +249,10 @@ class DMDTrainer:
                                       **self.conditioning(batch))
             return losses.fake_score_loss(v_pred, eps, x0_gen)
         b = x_t.shape[0]
-        t_real = self.score_timesteps(batch, Purpose.GAN_TIMESTEP, PHASE_FAKE_SCORE)
+        # the real half shares the generated half's expert draw: both halves run in one forward,
+        # which must stay on one expert (the head hook reads a single expert's tokens)
+        t_real = self.score_timesteps(batch, Purpose.GAN_TIMESTEP, PHASE_FAKE_SCORE,
+                                      expert_purpose=Purpose.FAKE_TIMESTEP)
         eps_real = self.rng.randn(pos, x0_gen.shape[1:], Purpose.GAN_NOISE, PHASE_FAKE_SCORE)
         x_real = flow.add_noise(batch.latents.float(), eps_real, flow.sigma_from_t(t_real))
         with gan.head_logits(engine.module, self.gan_block()) as out:
