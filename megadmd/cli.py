@@ -86,10 +86,15 @@ def train(config_file, overrides, preset, output_dir, max_steps, local_rank, res
 
     With no arguments it distills the built-in toy teacher (preset 'tiny') on this machine.
     """
+    from .dmd.guard import NonFiniteError
     from .runner import run_train
 
     cfg = _resolve(config_file, overrides, preset, output_dir, max_steps, resume)
-    run_train(cfg, local_rank=local_rank)
+    try:
+        run_train(cfg, local_rank=local_rank)
+    except NonFiniteError:
+        shutdown_distributed()  # every rank stops at the same, world-agreed point: leave together
+        raise
     shutdown_distributed()
 
 

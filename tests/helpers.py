@@ -165,3 +165,47 @@ def save_test_images(folder: Path, count: int) -> Path:
         names.append(f"img{i}.png")
     (folder / "images.txt").write_text("\n".join(names) + "\n")
     return folder / "images.txt"
+
+
+def save_poisoned_dataset(path: Path, source: Path, bad: dict) -> Path:
+    """A copy of the dataset at ``source`` with sample ``i``'s tensor ``bad[i] = (key, value)``
+    (``"latents"`` or ``"text_embeds"``) filled with ``value`` (NaN, infinity)."""
+    from megadmd.data.format import DatasetWriter, LatentDataset
+
+    src = LatentDataset(source)
+    w = DatasetWriter(path, text_dim=src.info.text_dim, max_text_len=src.info.max_text_len,
+                      latent_shape=src.info.latent_shape)
+    for i in range(len(src)):
+        s = src.get(i)
+        emb, lat = s["text_embeds"][: s["text_len"]].clone(), s.get("latents")
+        key, value = bad.get(i, (None, None))
+        if key == "latents":
+            lat = torch.full_like(lat, value)
+        elif key == "text_embeds":
+            emb = torch.full_like(emb, value)
+        w.add(emb, s["caption"], lat)
+    w.finish(src.negative()[0])
+    return path
+
+
+def tiny_zero3_engine(grad_accum_steps: int = 1, lr: float = 1e-2, seed: int = 0, module=None, groups=None):
+    """A small module (default: a two-layer MLP) under a real ZeRO-3 engine (fp32, AdamW without
+    weight decay, a LambdaLR schedule), its config filled in as megadmd fills its roles': for
+    tests of what an engine step does or skips."""
+    import deepspeed
+
+    from megadmd.config import TrainConfig
+    from megadmd.roles import fill_ds_config, load_ds_template
+
+    cfg = fill_ds_config(load_ds_template(str(Path(__file__).parent / "distributed" / "zero3_partition_all.json"),
+                                          "test"),
+                         TrainConfig(grad_accum_steps=grad_accum_steps), torch.distributed.get_world_size(),
+                         bf16=False, trainable=True)
+    torch.manual_seed(seed)
+    if module is None:
+        module = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    deepspeed.zero.Init(module=module, config_dict_or_path=cfg)
+    opt = torch.optim.AdamW(groups or module.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda n: 1.0 / (n + 1))
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, lr_scheduler=sched, config=cfg)
+    return engine

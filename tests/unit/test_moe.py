@@ -129,9 +129,77 @@ def test_gan_halves_share_one_expert_and_the_head_sees_every_sample(moe_trainer,
     for _ in range(2):
         t.fake_score_step([t.data.next()])
     assert seen == [(2, 2), (2, 2)]
+    assert t.state.fake_score_updates == 2 and t.state.fake_score_skipped == 0
     assert all(v == v for v in t.window.reduce().values())  # no NaN logged
     for _ in range(16):
         batch = t.data.next()
         fake = t.score_timesteps(batch, Purpose.FAKE_TIMESTEP, PHASE_FAKE_SCORE)
         real = t.score_timesteps(batch, Purpose.GAN_TIMESTEP, PHASE_FAKE_SCORE, expert_purpose=Purpose.FAKE_TIMESTEP)
         assert len({bool(x >= 875) for x in torch.cat([fake, real])}) == 1
+
+
+def test_a_skipped_update_restores_the_rate_of_the_expert_that_did_not_run(moe_trainer):
+    """restrict_step_to_used_experts zeroes the idle expert's rate and relies on the LR
+    scheduler's step to restore it; a skipped step does not step the scheduler."""
+    t = moe_trainer
+
+    def side(batch):
+        return "high" if float(t.score_timesteps(batch, Purpose.FAKE_TIMESTEP, PHASE_FAKE_SCORE)[0]) >= 875 else "low"
+
+    bad = t.data.next()
+    bad.latents = torch.full_like(bad.latents, float("nan"))
+    t.fake_score_step([bad])
+    assert t.state.fake_score_skipped == 1 and t.state.fake_score_updates == 0
+    assert all(g["lr"] > 0 for g in t.models.fake_score.optimizer.param_groups)
+    batch = t.data.next()
+    while side(batch) == side(bad):
+        batch = t.data.next()
+    before = full_state_dict(t.models.fake_score.module)
+    t.fake_score_step([batch])
+    assert _changed(before, full_state_dict(t.models.fake_score.module)) == {side(batch)}
+
+
+class _TinyExpert(torch.nn.Module):
+    """Stands in for a Wan DiT inside WanExperts: one linear layer, the DiT's call signature."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 1)
+
+    def forward(self, hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image=None,
+                return_dict=False):
+        return (self.lin(hidden_states),)
+
+
+def test_the_idle_expert_steps_with_a_zero_gradient_not_its_last_one(single_process_world):
+    """ZeRO-3 keeps a parameter's last gradient until a new one overwrites it: the idle expert
+    stepped with its stale gradient (counted in the global norm, pushed into its Adam moments),
+    and after a skipped step with a NaN one, which made every later step skip as well."""
+    from megadmd.roles import param_groups, restrict_step_to_used_experts
+    from tests.helpers import tiny_zero3_engine
+
+    module = WanExperts(_TinyExpert(), _TinyExpert(), boundary_ratio=0.875)
+    engine = tiny_zero3_engine(module=module, groups=param_groups(module))
+    opt = engine.optimizer
+
+    def exp_avg(group: int) -> torch.Tensor:
+        return opt.optimizer.state[opt.fp32_partitioned_groups_flat[group]]["exp_avg"].clone()
+
+    def update(t: float, scale: float = 1.0) -> None:
+        out = engine(torch.randn(3, 4), torch.full((3,), t), None)[0]
+        engine.backward(out.pow(2).mean() * scale)
+        restrict_step_to_used_experts(engine)
+        engine.step()
+
+    update(900.0)  # the high expert (group 0)
+    high = exp_avg(0)
+    update(100.0)  # the low expert only
+    assert torch.allclose(exp_avg(0), high * 0.9, rtol=1e-6, atol=0)  # moments only decay (beta1 0.9)
+    update(900.0, scale=float("nan"))  # DeepSpeed skips it
+    assert not engine.was_step_applied()
+    from megadmd.roles import recover_from_skipped_step
+
+    recover_from_skipped_step(engine)
+    update(100.0)
+    assert engine.was_step_applied()  # no stale NaN from the high expert in the norm
+    assert bool(torch.isfinite(exp_avg(0)).all())
