@@ -286,7 +286,7 @@ def generate(model, out, prompts, text_encoder, tokenizer, embeds, latent_shape,
     res = run_generate(GenerateOptions(
         model=model, out=out, latent_shape=tuple(_latent_shape(latent_shape, video_size)), prompts=prompts,
         text_encoder=text_encoder, tokenizer=tokenizer, embeds=embeds, negative_prompt=negative_prompt,
-        steps=[float(x) for x in steps.split(",")], seed=seed, batch_size=batch_size, precision=precision,
+        steps=_float_list(steps, "--steps"), seed=seed, batch_size=batch_size, precision=precision,
         vae=vae, compare_teacher=compare_teacher, teacher_steps=teacher_steps, guidance_scale=guidance_scale,
         cfg_form=cfg_form, flow_shift=flow_shift, images=images, image_encoder=image_encoder,
         video_size=tuple(_int_list(video_size, "--video-size", 3)) if video_size else None))
@@ -339,6 +339,13 @@ def _latent_shape(latent_shape, video_size) -> list[int]:
     if (f - 1) % 4 or h % 8 or w % 8:
         raise ConfigError(f"--video-size {video_size}: frames must be 4k+1 and height/width multiples of 8")
     return [16, (f - 1) // 4 + 1, h // 8, w // 8]
+
+
+def _float_list(text: str, name: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"{name} must be comma-separated numbers, got '{text}'") from None
 
 
 def _int_list(text: str, name: str, n: int) -> list[int]:

@@ -18,9 +18,9 @@ from typing import Optional
 import torch
 
 from . import flow
-from .config import ConfigError
+from .config import ConfigError, check_steps
 from .io_utils import atomic_write_bytes
-from .models import load_role_model, predict_velocity, read_model_config
+from .models import check_weight_files, load_role_model, predict_velocity, read_model_config
 from .rng import sample_seed
 from .sampling import cfg_velocity, sample_generator, sample_teacher
 
@@ -188,10 +188,19 @@ def check_generate_inputs(o: GenerateOptions) -> dict:
     if cfg.get("image_dim") is not None and o.images is None and o.embeds is None:
         raise ConfigError("the model is image-to-video: give --images (with --image-encoder, --vae, --video-size) "
                           "or --embeds with image conditions")
-    if list(o.steps) != sorted(o.steps, reverse=True) or not all(0 < s <= 1000 for s in o.steps):
-        raise ConfigError(f"--steps must decrease within (0, 1000], got {o.steps}")
+    check_steps("--steps", list(o.steps))
+    pt, ph, pw = cfg.get("patch_size", (1, 2, 2))
+    if o.latent_shape[1] % pt or o.latent_shape[2] % ph or o.latent_shape[3] % pw:
+        raise ConfigError(f"latent shape {list(o.latent_shape)}: F, H, W must divide by the model's patch "
+                          f"size {[pt, ph, pw]}")
     if o.compare_teacher is not None:
         read_model_config(o.compare_teacher, what="teacher model")
+    for path, what in ((o.model, "generator model"), (o.compare_teacher, "teacher model")):
+        if path is None:
+            continue
+        two_experts = _boundary_of(path) is not None
+        for folder in [Path(path) / "transformer", Path(path) / "transformer_2"] if two_experts else [path]:
+            check_weight_files(folder, what=what)
     return cfg
 
 
