@@ -351,6 +351,12 @@ def resolve(file: Optional[str] = None, overrides: tuple[str, ...] | list[str] =
     return cfg
 
 
+def check_number(key: str, value: float, positive: bool = False) -> None:
+    """A command-line number: finite and >= 0 (> 0 with ``positive``); one line naming it."""
+    if not math.isfinite(value) or (value <= 0 if positive else value < 0):
+        raise ConfigError(f"{key} must be a finite number {'> 0' if positive else '>= 0'}, got {value}")
+
+
 def check_steps(key: str, steps: Any) -> None:
     """A denoising-step list: numbers (not booleans) in (0, 1000], decreasing."""
     if not isinstance(steps, (list, tuple)) or not steps:

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from . import flow
-from .config import ConfigError, check_steps
+from .config import ConfigError, check_number, check_steps
 from .io_utils import atomic_write_bytes
 from .models import check_weight_files, load_role_model, predict_velocity, read_model_config
 from .rng import sample_seed
@@ -189,6 +189,8 @@ def check_generate_inputs(o: GenerateOptions) -> dict:
         raise ConfigError("the model is image-to-video: give --images (with --image-encoder, --vae, --video-size) "
                           "or --embeds with image conditions")
     check_steps("--steps", list(o.steps))
+    check_number("--guidance-scale", o.guidance_scale)
+    check_number("--flow-shift", o.flow_shift, positive=True)
     pt, ph, pw = cfg.get("patch_size", (1, 2, 2))
     if o.latent_shape[1] % pt or o.latent_shape[2] % ph or o.latent_shape[3] % pw:
         raise ConfigError(f"latent shape {list(o.latent_shape)}: F, H, W must divide by the model's patch "

@@ -142,6 +142,18 @@ CASES = [
      r"dataset shard .* is damaged or truncated"),
     ("generate truncated model", _generate(model="{truncated_model}"),
      "generator model weights file .* is damaged or truncated"),
+    ("generate guidance -inf", _generate("--guidance-scale", "-inf"), "--guidance-scale must be a finite number >= 0"),
+    ("generate shift NaN", _generate("--flow-shift", "nan"), "--flow-shift must be a finite number > 0, got nan"),
+    # synth
+    ("synth guidance NaN", _command("synth", "--teacher", "{model}", "--text-data", "{clean}", "--latent-shape",
+                                    "4,2,4,4", "--guidance-scale", "nan"),
+     "--guidance-scale must be a finite number >= 0, got nan"),
+    ("synth shift inf", _command("synth", "--teacher", "{model}", "--text-data", "{clean}", "--latent-shape",
+                                 "4,2,4,4", "--flow-shift", "inf"), "--flow-shift must be a finite number > 0"),
+    ("synth damaged text data", _command("synth", "--teacher", "{model}", "--text-data", "{damaged[truncated shard]}",
+                                         "--latent-shape", "4,2,4,4"), r"dataset shard .* is damaged or truncated"),
+    ("synth truncated teacher", _command("synth", "--teacher", "{truncated_model}", "--text-data", "{clean}",
+                                         "--latent-shape", "4,2,4,4"), "teacher model weights file .* is damaged"),
     # other commands' input files
     ("encode-text prompts not UTF-8", _command("encode-text", "--prompts", "{root}/prompts.txt", "--text-encoder",
                                                "{root}/none"), r"prompts file .*prompts.txt is not UTF-8 text"),
