@@ -393,7 +393,7 @@ class Checkpointer:
             loaded, _ = trainer.models.engine(role).load_checkpoint(str(path / role), tag=tag)
             if loaded is None:
                 raise ConfigError(f"checkpoint {path}: DeepSpeed could not load {role}/{tag}")
-        trainer.state.load_state_dict({k: state[k] for k in ("step", "generator_updates", "fake_score_updates")})
+        trainer.state.load_state_dict(state)
         per_sample_step = self.pstate.dp_size * trainer.data.micro_batch
         trainer.data.micro_step = -(-state["samples_consumed"] // per_sample_step)  # ceil: never repeat data
         self._load_ema(trainer, path, state, universal)

@@ -114,10 +114,15 @@ def train(config_file, overrides, preset, output_dir, max_steps, local_rank, res
     With no arguments it distills the built-in toy teacher (preset 'tiny') on this machine. One run
     per output folder: a folder with checkpoints is continued with --resume auto, never restarted.
     """
+    from .dmd.guard import NonFiniteError
     from .runner import run_train
 
     cfg = _resolve(config_file, overrides, preset, output_dir, max_steps, resume, allow_config_change)
-    run_train(cfg, local_rank=local_rank, overwrite=overwrite)
+    try:
+        run_train(cfg, local_rank=local_rank, overwrite=overwrite)
+    except NonFiniteError:
+        shutdown_distributed()  # every rank stops at the same, world-agreed point: leave together
+        raise
     shutdown_distributed()
 
 

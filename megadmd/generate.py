@@ -33,12 +33,12 @@ from typing import Callable, Optional
 import torch
 
 from . import flow
-from .config import ConfigError
+from .config import ConfigError, check_number, check_steps
 from .data.text import WAN_NEGATIVE_PROMPT
 from .io_utils import atomic_dir
-from .safety.folders import check_output
-from .models import load_role_model, predict_velocity, read_model_config
+from .models import check_weight_files, load_role_model, predict_velocity, read_model_config
 from .monitoring.progress import progress
+from .safety.folders import check_output
 from .sampling import cfg_velocity, sample_generator, sample_teacher
 
 log = logging.getLogger("megadmd")
@@ -259,10 +259,21 @@ def check_generate_inputs(o: GenerateOptions) -> dict:
                           "or --embeds with image conditions")
     if o.noise not in NOISE_KINDS:
         raise ConfigError(f"--noise must be one of {', '.join(NOISE_KINDS)}, got {o.noise}")
-    if list(o.steps) != sorted(o.steps, reverse=True) or not all(0 < s <= 1000 for s in o.steps):
-        raise ConfigError(f"--steps must decrease within (0, 1000], got {o.steps}")
+    check_steps("--steps", list(o.steps))
+    check_number("--guidance-scale", o.guidance_scale)
+    check_number("--flow-shift", o.flow_shift, positive=True)
+    pt, ph, pw = cfg.get("patch_size", (1, 2, 2))
+    if o.latent_shape[1] % pt or o.latent_shape[2] % ph or o.latent_shape[3] % pw:
+        raise ConfigError(f"latent shape {list(o.latent_shape)}: F, H, W must divide by the model's patch "
+                          f"size {[pt, ph, pw]}")
     if o.compare_teacher is not None:
         read_model_config(o.compare_teacher, what="teacher model")
+    for path, what in ((o.model, "generator model"), (o.compare_teacher, "teacher model")):
+        if path is None:
+            continue
+        two_experts = _boundary_of(path) is not None
+        for folder in [Path(path) / "transformer", Path(path) / "transformer_2"] if two_experts else [path]:
+            check_weight_files(folder, what=what)
     return cfg
 
 

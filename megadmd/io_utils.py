@@ -1,7 +1,8 @@
 """Atomic file and folder writes: a crash never leaves a half-written file that passes for whole.
 
 Everything is written under a temporary name in the destination's own folder, flushed to disk,
-then renamed into place (``os.replace`` is atomic on POSIX within one filesystem).
+then renamed into place (``os.replace`` is atomic on POSIX within one filesystem). Reading
+text and safetensors files with one-line errors for bad ones lives here too.
 """
 from __future__ import annotations
 
@@ -26,6 +27,33 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def read_text_utf8(path: str | os.PathLike, what: str) -> str:
+    """A text file's contents, or one ConfigError line saying it is not UTF-8 (and where)."""
+    from .config import ConfigError
+
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{what} {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+
+
+def open_safetensors(path: str | os.PathLike, what: str):
+    """A safetensors file opened for reading (header parsed; safetensors also refuses a file
+    shorter than its header says), or one ConfigError line naming it: truncated, overwritten
+    header, missing. The handle reads tensors lazily (memory-mapped)."""
+    from safetensors import SafetensorError, safe_open
+
+    from .config import ConfigError
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} {path} is missing")
+    try:
+        return safe_open(str(path), framework="pt")
+    except (SafetensorError, OSError) as exc:
+        raise ConfigError(f"{what} {path} is damaged or truncated ({str(exc).splitlines()[0]})") from None
 
 
 @contextmanager

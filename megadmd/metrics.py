@@ -3,7 +3,7 @@ to the tracking backends from rank 0 (monitoring/backends.py).
 
 Tags (README, "Monitoring"): ``loss/generator``, ``loss/fake_score``, ``grad_norm/<role>``,
 ``lr/<role>``, ``time/step_s``, ``throughput/samples_per_s``, ``memory/<what>_gib``,
-``stats/<what>``.
+``stats/<what>``, ``health/skipped_steps[/<role>]``.
 """
 from __future__ import annotations
 
@@ -37,6 +37,12 @@ class ScalarWindow:
     def load_state_dict(self, state: dict) -> None:
         self._sum = defaultdict(float, state["sum"])
         self._count = defaultdict(int, state["count"])
+
+    def merge(self, other: "ScalarWindow") -> None:
+        """Add another window's sums and counts to this one."""
+        for name, total in other._sum.items():
+            self._sum[name] += total
+            self._count[name] += other._count[name]
 
     def reduce(self, group=None) -> dict[str, float]:
         """Window means, averaged over the ranks of ``group`` (collective on that group).
@@ -144,6 +150,8 @@ def format_line(step: int, max_steps: int, values: dict[str, float], eta_s: floa
     for k in keys:
         if k in values:
             parts.append(f"{k} {values[k]:.4g}")
+    if values.get("health/skipped_steps"):  # updates dropped for non-finite values, so far
+        parts.append(f"skipped {int(values['health/skipped_steps'])}")
     m, s = divmod(int(eta_s), 60)
     parts.append(f"eta {m}m{s:02d}s")
     return " | ".join(parts)

@@ -49,6 +49,16 @@ def read_model_config(path: str | Path, what: str = "model") -> dict:
     return cfg
 
 
+def check_weight_files(path: str | Path, what: str = "model") -> None:
+    """Every safetensors file of a model folder opens (a truncated or overwritten one is one line
+    naming it, before anything starts, rather than a traceback from inside from_pretrained)."""
+    from .io_utils import open_safetensors
+
+    for f in sorted(resolve_model_dir(path, what=what).glob("*.safetensors")):
+        with open_safetensors(f, f"{what} weights file"):
+            pass
+
+
 def load_wan(path: str | Path, dtype: torch.dtype = torch.float32, what: str = "model"):
     """Load a Wan DiT with diffusers' ``from_pretrained`` (the real loading code)."""
     from diffusers import WanTransformer3DModel

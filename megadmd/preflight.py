@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Optional
 
 from .config import ROLES, ConfigError, RunConfig
-from .data.format import DatasetInfo, dataset_format, read_index
-from .models import expert_dirs, read_model_config
+from .data.format import DatasetInfo, check_dataset_files, dataset_format, read_index
+from .models import check_weight_files, expert_dirs, read_model_config
 from .parallel.state import check_layout
 from .presets import get_preset
 from .roles import role_ds_config
@@ -51,14 +51,21 @@ def check_models(cfg: RunConfig) -> tuple[dict, dict, dict]:
     teacher = resolve_builtin_teacher(cfg)
     paths = {}
     configs = {}
+    checked: set = set()
     for role in ("teacher", "generator", "fake_score"):  # the teacher first: the others default to it
         own = getattr(cfg.model, f"{role}_path")
         p = own if role != "teacher" and own else teacher  # "" means "same as the teacher"
         paths[role] = p
         configs[role] = read_model_config(p, what=f"{role} model")
+        folders = {p: f"{role} model"}
         if cfg.model.boundary_ratio is not None:
-            _, low = expert_dirs(p, what=f"{role} model")
+            high, low = expert_dirs(p, what=f"{role} model")
             configs[f"{role}:low"] = read_model_config(low, what=f"{role} low-noise expert")
+            folders = {high: f"{role} high-noise expert", low: f"{role} low-noise expert"}
+        for folder, what in folders.items():
+            if str(folder) not in checked:  # the roles often share the teacher's folder
+                check_weight_files(folder, what=what)
+                checked.add(str(folder))
     ref = configs["teacher"]
     for role in ("generator", "fake_score"):
         for key in ("in_channels", "out_channels", "text_dim", "patch_size"):
@@ -93,6 +100,7 @@ def check_dataset(cfg: RunConfig, model_config: dict, teacher_path: str) -> tupl
                 raise ConfigError(f"data.{key} is for FastVideo datasets; megadmd dataset {cfg.data.path} "
                                   f"carries its own negative embedding and normalized latents")
         info = read_index(cfg.data.path)
+        check_dataset_files(cfg.data.path, info)
     if not cfg.dmd.simulate_generator_forward and not info.has_latents:
         raise ConfigError(f"dataset {cfg.data.path} holds only text embeddings; set "
                           f"dmd.simulate_generator_forward=true for data-free training or give a "
@@ -152,6 +160,14 @@ def latent_shape_for(cfg: RunConfig, info: Optional[DatasetInfo], model_config: 
     return shape
 
 
+def check_backend(backend: str) -> None:
+    import torch
+
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise ConfigError("parallel.backend=nccl needs CUDA GPUs and this machine has none; use "
+                          "parallel.backend=auto (gloo on CPU) or gloo")
+
+
 def check_vsa_backend(name: str) -> None:
     import torch
 
@@ -179,6 +195,7 @@ def preflight_train(cfg: RunConfig, world_size: int, overwrite: bool = False) ->
     ``overwrite``: a non-empty folder that is not a run may take the run (nothing is deleted)."""
     from .safety.runfolder import check_resume_config, plan_resume
 
+    check_backend(cfg.parallel.backend)
     resume_plan = plan_resume(cfg, overwrite)
     paths, model_config, role_configs = check_models(cfg)
     dp = check_layout(world_size, cfg.parallel.sp_size, model_config.get("num_attention_heads"))

@@ -214,15 +214,37 @@ def param_groups(module: torch.nn.Module) -> list[dict]:
 def restrict_step_to_used_experts(engine) -> None:
     """Before an engine step: give the expert that did not run in this update a zero learning
     rate, so its parameters (and, through AdamW's decoupled decay, its weights) stay exactly as
-    they are. Its Adam moments still decay by beta that step. The LR scheduler restores every
-    group's rate when it steps. A no-op for one-expert models and between accumulation steps."""
+    they are, and a zero gradient: ZeRO-3 would otherwise step it with its last gradient, which
+    would count in the global norm (the clipping of the expert that ran) and in its Adam moments.
+    Its moments only decay by beta that step. The LR scheduler restores every group's rate when
+    it steps. A no-op for one-expert models and between accumulation steps."""
+    from .zero import zero_gradient_partitions
+
     module = engine.module
     if not isinstance(module, WanExperts) or not engine.is_gradient_accumulation_boundary():
         return
+    idle = [name for name in ("high", "low") if name not in module.used]
     for group in engine.optimizer.param_groups:
-        if group.get("name") in ("high", "low") and group["name"] not in module.used:
+        if group.get("name") in idle:
             group["lr"] = 0.0
+    for name in idle:
+        zero_gradient_partitions(engine, getattr(module, name).parameters())
     module.used.clear()
+
+
+def recover_from_skipped_step(engine) -> None:
+    """After a step DeepSpeed skipped (non-finite gradients), undo what the skip leaves behind:
+    the non-finite gradient partitions of parameters the next update may not touch (zero.py),
+    and the rates ``restrict_step_to_used_experts`` zeroed, which the LR scheduler's step would
+    have restored but a skipped step does not step it (an expert would stay frozen)."""
+    from .zero import zero_gradient_partitions
+
+    zero_gradient_partitions(engine)
+    sched = engine.lr_scheduler
+    if sched is None:
+        return
+    for group, lr in zip(engine.optimizer.param_groups, sched.get_last_lr()):
+        group["lr"] = lr
 
 
 def build_models(paths: dict, optim: OptimTree, train: TrainConfig, ds: DeepSpeedConfig,

@@ -168,6 +168,10 @@ def run_train(cfg: RunConfig, local_rank: int | None = None, overwrite: bool = F
         trainer.writer.close()
         trainer.run_lock.release()
     what = "preempted" if trainer.preempted else "done"
-    log.info("%s: %d iterations (%d generator updates) in %s", what, trainer.state.step,
-             trainer.state.generator_updates, cfg.output_dir)
+    st = trainer.state
+    skipped = st.generator_skipped + st.fake_score_skipped
+    log.info("%s: %d iterations (%d generator updates, %d fake_score updates%s) in %s", what, st.step,
+             st.generator_updates, st.fake_score_updates,
+             f"; skipped for non-finite values: {st.generator_skipped} generator, {st.fake_score_skipped} "
+             f"fake_score" if skipped else "", cfg.output_dir)
     return trainer

@@ -88,8 +88,13 @@ def read_image_list(path: str | Path, count: int) -> list[Path]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"images file not found: {p}")
-    lines = [ln for ln in p.read_text().splitlines() if ln.strip()]
-    paths = [Path(json.loads(ln)["image"] if p.suffix == ".jsonl" else ln.strip()) for ln in lines]
+    from ..io_utils import read_text_utf8
+
+    lines = [ln for ln in read_text_utf8(p, "images file").splitlines() if ln.strip()]
+    try:
+        paths = [Path(json.loads(ln)["image"] if p.suffix == ".jsonl" else ln.strip()) for ln in lines]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise ConfigError(f"{p}: every .jsonl line must be an object with an 'image' path") from None
     paths = [q if q.is_absolute() else p.parent / q for q in paths]
     if len(paths) != count:
         raise ConfigError(f"{p} lists {len(paths)} images but the text dataset has {count} samples; "

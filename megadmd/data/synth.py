@@ -21,15 +21,15 @@ import torch
 import torch.distributed as dist
 
 from .. import flow
-from ..config import ConfigError
+from ..config import ConfigError, check_number
+from ..models import check_weight_files, load_wan, predict_velocity, read_model_config
 from ..monitoring.progress import progress
-from ..models import load_wan, predict_velocity, read_model_config
 from ..rng import sample_seed
 from ..safety.folders import begin_output, check_output
 from ..sampling import cfg_velocity, sample_teacher
 from .image import condition_channels
-from .format import (DatasetInfo, LatentDataset, existing_shard, read_index, read_shard, write_index,
-                     write_negative, write_shard)
+from .format import (DatasetInfo, LatentDataset, check_dataset_files, existing_shard, read_index, read_shard,
+                     write_index, write_negative, write_shard)
 
 log = logging.getLogger("megadmd")
 SYNTH_PURPOSE = 101
@@ -83,6 +83,10 @@ def check_synth_inputs(o: SynthOptions) -> DatasetInfo:
         raise ConfigError("--steps and --batch-size must be positive")
     if o.cfg_form not in ("standard", "offset"):
         raise ConfigError(f"--cfg-form must be standard or offset, got {o.cfg_form}")
+    check_number("--guidance-scale", o.guidance_scale)
+    check_number("--flow-shift", o.flow_shift, positive=True)
+    check_dataset_files(o.text_data, info)
+    check_weight_files(o.teacher, what="teacher model")
     if o.vae is not None:
         from .video import load_vae  # noqa: F401  (import check only)
     return info

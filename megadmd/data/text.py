@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import ConfigError
+from ..io_utils import read_text_utf8
 from ..monitoring.progress import progress
 from ..safety.folders import begin_output, check_output, content_sha256
 from .format import DatasetInfo, existing_shard, write_index, write_negative, write_shard
@@ -47,7 +48,7 @@ def read_prompts(path: str | Path) -> list[str]:
     if not p.is_file():
         raise ConfigError(f"prompts file not found: {p}")
     prompts = []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(read_text_utf8(p, "prompts file").splitlines(), 1):
         if not line.strip():
             continue
         if p.suffix.lower() == ".jsonl":
