@@ -164,7 +164,7 @@ def _device_memory(device: torch.device) -> dict:
 
 def _plan(s: dict, sparsity: float, ema: bool, device: torch.device) -> dict:
     """`megadmd plan`'s prediction for this run (the library function the command calls)."""
-    from megadmd.plan import FIXED_OVERHEAD_GIB, FRAGMENTATION, plan_memory
+    from megadmd.plan.memory import FIXED_OVERHEAD_GIB, FRAGMENTATION, plan_memory
 
     gpu_gib = torch.cuda.get_device_properties(device).total_memory / (1 << 30) if device.type == "cuda" else 80.0
     model = "wan2.1-t2v-1.3b" if s["wan_config"]["num_layers"] == 30 else s["wan_config"]
@@ -174,7 +174,8 @@ def _plan(s: dict, sparsity: float, ema: bool, device: torch.device) -> dict:
     overhead = FIXED_OVERHEAD_GIB + FRAGMENTATION * plan.phases[plan.peak_phase]
     video = "81,480,832"
     command = (f"megadmd plan --preset wan2.1-t2v-1.3b --video-size {video} --nodes 1 --gpus-per-node 1 "
-               f"--vsa-sparsity {sparsity:g}{' --ema' if ema else ''} --gpu-memory-gib {gpu_gib:.0f}")
+               f"--activation-checkpointing --vsa-sparsity {sparsity:g} {'--ema' if ema else '--no-ema'} "
+               f"--precision bf16 --gpu-memory-gib {gpu_gib:.0f}")
     return {"plan_total_gib": plan.gpu_total_gib, "plan_overhead_gib": overhead, "plan_peak_phase": plan.peak_phase,
             "plan_command": command if model == "wan2.1-t2v-1.3b" else "plan_memory(toy config, device='cpu')"}
 
