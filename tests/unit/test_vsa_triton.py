@@ -36,13 +36,16 @@ TOL = {
 
 # name: (grid, head_dim, dtype, sparsity, heads, seed). Sparsity 0 / 0.5 / 0.9 keep 8 / 4 / 1 of
 # 8 cubes. The interpreter's time goes with programs x selected cubes, hence one head where two
-# add nothing (two heads check the per-head offsets of every kernel in the other cases).
+# add nothing (two heads check the per-head offsets of every kernel in the other cases). Wan's
+# head dims, 64 and 128, run in each dtype; 16 where the case is about the selection.
 FINE_CASES = {
     "fp32-sparsity-0.0": (GRID, 16, "float32", 0.0, 1, 0),
-    "fp32-sparsity-0.5": (GRID, 16, "float32", 0.5, 2, 0),
-    "fp32-sparsity-0.9": (GRID, 16, "float32", 0.9, 2, 0),
-    "bf16-sparsity-0.5": (GRID, 32, "bfloat16", 0.5, 1, 1),
-    "fp16-sparsity-0.9": (GRID, 16, "float16", 0.9, 2, 1),
+    "fp32-sparsity-0.5-d64": (GRID, 64, "float32", 0.5, 2, 0),
+    "fp32-sparsity-0.9-d128": (GRID, 128, "float32", 0.9, 1, 0),
+    "bf16-sparsity-0.5-d64": (GRID, 64, "bfloat16", 0.5, 1, 1),
+    "bf16-sparsity-0.9-d128": (GRID, 128, "bfloat16", 0.9, 1, 2),
+    "fp16-sparsity-0.9-d64": (GRID, 64, "float16", 0.9, 1, 1),
+    "fp16-sparsity-0.9-d128": (GRID, 128, "float16", 0.9, 1, 3),
     "head-dim-24": ((4, 4, 9), 24, "float32", 0.5, 2, 2),  # zero-padded to 32 inside; scale 1/sqrt(24)
     "divisible-grid": ((4, 8, 4), 16, "float32", 0.5, 2, 3),  # no padded slots at all
 }
