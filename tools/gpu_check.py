@@ -19,8 +19,8 @@ and torch.compile state start clean:
    student against the 50-step teacher with CFG, on the same model.
 
 `--dry-run` runs the same code on the CPU at toy sizes (a 2-block Wan, a 5x6x7 token grid with
-partial cubes, the triton backend under Triton's interpreter, which gpu_check.sh switches on) and
-writes the same fields; the speed targets are then evaluated but mean nothing, and peak GPU
+partial cubes, the triton backend under Triton's interpreter, which gpu_check.sh switches on, and
+a 6-step teacher) and writes the same fields; the speed targets are then evaluated but mean nothing, and peak GPU
 memory is not measured. A part that fails or runs out of the time budget is recorded as such and
 the others still run; the exit status is 1 if any part did not finish.
 
@@ -66,12 +66,12 @@ def sizes(dry_run: bool) -> dict:
         # One timed round and no warm-up: the dry run checks the code, its times mean nothing.
         return dict(device="cpu", dtype="bfloat16", grids=["5x6x7"], heads=2, head_dim=16, repeats=1, warmup=0,
                     wan_config=TOY_WAN, latent_shape=TOY_LATENT_SHAPE, text_len=16, precision="fp32",
-                    iterations=1, warmup_iterations=0)
+                    iterations=1, warmup_iterations=0, teacher_steps=6)
     from megadmd.presets import WAN21_1_3B_CONFIG
 
     return dict(device="cuda", dtype="bfloat16", grids=["29k", "32k"], heads=12, head_dim=128, repeats=5, warmup=2,
                 wan_config=WAN21_1_3B_CONFIG, latent_shape=LATENT_SHAPE, text_len=512, precision="bf16",
-                iterations=2, warmup_iterations=1)
+                iterations=2, warmup_iterations=1, teacher_steps=50)
 
 
 # --- the parts (each runs in its own process: `gpu_check.py --part NAME`) ---------------------------
@@ -229,7 +229,7 @@ def part_generate(work: Path, s: dict) -> dict:
     command = [sys.executable, "-m", "megadmd", "generate", "--model", str(work / "model"),
                "--compare-teacher", str(work / "model"), "--embeds", str(work / "data"),
                "--latent-shape", ",".join(map(str, s["latent_shape"])), "--precision", s["precision"],
-               "--teacher-steps", "50", "-o", str(out)]
+               "--teacher-steps", str(s["teacher_steps"]), "-o", str(out)]
     proc = subprocess.run(command, capture_output=True, text=True)
     if proc.returncode != 0:
         return {"status": "failed", "error": proc.stderr[-3000:], "command": " ".join(command[1:])}

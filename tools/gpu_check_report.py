@@ -106,7 +106,7 @@ def _dmd_md(report: dict) -> list:
 
 
 def _generate_md(g: dict) -> list:
-    lines = ["## 3. `megadmd generate`: student 3 steps vs teacher 50 steps with CFG, same model", ""]
+    lines = ["## 3. `megadmd generate`: the 3-step student vs the teacher with CFG, same model", ""]
     if g.get("status") != "ok":
         return lines + [f"{g.get('status')}: {str(g.get('error', '')).strip().splitlines()[-1:]}"]
     return lines + [f"`{g['command']}`", "", "| sampler | s / sample |", "|---|---|",
