@@ -354,7 +354,7 @@ def export_ema_cmd(checkpoint, out, dtype, max_shard_size, pipeline_from, link, 
               help="the generator's self-attention [default: as the model trained, from megadmd_sampling.json]")
 @click.option("--vsa-sparsity", type=float, default=None,
               help="VSA's fraction of skipped key cubes [default: the model's training value]; implies --attention vsa")
-@click.option("--vsa-backend", type=click.Choice(["auto", "torch", "flex", "fastvideo"]), default="auto",
+@click.option("--vsa-backend", type=click.Choice(["auto", "torch", "flex", "triton", "fastvideo"]), default="auto",
               show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--noise", type=click.Choice(["megadmd", "diffusers"]), default="megadmd", show_default=True,

@@ -182,7 +182,7 @@ class AttentionConfig:
     """Video Sparse Attention for the generator (the teacher and fake score stay dense)."""
 
     vsa_sparsity: float = 0.0  # target fraction of key cubes skipped; 0 = dense generator
-    vsa_backend: str = "auto"  # auto | torch | flex | fastvideo
+    vsa_backend: str = "auto"  # auto | torch | flex | triton | fastvideo
     vsa_decay_rate: float = 0.0  # ramp: +rate every interval_steps iterations up to the target
     vsa_decay_interval_steps: int = 1  # (FastVideo's VSA_decay_rate / VSA_decay_interval_steps)
 
@@ -466,7 +466,7 @@ def validate(cfg: RunConfig) -> None:
     a = cfg.attention
     if not 0 <= a.vsa_sparsity < 1:
         raise ConfigError(f"attention.vsa_sparsity must be in [0, 1), got {a.vsa_sparsity}")
-    _choice("attention.vsa_backend", a.vsa_backend, ("auto", "torch", "flex", "fastvideo"))
+    _choice("attention.vsa_backend", a.vsa_backend, ("auto", "torch", "flex", "triton", "fastvideo"))
     if a.vsa_decay_rate < 0 or a.vsa_decay_interval_steps < 1:
         raise ConfigError("attention.vsa_decay_rate must be >= 0 and attention.vsa_decay_interval_steps >= 1")
     if cfg.data.text_len < 0:

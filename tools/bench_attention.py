@@ -15,6 +15,7 @@ do not depend on how often this process was descheduled.
 Example:
   python tools/bench_attention.py --sizes 29k --sparsities 0.9 --backends torch,flex
   python tools/bench_attention.py --device cuda --dtype bfloat16 --heads 12
+  TRITON_INTERPRET=1 python tools/bench_attention.py --sizes 5x6x7 --heads 2 --head-dim 16  # + triton, on CPU
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 from megadmd.attention.vsa import VSA_BACKENDS, resolve_vsa_backend, video_sparse_attention, vsa_topk
 from megadmd.attention.vsa_tiling import cube_tiling
 
-NAMED_GRIDS = {"4k": (16, 16, 16), "16k": (16, 32, 32), "29k": (20, 28, 52)}
+NAMED_GRIDS = {"4k": (16, 16, 16), "16k": (16, 32, 32), "29k": (20, 28, 52), "32k": (21, 30, 52)}
 
 
 @dataclass
@@ -54,7 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--sizes", default="4k,16k,29k", help="comma list of 4k|16k|29k or FxHxW grids")
+    parser.add_argument("--sizes", default="4k,16k,29k", help="comma list of 4k|16k|29k|32k or FxHxW grids")
     parser.add_argument("--sparsities", default="0.5,0.8,0.9")
     parser.add_argument(
         "--backends", default="available", help=f"comma list from {VSA_BACKENDS}, or 'available'"
@@ -155,9 +156,13 @@ def bench_grid(args, grid, mode: str, backends: list[str], device, dtype) -> lis
     return cases
 
 
-def check_backends(args, backends: list[str], device, dtype) -> None:
-    """Print how far each backend's output and gradients are from the torch backend's."""
-    grid, sparsity = (5, 6, 7), 0.5  # non-divisible: partial cubes and padded keys
+CHECK_GRID = (5, 6, 7)  # non-divisible: partial cubes and padded keys
+
+
+def check_backends(args, backends: list[str], device, dtype) -> dict[str, dict[str, float]]:
+    """How far each backend's output and gradients are from the torch backend's (max abs diff),
+    on a small irregular grid at sparsity 0.5: {backend: {"out": .., "dq": .., ..., "dgate": ..}}."""
+    grid, sparsity = CHECK_GRID, 0.5
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
     shape = (args.batch, math.prod(grid), args.heads, args.head_dim)
     tensors = [torch.randn(shape, generator=generator).to(device=device, dtype=dtype) for _ in range(5)]
@@ -169,13 +174,12 @@ def check_backends(args, backends: list[str], device, dtype) -> None:
         return [out, *torch.autograd.grad(out, inputs, grad_out)]
 
     reference = run("torch")
-    for backend in backends:
-        if backend == "torch":
-            continue
-        diffs = [(got.float() - ref.float()).abs().max().item() for got, ref in zip(run(backend), reference)]
-        names = ("out", "dq", "dk", "dv", "dgate")
-        summary = ", ".join(f"{n} {d:.2e}" for n, d in zip(names, diffs))
-        print(f"# check {backend} vs torch on {'x'.join(map(str, grid))}, max abs diff: {summary}")
+    names = ("out", "dq", "dk", "dv", "dgate")
+    return {
+        backend: {n: (got.float() - ref.float()).abs().max().item() for n, got, ref in zip(names, run(backend), reference)}
+        for backend in backends
+        if backend != "torch"
+    }
 
 
 def format_rows(grid, mode: str, cases: list[Case]) -> list[str]:
@@ -216,7 +220,9 @@ def main(argv=None) -> None:
     print(f"# clock: {'process CPU time' if args.clock == 'cpu' else 'wall time'}")
     print("# VSA time = the whole video_sparse_attention call (tiling, coarse, top-k, fine, gate)")
     if args.check:
-        check_backends(args, backends, device, dtype)
+        for backend, diffs in check_backends(args, backends, device, dtype).items():
+            summary = ", ".join(f"{n} {d:.2e}" for n, d in diffs.items())
+            print(f"# check {backend} vs torch on {'x'.join(map(str, CHECK_GRID))}, max abs diff: {summary}")
     print("| grid | tokens | mode | backend | sparsity | topk | best_s | first_s | speedup | ideal |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for grid in grids:

@@ -22,7 +22,7 @@ def enable_vsa(transformer: torch.nn.Module, sparsity: Optional[float] = None, b
 
     - ``sparsity``: the fraction of key cubes each query cube skips; by default the one the
       generator trained at, from the export's ``megadmd_sampling.json``.
-    - ``backend``: "auto" (chosen per call on the tensors' device), "torch", "flex" or "fastvideo".
+    - ``backend``: "auto" (chosen per call on the tensors' device), "torch", "flex", "triton" or "fastvideo".
     - ``weights``: the folder holding the gates (``vsa_gates.safetensors`` or any safetensors with
       ``to_gate_compress`` keys); by default the folder the transformer was loaded from.
 

@@ -15,8 +15,10 @@ Algorithm (VSA, arXiv 2505.13389; FastVideo's kernels follow the same steps):
 With a zero gate and sparsity 0, VSA is exactly dense attention.
 
 Backends: "torch" (pure PyTorch, any device, differentiable), "flex" (compiled FlexAttention;
-its CPU backward is vsa_torch's chunked recompute), "fastvideo" (FastVideo's kernels, CUDA only,
-optional). See docs/vsa.md for speed and how to choose.
+its CPU backward is vsa_torch's chunked recompute), "triton" (vsa_triton's block-sparse
+FlashAttention-2 kernels, forward and backward; CUDA, or CPU under Triton's interpreter; needs the
+optional triton package), "fastvideo" (FastVideo's kernels, CUDA only, optional). See
+docs/vsa.md for speed and how to choose.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import importlib
 import inspect
 import logging
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -58,7 +61,9 @@ __all__ = [
 
 logger = logging.getLogger("megadmd.attention.vsa")
 
-VSA_BACKENDS = ("torch", "flex", "fastvideo")
+VSA_BACKENDS = ("torch", "flex", "triton", "fastvideo")
+# The order "auto" tries on CUDA; torch is the last resort everywhere.
+_AUTO_ORDER = ("fastvideo", "triton", "flex")
 
 
 @functools.lru_cache(maxsize=1)
@@ -78,6 +83,31 @@ def _import_fastvideo_vsa():
     return None, "; ".join(errors)
 
 
+@functools.lru_cache(maxsize=1)
+def _import_triton_backend():
+    """megadmd.attention.vsa_triton (which imports triton), or None and why not. Imported only
+    when the triton backend is asked for or "auto" considers it on CUDA, never on the CPU path."""
+    try:
+        return importlib.import_module("megadmd.attention.vsa_triton"), None
+    except ImportError as err:  # reported by the caller, not swallowed
+        return None, f"{err} (pip install 'megadmd[gpu]' or triton)"
+
+
+def _triton_unavailable_reason(device: torch.device) -> str | None:
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return "CUDA is not available"
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return "Triton kernels run on CUDA; on CPU only under Triton's interpreter (TRITON_INTERPRET=1)"
+    if device.type not in ("cpu", "cuda"):
+        return f"Triton kernels run on cuda, not {device.type}"
+    module, reason = _import_triton_backend()
+    if module is None:
+        return f"triton is not importable: {reason}"
+    if device.type == "cpu" and not module.INTERPRETED:
+        return "megadmd's Triton kernels were loaded before TRITON_INTERPRET=1 was set"
+    return None
+
+
 def _unavailable_reason(name: str, device: torch.device) -> str | None:
     """None if backend `name` can run on `device`, else a sentence saying why not."""
     if name == "torch":
@@ -85,6 +115,8 @@ def _unavailable_reason(name: str, device: torch.device) -> str | None:
     if name == "flex":
         ok, reason = flex_supported(device)
         return None if ok else reason
+    if name == "triton":
+        return _triton_unavailable_reason(device)
     if device.type != "cuda":
         return f"FastVideo's VSA kernels need a CUDA device, got {device.type}"
     _, reason = _import_fastvideo_vsa()
@@ -94,7 +126,10 @@ def _unavailable_reason(name: str, device: torch.device) -> str | None:
 
 
 def _auto_skip_reason(name: str, device: torch.device) -> str | None:
-    """Why "auto" passes over `name` on `device`: unavailable, or measured slower."""
+    """Why "auto" passes over `name` on `device`: unavailable, or not worth it there."""
+    if device.type == "cpu" and name == "triton":
+        # Checked before anything imports triton: "auto" on CPU never loads it.
+        return "Triton's CPU interpreter is for tests, far slower than the torch backend"
     reason = _unavailable_reason(name, device)
     if reason is None and name == "flex" and device.type == "cpu":
         # docs/vsa.md: on CPU the chunked torch kernel beat compiled flex forward and
@@ -104,17 +139,18 @@ def _auto_skip_reason(name: str, device: torch.device) -> str | None:
 
 
 @functools.lru_cache(maxsize=None)
-def _log_fallback_once(message: str) -> None:
+def _log_choice_once(message: str) -> None:
     # lru_cache makes this a once-per-message log without a module-level "seen" set.
     logger.info(message)
 
 
 def resolve_vsa_backend(name: str, device: torch.device | str) -> str:
-    """Map "auto" | "torch" | "flex" | "fastvideo" to a backend that can run on `device`.
+    """Map "auto" | "torch" | "flex" | "triton" | "fastvideo" to a backend that can run on `device`.
 
     An explicit name that cannot run raises RuntimeError with the reason. "auto" takes the
-    first of fastvideo, flex, torch that can run and is worth it on this device (on CPU that is
-    torch: see docs/vsa.md), and logs once per outcome why it passed over the ones before.
+    first of fastvideo, triton, flex, torch that can run and is worth it on this device (on CPU
+    that is torch: see docs/vsa.md), and logs its choice once per outcome, with why it passed
+    over the ones before.
     """
     device = torch.device(device)
     if name != "auto" and name not in VSA_BACKENDS:
@@ -125,15 +161,15 @@ def resolve_vsa_backend(name: str, device: torch.device | str) -> str:
             raise RuntimeError(f"VSA backend {name!r} cannot run on {device}: {reason}")
         return name
     skipped = []
-    for candidate in ("fastvideo", "flex"):
+    for candidate in _AUTO_ORDER:
         reason = _auto_skip_reason(candidate, device)
         if reason is None:
             break
         skipped.append(f"{candidate}: {reason}")
     else:
         candidate = "torch"
-    if skipped:
-        _log_fallback_once(f"VSA backend auto -> {candidate} on {device.type} ({'; '.join(skipped)})")
+    passed_over = f" (passed over {'; '.join(skipped)})" if skipped else ""
+    _log_choice_once(f"VSA backend auto -> {candidate} on {device.type}{passed_over}")
     return candidate
 
 
@@ -161,10 +197,10 @@ def video_sparse_attention(
 
     `grid_fhw` is the post-patchify (F, H, W) grid with S = F * H * W; q and k carry RoPE already.
     `sparsity` is the fraction of key cubes each query cube skips. `backend` is "auto", "torch",
-    "flex" or "fastvideo" (see resolve_vsa_backend). Softmax scale is 1/sqrt(D).
+    "flex", "triton" or "fastvideo" (see resolve_vsa_backend). Softmax scale is 1/sqrt(D).
     """
     _check_inputs(q_bshd, k_bshd, v_bshd, gate_bshd, grid_fhw)
-    backend = resolve_vsa_backend(backend, q_bshd.device)
+    backend = _backend_for(backend, q_bshd)
     tiling = cube_tiling(tuple(grid_fhw), q_bshd.device)
     topk = vsa_topk(sparsity, tiling.num_cubes)
     if backend == "fastvideo":
@@ -179,10 +215,33 @@ def video_sparse_attention(
         fine_bshd = F.scaled_dot_product_attention(q_bhsd, k_bhsd, v_bhsd).transpose(1, 2)
     else:
         kv_cubes_bhck = select_key_cubes(scores_bhcc, topk)
-        fine = flex_block_sparse_attention if backend == "flex" else block_sparse_attention
-        fine_bshd = untile_tokens(fine(q_bhpd, k_bhpd, v_bhpd, kv_cubes_bhck, tiling), tiling)
+        fine_bshd = untile_tokens(_fine_stage(backend)(q_bhpd, k_bhpd, v_bhpd, kv_cubes_bhck, tiling), tiling)
     coarse_bshd = coarse_bhcd.index_select(2, tiling.cube_of_token).transpose(1, 2)
     return torch.addcmul(fine_bshd, gate_bshd, coarse_bshd)
+
+
+def _backend_for(name: str, q_bshd: torch.Tensor) -> str:
+    """resolve_vsa_backend, then the one check that needs the tensor: the triton kernels take
+    fp16/bf16/fp32 and head_dim <= 256. "auto" then falls back to flex (logged once); an
+    explicit "triton" raises."""
+    backend = resolve_vsa_backend(name, q_bshd.device)
+    if backend != "triton":
+        return backend
+    reason = _import_triton_backend()[0].unsupported_reason(q_bshd)
+    if reason is None:
+        return backend
+    if name != "auto":
+        raise RuntimeError(f"VSA backend 'triton' cannot run these inputs: {reason}")
+    fallback = "flex" if _unavailable_reason("flex", q_bshd.device) is None else "torch"
+    _log_choice_once(f"VSA backend auto -> {fallback} for these inputs ({reason})")
+    return fallback
+
+
+def _fine_stage(backend: str):
+    """The fine-stage function of a resolved backend (all share one signature)."""
+    if backend == "triton":
+        return _import_triton_backend()[0].triton_block_sparse_attention
+    return flex_block_sparse_attention if backend == "flex" else block_sparse_attention
 
 
 def _fastvideo_attention(q_bshd, k_bshd, v_bshd, gate_bshd, tiling: CubeTiling, topk: int):

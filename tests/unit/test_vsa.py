@@ -234,11 +234,17 @@ def test_resolver_explicit_names():
     with pytest.raises(RuntimeError, match="flex"):
         resolve_vsa_backend("flex", torch.device("meta"))
     with pytest.raises(ValueError, match="unknown VSA backend"):
-        resolve_vsa_backend("triton", cpu)
+        resolve_vsa_backend("cuda-graphs", cpu)
+
+
+def test_resolver_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        resolve_vsa_backend("triton", torch.device("cpu"))
 
 
 def test_resolver_auto_falls_back_and_logs_once(caplog):
-    vsa._log_fallback_once.cache_clear()
+    vsa._log_choice_once.cache_clear()
     with caplog.at_level(logging.INFO, logger="megadmd.attention.vsa"):
         # On CPU, fastvideo cannot run and flex is passed over as slower: auto settles on torch.
         assert resolve_vsa_backend("auto", torch.device("cpu")) == "torch"
@@ -246,14 +252,36 @@ def test_resolver_auto_falls_back_and_logs_once(caplog):
     records = [r for r in caplog.records if r.name == "megadmd.attention.vsa"]
     assert len(records) == 1
     message = records[0].getMessage()
-    assert "auto -> torch" in message and "fastvideo" in message and "flex" in message
-    vsa._log_fallback_once.cache_clear()
+    assert "auto -> torch" in message
+    assert all(name in message for name in ("fastvideo", "triton", "flex"))
+    vsa._log_choice_once.cache_clear()
 
 
-def test_resolver_auto_on_cuda_without_kernels(monkeypatch):
-    # Pretend CUDA with working flex but no FastVideo kernels: auto must pick flex.
+def test_resolver_auto_on_cpu_never_imports_triton(monkeypatch):
+    def no_import():
+        raise AssertionError("auto on CPU must not import the triton backend")
+
+    monkeypatch.setattr(vsa, "_import_triton_backend", no_import)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # even with the interpreter on
+    assert resolve_vsa_backend("auto", torch.device("cpu")) == "torch"
+
+
+@pytest.mark.parametrize(
+    "fastvideo,triton,expected",
+    [(True, True, "fastvideo"), (False, True, "triton"), (False, False, "flex")],
+)
+def test_resolver_auto_order_on_cuda(monkeypatch, caplog, fastvideo, triton, expected):
+    # Pretend CUDA with working flex; FastVideo's kernels and triton importable or not.
+    monkeypatch.setattr(vsa.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(vsa, "flex_supported", lambda device: (True, ""))
-    monkeypatch.setattr(vsa, "_import_fastvideo_vsa", lambda: (None, "No module named 'fastvideo_kernel'"))
-    vsa._log_fallback_once.cache_clear()
-    assert resolve_vsa_backend("auto", torch.device("cuda")) == "flex"
-    vsa._log_fallback_once.cache_clear()
+    missing = (None, "No module named 'x'")
+    monkeypatch.setattr(vsa, "_import_fastvideo_vsa", lambda: (len, None) if fastvideo else missing)
+    fake_triton = type("FakeTritonBackend", (), {"INTERPRETED": False})
+    monkeypatch.setattr(vsa, "_import_triton_backend", lambda: (fake_triton, None) if triton else missing)
+    vsa._log_choice_once.cache_clear()
+    with caplog.at_level(logging.INFO, logger="megadmd.attention.vsa"):
+        assert resolve_vsa_backend("auto", torch.device("cuda")) == expected
+        assert resolve_vsa_backend("auto", torch.device("cuda")) == expected
+    messages = [r.getMessage() for r in caplog.records if r.name == "megadmd.attention.vsa"]
+    assert messages == [messages[0]] and f"auto -> {expected} on cuda" in messages[0]
+    vsa._log_choice_once.cache_clear()
