@@ -187,6 +187,13 @@ def encode_images(text_data, images, out, image_encoder, vae, video_size, batch_
         click.echo(f"encoded {info.num_samples} image conditions into {out}")
 
 
+def lora_option(fn):
+    """``--lora adapter|merged`` of the export commands (LoRA runs only; docs/lora.md)."""
+    return click.option("--lora", type=click.Choice(["adapter", "merged"]), default=None,
+                        help="LoRA runs: the adapter alone, for WanPipeline.load_lora_weights, or the teacher "
+                             "with it merged in  [default: merged]")(fn)
+
+
 @main.group()
 def convert() -> None:
     """Checkpoints to diffusers folders, universal checkpoints, and role initializations."""
@@ -202,12 +209,13 @@ def convert() -> None:
               help="model config.json, for a bare DeepSpeed checkpoint folder")
 @click.option("--pipeline-from", default=None, type=click.Path(file_okay=False),
               help="a diffusers Wan pipeline folder: write a complete pipeline (its other components linked)")
+@lora_option
 @user_errors
-def convert_to_diffusers(checkpoint, out, role, dtype, max_shard_size, model_config, pipeline_from):
+def convert_to_diffusers(checkpoint, out, role, dtype, max_shard_size, model_config, pipeline_from, lora):
     """A megadmd (or DeepSpeed) checkpoint -> a diffusers WanTransformer3DModel folder."""
     from .convert import to_diffusers
 
-    click.echo(f"wrote {to_diffusers(checkpoint, out, role, dtype, max_shard_size, model_config, pipeline_from)}")
+    click.echo(f"wrote {to_diffusers(checkpoint, out, role, dtype, max_shard_size, model_config, pipeline_from, lora)}")
 
 
 @convert.command("to-universal")
@@ -241,12 +249,13 @@ def convert_init(weights, model_config, out, dtype):
 @click.option("--max-shard-size", default="5GB", show_default=True)
 @click.option("--pipeline-from", default=None, type=click.Path(file_okay=False),
               help="a diffusers Wan pipeline folder: write a complete pipeline (its other components linked)")
+@lora_option
 @user_errors
-def export_ema_cmd(checkpoint, out, dtype, max_shard_size, pipeline_from):
+def export_ema_cmd(checkpoint, out, dtype, max_shard_size, pipeline_from, lora):
     """The generator's EMA weights of a checkpoint -> a diffusers folder."""
     from .convert import export_ema
 
-    click.echo(f"wrote {export_ema(checkpoint, out, dtype, max_shard_size, pipeline_from)}")
+    click.echo(f"wrote {export_ema(checkpoint, out, dtype, max_shard_size, pipeline_from, lora)}")
 
 
 @main.command()

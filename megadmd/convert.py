@@ -140,13 +140,27 @@ def _role_configs(role_dir: Path) -> dict:
 
 def to_diffusers(ckpt: str, out: str, role: str = "generator", dtype: str = "fp32",
                  max_shard_size: str = "5GB", config: Optional[str] = None,
-                 pipeline_from: Optional[str] = None) -> Path:
+                 pipeline_from: Optional[str] = None, lora: Optional[str] = None) -> Path:
     state, configs = role_state_dict(ckpt, role, config)
+    if _lora_role(ckpt, role, lora):  # megadmd/lora: the adapter, or the teacher with it merged in
+        from .lora.export import write_lora_role
+
+        return write_lora_role(state, configs, ckpt, role, lora, out, dtype, max_shard_size, pipeline_from)
     return write_role(state, configs, out, dtype, max_shard_size, pipeline_from)
 
 
+def _lora_role(ckpt: str, role: str, lora: Optional[str]) -> bool:
+    """Whether ``role`` trained a LoRA adapter in this checkpoint; ``--lora`` on any other is an error."""
+    from .lora.build import checkpoint_lora
+
+    found = checkpoint_lora(Path(ckpt), role) is not None
+    if lora is not None and not found:
+        raise ConfigError(f"--lora applies to LoRA runs; the {role} of {ckpt} trained full weights")
+    return found
+
+
 def export_ema(ckpt: str, out: str, dtype: str = "fp32", max_shard_size: str = "5GB",
-               pipeline_from: Optional[str] = None) -> Path:
+               pipeline_from: Optional[str] = None, lora: Optional[str] = None) -> Path:
     """The generator's EMA weights as a diffusers folder."""
     from safetensors.torch import load_file
 
@@ -162,8 +176,12 @@ def export_ema(ckpt: str, out: str, dtype: str = "fp32", max_shard_size: str = "
     if not ema_file.is_file():
         raise ConfigError(f"checkpoint {path.name} holds no EMA (train with ema.decay > 0, and past "
                           f"ema.start_step)")
-    return write_role(load_file(str(ema_file)), _role_configs(path / "generator"), out, dtype, max_shard_size,
-                      pipeline_from)
+    state, configs = load_file(str(ema_file)), _role_configs(path / "generator")
+    if _lora_role(ckpt, "generator", lora):  # megadmd/lora: the EMA of the generator's adapter
+        from .lora.export import write_lora_role
+
+        return write_lora_role(state, configs, ckpt, "generator", lora, out, dtype, max_shard_size, pipeline_from)
+    return write_role(state, configs, out, dtype, max_shard_size, pipeline_from)
 
 
 def to_universal(ckpt: str) -> list[Path]:

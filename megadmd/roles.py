@@ -21,8 +21,8 @@ from typing import Any, Optional
 
 import torch
 
-from .config import ROLES, ConfigError, DeepSpeedConfig, OptimConfig, OptimTree, TrainConfig
-from .models import WanExperts, load_role_model
+from .config import ROLES, ConfigError, DeepSpeedConfig, LoRAConfig, OptimConfig, OptimTree, TrainConfig
+from .models import is_two_expert, load_role_model
 
 log = logging.getLogger("megadmd")
 
@@ -132,7 +132,7 @@ def param_groups(module: torch.nn.Module) -> list[dict]:
     """Optimizer groups: one per expert of a two-expert model (so an update can skip the expert
     that did not run), plus everything else (e.g. the GAN head)."""
     trainable = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-    if not isinstance(module, WanExperts):
+    if not is_two_expert(module):
         return [{"params": [p for _, p in trainable], "name": "all"}]
     groups = []
     for name in ("high", "low"):
@@ -149,7 +149,7 @@ def restrict_step_to_used_experts(engine) -> None:
     they are. Its Adam moments still decay by beta that step. The LR scheduler restores every
     group's rate when it steps. A no-op for one-expert models and between accumulation steps."""
     module = engine.module
-    if not isinstance(module, WanExperts) or not engine.is_gradient_accumulation_boundary():
+    if not is_two_expert(module) or not engine.is_gradient_accumulation_boundary():
         return
     for group in engine.optimizer.param_groups:
         if group.get("name") in ("high", "low") and group["name"] not in module.used:
@@ -160,22 +160,33 @@ def restrict_step_to_used_experts(engine) -> None:
 def build_models(paths: dict, optim: OptimTree, train: TrainConfig, ds: DeepSpeedConfig,
                  pstate, device: torch.device, dtype: torch.dtype, generator_update_interval: int,
                  prepare_module: Optional[Any] = None, load_universal: bool = False,
-                 boundary_ratio: Optional[float] = None) -> Models:
+                 boundary_ratio: Optional[float] = None, lora: Optional[LoRAConfig] = None) -> Models:
     """Load and wrap all three roles from ``paths[role]``. Collective: every rank calls it.
 
     ``prepare_module(role, module)`` runs on each loaded module before DeepSpeed wraps it (to install
-    attention processors, activation checkpointing, extra parameters).
+    attention processors, activation checkpointing, extra parameters). With ``lora`` enabled, its
+    roles are adapters over the teacher's module (megadmd/lora), so the teacher is built first.
     """
     import deepspeed
 
     engines: dict[str, Any] = {}
-    for role in ROLES:
+    lora_roles = tuple(lora.roles) if lora is not None and lora.enabled else ()
+    for role in (("teacher", "generator", "fake_score") if lora_roles else ROLES):
         trainable = role != "teacher"
         path = paths[role]
-        # Every role loads at the compute dtype: ZeRO-3 makes the trainable roles' fp32 masters from
-        # the bf16 shards anyway, so an fp32 load would only double the host memory each rank needs
-        # while the full model sits unpartitioned (56 GB instead of 28 GB for a 14B model).
-        module = load_role_model(path, dtype, boundary_ratio, what=f"{role} model")
+        if role in lora_roles:  # megadmd/lora: the role's module holds its adapter, the base is the teacher's
+            from .lora.build import build_lora_role
+
+            module = build_lora_role(role, engines["teacher"], lora, seed=train.seed)
+        else:
+            # Every role loads at the compute dtype: ZeRO-3 makes the trainable roles' fp32 masters from
+            # the bf16 shards anyway, so an fp32 load would only double the host memory each rank needs
+            # while the full model sits unpartitioned (56 GB instead of 28 GB for a 14B model).
+            module = load_role_model(path, dtype, boundary_ratio, what=f"{role} model")
+            if role == "teacher" and lora_roles:  # megadmd/lora: one base, a view of it per LoRA role
+                from .lora.adapter import SharedBase
+
+                module = SharedBase(module, lora_roles)
         if prepare_module is not None:
             prepare_module(role, module)
         ds_cfg = fill_ds_config(load_ds_template(getattr(ds, role), f"deepspeed.{role}"), train,

@@ -1,0 +1,199 @@
+"""LoRA on one process with real DeepSpeed engines: every role against a merged copy and against
+peft on the diffusers model, the teacher as the base with adapters off, what a step changes, and
+the settings' checks."""
+import deepspeed
+import pytest
+import torch
+
+from megadmd.config import ConfigError, resolve
+from megadmd.runner import build_trainer
+from megadmd.zero import full_state_dict
+from tests.helpers import TEST_WAN_CONFIG
+
+RANK, ALPHA = 4, 8.0
+
+
+def _cfg(tmp_path, model_dir, data_dir, *extra):
+    return resolve(overrides=[
+        f"model.teacher_path={model_dir}", f"data.path={data_dir}", f"output_dir={tmp_path / 'out'}",
+        "train.micro_batch_size=2", "logging.tensorboard=false", "train.max_steps=4", "optim.generator.lr=1e-2",
+        "optim.fake_score.lr=1e-2", "model.lora.enabled=true", f"model.lora.rank={RANK}", f"model.lora.alpha={ALPHA}",
+        *extra])
+
+
+def randomize_adapter(module, seed: int) -> dict:
+    """Give a LoRA role non-zero adapter weights (B included) on every rank; return them."""
+    g = torch.Generator().manual_seed(seed)
+    values = {n: torch.randn(p.ds_shape, generator=g) * 0.2 for n, p in module.named_parameters()}
+    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=0):
+        for n, p in module.named_parameters():
+            p.data.copy_(values[n])
+    return values
+
+
+def merged_copy(base_state: dict, adapter: dict, scaling: float):
+    """A plain diffusers model with every adapted weight W + scaling * B @ A, written out here
+    independently of megadmd's export."""
+    from megadmd.models import build_wan
+
+    state = dict(base_state)
+    for name in adapter:
+        if name.endswith("lora_A.weight"):
+            layer = name[: -len(".lora_A.weight")]
+            state[f"{layer}.weight"] = state[f"{layer}.weight"] + scaling * adapter[f"{layer}.lora_B.weight"] @ adapter[name]
+    model = build_wan(TEST_WAN_CONFIG)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def _inputs(seed=3, batch=2):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, 4, 2, 4, 4, generator=g), torch.tensor([900.0, 300.0][:batch]),
+            torch.randn(batch, 6, 32, generator=g))
+
+
+def _out(module, x, t, text):
+    return module(x, t, text, return_dict=False)[0]
+
+
+@pytest.fixture
+def trainer(tmp_path, test_model_dir, test_dataset_dir, single_process_world):
+    return build_trainer(_cfg(tmp_path, test_model_dir, test_dataset_dir))
+
+
+def test_fresh_adapters_make_both_roles_the_teacher_exactly(trainer):
+    m = trainer.models
+    x, t, text = _inputs()
+    with torch.no_grad():
+        teacher = _out(m.teacher.module, x, t, text)
+        for role in ("generator", "fake_score"):
+            assert torch.equal(_out(m.engine(role).module, x, t, text), teacher), role
+
+
+def test_every_role_equals_a_merged_copy_and_the_teacher_is_the_base(trainer, test_model_dir):
+    from megadmd.models import load_wan
+
+    m = trainer.models
+    adapters = {r: randomize_adapter(m.engine(r).module, seed=i) for i, r in enumerate(("generator", "fake_score"))}
+    base_state = full_state_dict(m.teacher.module.view("teacher"))
+    x, t, text = _inputs()
+    with torch.no_grad():
+        plain = _out(load_wan(test_model_dir).eval(), x, t, text)
+        teacher_before = _out(m.teacher.module, x, t, text)
+        for role, adapter in adapters.items():
+            got = _out(m.engine(role).module, x, t, text)
+            want = _out(merged_copy(base_state, adapter, ALPHA / RANK), x, t, text)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            assert not torch.allclose(got, plain, atol=1e-3)  # the adapter does something
+        teacher_after = _out(m.teacher.module, x, t, text)
+    torch.testing.assert_close(teacher_before, plain, rtol=1e-5, atol=1e-6)  # the teacher: adapters off
+    assert torch.equal(teacher_after, teacher_before)  # and still off after the roles ran
+
+
+def test_outputs_and_gradients_equal_peft_on_the_diffusers_model(trainer, test_model_dir):
+    """The generator's engine (forward, backward through the frozen ZeRO-3 base) against peft's
+    LoRA injected into the diffusers model and loaded with the same adapter weights."""
+    from peft import inject_adapter_in_model, set_peft_model_state_dict
+    from safetensors.torch import load_file  # noqa: F401  (peft's loader imports it too)
+
+    from megadmd.lora.adapter import peft_config
+    from megadmd.models import load_wan
+
+    engine = trainer.models.generator
+    adapter = randomize_adapter(engine.module, seed=5)
+    x, t, text = _inputs()
+    w = torch.randn(2, 4, 2, 4, 4, generator=torch.Generator().manual_seed(9))
+    loss = (_out(engine, x, t, text) * w).sum()
+    engine.backward(loss)
+    ours = {n: deepspeed.utils.safe_get_full_grad(p).clone() for n, p in engine.module.named_parameters()}
+    ref = load_wan(test_model_dir)
+    layers = sorted({n[: -len(".lora_A.weight")] for n in adapter if n.endswith("lora_A.weight")})
+    inject_adapter_in_model(peft_config(RANK, ALPHA, layers), ref)
+    set_peft_model_state_dict(ref, adapter)
+    ref_loss = (_out(ref, x, t, text) * w).sum()
+    ref_loss.backward()
+    assert float(loss) == pytest.approx(float(ref_loss), rel=1e-5)
+    grads = {n.replace(".default", ""): p.grad for n, p in ref.named_parameters() if p.requires_grad}
+    assert grads.keys() == ours.keys()
+    for n in grads:
+        torch.testing.assert_close(ours[n], grads[n], rtol=1e-4, atol=1e-5, msg=lambda m, n=n: f"{n}: {m}")
+    assert any(float(g.abs().max()) > 0 for n, g in ours.items() if n.startswith("blocks.0."))  # through block 1
+
+
+def test_steps_change_each_roles_adapter_only_and_leave_the_base_bit_identical(trainer):
+    m = trainer.models
+    before = {r: full_state_dict(m.engine(r).module) for r in ("teacher", "generator", "fake_score")}
+    batches = [trainer.data.next()]
+    trainer.generator_step(batches)
+    after_gen = {r: full_state_dict(m.engine(r).module) for r in before}
+    trainer.fake_score_step(batches)
+    after_fake = {r: full_state_dict(m.engine(r).module) for r in before}
+
+    def same(a, b):
+        return all(torch.equal(a[k], b[k]) for k in a)
+
+    assert not same(before["generator"], after_gen["generator"]) and same(before["fake_score"], after_gen["fake_score"])
+    assert not same(after_gen["fake_score"], after_fake["fake_score"])
+    assert same(after_gen["generator"], after_fake["generator"])
+    for state in (after_gen, after_fake):
+        assert same(before["teacher"], state["teacher"])  # the base never moves
+    assert all(not p.requires_grad for p in m.teacher.module.parameters())
+    assert {n.split(".")[-2] for n in before["generator"]} == {"lora_A", "lora_B"}  # adapters only
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.lora.rank=0", "model.lora.rank and model.lora.alpha must be positive"),
+    ("model.lora.roles=[\"teacher\"]", "model.lora.roles must list generator and/or fake_score"),
+    ("model.lora.target_modules=[]", "model.lora.target_modules must list Linear module names"),
+    ("model.generator_path=/elsewhere", "model.generator_path must be empty"),
+])
+def test_bad_lora_settings_fail_with_one_line(override, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        resolve(overrides=["model.lora.enabled=true", override])
+    assert "\n" not in str(err.value)
+
+
+def test_targets_are_matched_like_peft_and_a_typo_names_the_layers():
+    from megadmd.config import LoRAConfig
+    from megadmd.lora.build import check_lora_targets
+
+    n = check_lora_targets(LoRAConfig(enabled=True), TEST_WAN_CONFIG, None)
+    assert n == 2 * (8 + 2)  # per block: q, k, v, out of both attentions and the two FFN layers
+    assert check_lora_targets(LoRAConfig(enabled=True), TEST_WAN_CONFIG, 0.9) == 2 * n  # an adapter per expert
+    with pytest.raises(ConfigError, match="'to_qq' matches no Linear layer.*attn1.to_q"):
+        check_lora_targets(LoRAConfig(enabled=True, target_modules=["to_qq"]), TEST_WAN_CONFIG, None)
+
+
+@pytest.mark.parametrize("extra", [(), ("dmd.gan.enabled=true", "dmd.gan.hidden_dim=16",
+                                        "model.activation_checkpointing.generator=true")])
+def test_backward_through_the_shared_base_gathers_it_block_by_block(tmp_path, test_model_dir, test_dataset_dir,
+                                                                     single_process_world, extra):
+    """Every base parameter partitioned (threshold 0): during each update at most a part of the base
+    is gathered, in forward and in backward, and none is left gathered after it. (A single module
+    tree switched between roles kept the whole base gathered through the generator's backward: the
+    teacher's no-grad forward in between resets ZeRO-3's per-module backward counters.)"""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    part_all = "tests/distributed/zero3_partition_all.json"
+    t = build_trainer(_cfg(tmp_path, test_model_dir, test_dataset_dir, *extra,
+                           *(f"deepspeed.{r}={part_all}" for r in ("generator", "fake_score", "teacher"))))
+    params = list(t.models.teacher.module.parameters())  # the base, once (the views share it)
+    total = sum(p.ds_numel for p in params)
+    coordinator = t.models.teacher.optimizer.get_param_coordinator()
+    fetch, peak = coordinator.fetch_sub_module, {}
+
+    def gathered() -> int:
+        return sum(p.ds_numel for p in params if p.ds_status == ZeroParamStatus.AVAILABLE)
+
+    def counting_fetch(module, forward):
+        fetch(module, forward)
+        key = "forward" if forward else "backward"
+        peak[key] = max(peak.get(key, 0), gathered())
+
+    coordinator.fetch_sub_module = counting_fetch
+    batches = [t.data.next()]
+    for update in (t.generator_step, t.fake_score_step):
+        peak.clear()
+        update(batches)
+        assert 0 < peak["backward"] < 0.5 * total and peak["forward"] < 0.5 * total, (update.__name__, peak, total)
+        assert gathered() == 0, update.__name__
