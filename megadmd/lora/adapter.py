@@ -65,7 +65,10 @@ def alpha_of(lora: LoRAConfig) -> float:
 
 def peft_config(rank: int, alpha: float, target_modules: list):
     """LoRA settings as peft's ``LoraConfig``: for target matching, and as the export's metadata."""
-    from peft import LoraConfig
+    try:
+        from peft import LoraConfig
+    except ImportError:
+        raise ConfigError("model.lora needs the peft package: pip install 'megadmd[lora]'") from None
 
     return LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(target_modules))
 
@@ -75,9 +78,9 @@ def target_layers(model: nn.Module, lora: LoRAConfig) -> dict:
     by peft against each expert's own names, the names diffusers' loader sees. Raises ConfigError
     when an entry of ``target_modules`` matches no Linear layer (a typo, or a layer this model
     does not have)."""
+    config = peft_config(lora.rank, alpha_of(lora), lora.target_modules)  # first: a clear error without peft
     from peft.tuners.tuners_utils import check_target_module_exists
 
-    config = peft_config(lora.rank, alpha_of(lora), lora.target_modules)
     found: dict = {}
     for prefix, expert in expert_items(model):
         linears = [(n, m) for n, m in expert.named_modules() if n and isinstance(m, nn.Linear)]

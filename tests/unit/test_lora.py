@@ -8,7 +8,7 @@ import torch
 from megadmd.config import ConfigError, resolve
 from megadmd.runner import build_trainer
 from megadmd.zero import full_state_dict
-from tests.helpers import TEST_WAN_CONFIG
+from tests.helpers import TEST_WAN_CONFIG, random_params, set_zero3_params
 
 RANK, ALPHA = 4, 8.0
 
@@ -23,11 +23,8 @@ def _cfg(tmp_path, model_dir, data_dir, *extra):
 
 def randomize_adapter(module, seed: int) -> dict:
     """Give a LoRA role non-zero adapter weights (B included) on every rank; return them."""
-    g = torch.Generator().manual_seed(seed)
-    values = {n: torch.randn(p.ds_shape, generator=g) * 0.2 for n, p in module.named_parameters()}
-    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=0):
-        for n, p in module.named_parameters():
-            p.data.copy_(values[n])
+    values = random_params({n: p.ds_shape for n, p in module.named_parameters()}, seed)
+    set_zero3_params(module, values)
     return values
 
 
@@ -197,3 +194,86 @@ def test_backward_through_the_shared_base_gathers_it_block_by_block(tmp_path, te
         update(batches)
         assert 0 < peak["backward"] < 0.5 * total and peak["forward"] < 0.5 * total, (update.__name__, peak, total)
         assert gathered() == 0, update.__name__
+
+
+def test_two_expert_role_has_an_adapter_per_expert_and_records_the_one_it_trained():
+    """No DeepSpeed here: a LoRA role over a two-expert base routes a one-sided batch to its expert
+    (keyword arguments only, see LoRARole.forward), names its parameters high./low. (the optimizer
+    groups roles.py builds), and records the expert it ran with grad."""
+    from megadmd.config import LoRAConfig
+    from megadmd.lora.adapter import LoRARole, SharedBase
+    from megadmd.models import WanExperts, build_wan
+    from megadmd.roles import param_groups
+
+    base = WanExperts(build_wan(TEST_WAN_CONFIG, seed=0), build_wan(TEST_WAN_CONFIG, seed=1), 0.875).requires_grad_(False)
+    shared = SharedBase(base, ("generator",))
+    role = LoRARole("generator", shared, LoRAConfig(enabled=True, rank=RANK, alpha=ALPHA), seed=0)
+    assert [g["name"] for g in param_groups(role)] == ["high", "low"]
+    values = random_params({n: p.shape for n, p in role.named_parameters()}, seed=3)
+    with torch.no_grad():
+        for n, p in role.named_parameters():
+            p.copy_(values[n])
+    x, _, text = _inputs()
+    for t, expert in ((torch.tensor([950.0, 900.0]), "high"), (torch.tensor([300.0, 100.0]), "low")):
+        role.used.clear()
+        out = _out(role, x, t, text)
+        own = {n[len(expert) + 1:]: p.detach() for n, p in role.named_parameters() if n.startswith(f"{expert}.")}
+        want = _out(merged_copy(getattr(base, expert).state_dict(), own, ALPHA / RANK), x, t, text)
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+        assert role.used == {expert}
+    with torch.no_grad():
+        role.used.clear()
+        _out(role, x, torch.tensor([950.0, 300.0]), text)  # a mixed batch (inference) runs both experts
+    assert role.used == set()  # no grad: nothing to step
+
+
+def _i2v_dataset(root, n=4):
+    """A tiny image-to-video dataset written shard by shard (what `megadmd encode-images` makes)."""
+    from megadmd.data.format import DatasetInfo, write_index, write_negative, write_shard
+
+    g = torch.Generator().manual_seed(0)
+    root.mkdir(parents=True)
+    entry = write_shard(root, 0, text_embeds=[torch.randn(3, 32, generator=g) for _ in range(n)],
+                        captions=[f"c{i}" for i in range(n)], first_index=0, max_text_len=6, text_dim=32,
+                        latents=torch.randn(n, 4, 2, 4, 4, generator=g), image_latents=torch.randn(n, 4, 2, 4, 4, generator=g),
+                        image_embeds=torch.randn(n, 5, 16, generator=g))
+    write_negative(root, torch.randn(6, 32, generator=g), "negative")
+    write_index(root, DatasetInfo(num_samples=n, text_dim=32, max_text_len=6, shard_size=256, latent_shape=[4, 2, 4, 4],
+                                  shards=[entry], image_condition={"latent_shape": [4, 2, 4, 4], "embed_shape": [5, 16]}))
+    return root
+
+
+def test_image_to_video_roles_equal_a_merged_copy_and_train(tmp_path, single_process_world):
+    """I2V: the condition channels and the CLIP embedding reach the adapted roles (the image
+    cross-attention's add_k/add_v are not targets by default), and both updates run."""
+    from megadmd.data.image import condition_channels
+    from megadmd.models import build_wan, predict_velocity
+    from tests.helpers import TEST_I2V_CONFIG, save_test_model
+
+    model = save_test_model(tmp_path / "i2v", config=TEST_I2V_CONFIG)
+    t = build_trainer(_cfg(tmp_path, model, _i2v_dataset(tmp_path / "data"), "dmd.generator_update_interval=1"))
+    gen = t.models.generator.module
+    adapter = randomize_adapter(gen, seed=2)
+    base_state = full_state_dict(t.models.teacher.module.view("teacher"))
+    batch = t.data.next()
+    cond = {"condition": condition_channels(batch.image_latents), "image_embeds": batch.image_embeds}
+    x = torch.randn(batch.latents.shape, generator=torch.Generator().manual_seed(1))
+    ts = torch.tensor([800.0, 200.0])
+    merged = build_wan(TEST_I2V_CONFIG)
+    state = dict(base_state)
+    for n in adapter:
+        if n.endswith("lora_A.weight"):
+            layer = n[: -len(".lora_A.weight")]
+            state[f"{layer}.weight"] = state[f"{layer}.weight"] + ALPHA / RANK * adapter[f"{layer}.lora_B.weight"] @ adapter[n]
+    merged.load_state_dict(state)
+    with torch.no_grad():
+        got = predict_velocity(gen, x, ts, batch.text_embeds, torch.float32, **cond)
+        want = predict_velocity(merged.eval(), x, ts, batch.text_embeds, torch.float32, **cond)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not any("add_k_proj" in n for n in adapter)
+    before = {r: full_state_dict(t.models.engine(r).module) for r in ("teacher", "generator")}
+    t.train_step(1)  # a generator and a fake-score update
+    assert t.models.generator.global_steps == 1 and t.models.fake_score.global_steps == 1
+    after = {r: full_state_dict(t.models.engine(r).module) for r in before}
+    assert all(torch.equal(v, after["teacher"][k]) for k, v in before["teacher"].items())
+    assert any(not torch.equal(v, after["generator"][k]) for k, v in before["generator"].items())
