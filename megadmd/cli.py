@@ -317,9 +317,11 @@ def generate(model, out, prompts, text_encoder, tokenizer, embeds, latent_shape,
 @click.option("--ema/--no-ema", default=False, show_default=True, help="keep an fp32 EMA of the generator")
 @click.option("--gpu-memory-gib", type=float, default=80.0, show_default=True)
 @click.option("--precision", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True)
+@click.option("--lora-rank", type=int, default=0, show_default=True,
+              help="plan model.lora at this rank (default targets, generator and fake score); 0 = full weights")
 @user_errors
 def plan(preset, video_size, nodes, gpus_per_node, sp, micro_batch, offload, no_activation_checkpointing,
-         vsa_sparsity, ema, gpu_memory_gib, precision):
+         vsa_sparsity, ema, gpu_memory_gib, precision, lora_rank):
     """Per-GPU memory of a run, on paper. Exit status 0: it fits; 3: it does not; 2: bad input."""
     from .plan import format_plan, plan_memory
 
@@ -327,7 +329,7 @@ def plan(preset, video_size, nodes, gpus_per_node, sp, micro_batch, offload, no_
     result = plan_memory(preset, video_size=size, nodes=nodes, gpus_per_node=gpus_per_node, sp=sp,
                          micro_batch=micro_batch, offload=offload,
                          activation_checkpointing=not no_activation_checkpointing, vsa_sparsity=vsa_sparsity,
-                         ema=ema, gpu_memory_gib=gpu_memory_gib, precision=precision)
+                         ema=ema, gpu_memory_gib=gpu_memory_gib, precision=precision, lora_rank=lora_rank)
     click.echo(format_plan(result))
     if not result.fits:
         sys.exit(3)
