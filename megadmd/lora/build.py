@@ -88,11 +88,6 @@ def check_lora_targets(lora: LoRAConfig, model_config: dict, boundary_ratio: Opt
     return len(target_layers(model, lora))
 
 
-def lora_roles(lora: LoRAConfig) -> tuple:
-    """The roles that are adapters in this run (none when LoRA is off)."""
-    return tuple(lora.roles) if lora.enabled else ()
-
-
 def checkpoint_lora(ckpt: Path, role: str) -> Optional[dict]:
     """A checkpoint's LoRA settings for ``role`` (its resolved config.json), or None if the role
     trained full weights there."""

@@ -91,7 +91,6 @@ def test_outputs_and_gradients_equal_peft_on_the_diffusers_model(trainer, test_m
     """The generator's engine (forward, backward through the frozen ZeRO-3 base) against peft's
     LoRA injected into the diffusers model and loaded with the same adapter weights."""
     from peft import inject_adapter_in_model, set_peft_model_state_dict
-    from safetensors.torch import load_file  # noqa: F401  (peft's loader imports it too)
 
     from megadmd.lora.adapter import peft_config
     from megadmd.models import load_wan
