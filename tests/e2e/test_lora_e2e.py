@@ -84,6 +84,22 @@ def test_sigterm_saves_and_the_resumed_run_matches_the_uninterrupted_one(referen
     assert any(".lora_B." in k for k in want["ema"]) and any(k.startswith("gan_head.") for k in want["fake_score"])
 
 
+def test_validation_samples_the_adapter_and_its_ema_and_puts_the_weights_back(reference):
+    from megadmd.validation import Validator
+    from megadmd.zero import full_state_dict
+
+    _, _, _, ref = reference
+    validator = next(h.__self__ for h in ref.hooks if isinstance(getattr(h, "__self__", None), Validator))
+    gen = ref.models.generator.module
+    before = full_state_dict(gen)
+    out = validator.run(ref)  # what the hook ran at steps 3 and 6
+    assert set(out) == {"generator", "ema"} and out["generator"].shape == (2, 4, 4, 16, 16)
+    assert not torch.allclose(out["generator"], out["ema"], atol=1e-4)  # the EMA adapter was applied
+    after = full_state_dict(gen)
+    assert all(torch.equal(before[k], after[k]) for k in before)  # and taken off again
+    torch.testing.assert_close(validator.sample(gen, torch.float32, ref.device), out["generator"])
+
+
 def _pipeline(tmp_path, transformer):
     from diffusers import AutoencoderKLWan, WanPipeline
     from transformers import AutoTokenizer, UMT5EncoderModel
