@@ -94,7 +94,7 @@ class Validator:
         step = trainer.state.step
         for name, latents in results.items():
             for i, lat in enumerate(latents):
-                trainer.writer.image(f"validation/{name}/{i}", latents_to_image(lat), step)
+                trainer.writer.image(f"validation/{name}/{i}", latents_to_image(lat), step, caption=self.captions[i])
             if self.cfg.vae_path:
                 self._log_decoded(trainer, name, latents, step)
         trainer.writer.text("validation/prompts", "\n\n".join(self.captions), step)
@@ -109,7 +109,8 @@ class Validator:
         out = self.output_dir / "validation" / f"step-{step:08d}"
         out.mkdir(parents=True, exist_ok=True)
         for i, v in enumerate(videos):
-            trainer.writer.image(f"validation/{name}_frames/{i}", frames_grid(v).permute(2, 0, 1).float() / 255, step)
+            trainer.writer.image(f"validation/{name}_frames/{i}", frames_grid(v).permute(2, 0, 1).float() / 255, step,
+                                 caption=self.captions[i])
             write_mp4(out / f"{name}_{i:02d}.mp4", v)
 
 

@@ -18,6 +18,7 @@ zeroed), which the DMD paper shows collapses onto the nearest mode.
     python tools/quality_benchmark.py                       # the full table (under 30 min on 2 cores)
     python tools/quality_benchmark.py --no-ablations        # the three samplers only
     python tools/quality_benchmark.py --only LoRA            # the teachers and the LoRA student only
+    python tools/quality_benchmark.py --only "student@3, CFG" --only LoRA   # and the default student
 """
 from __future__ import annotations
 
@@ -69,6 +70,11 @@ def evaluate_sampler(model, kind: str, inputs: tuple, dtype=torch.float32, **kw)
     return {**evaluate(samples, labels, TOY_SPEC), "sample_s": time.perf_counter() - t0}
 
 
+def _selected(name: str, texts: list, names) -> bool:
+    """``--only``: a TEXT equal to a row name picks that row alone, any other TEXT every row containing it."""
+    return any(name == t or (t not in names and t in name) for t in texts)
+
+
 def run(args) -> dict:
     from megadmd.models import load_wan
     from megadmd.toy.builtin import TOY_SPEC, builtin_teacher_dir
@@ -92,7 +98,7 @@ def run(args) -> dict:
             "ablation: real score alone (fake-score term zeroed)": ["dmd.real_score_only=true"],
         })
     if args.only:
-        runs = {name: overrides for name, overrides in runs.items() if args.only in name}
+        runs = {name: overrides for name, overrides in runs.items() if _selected(name, args.only, runs)}
     trajectory = []
     with tempfile.TemporaryDirectory() as tmp:
         for i, (name, overrides) in enumerate(runs.items()):
@@ -134,14 +140,18 @@ def markdown_trajectory(history: list) -> str:
 
 
 def main() -> None:
+    from megadmd.monitoring.console import setup_console
+
+    setup_console()  # the CLI's warning filters and log lines: this trains with run_train
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teacher", default=None, help="default: the toy teacher shipped in the package")
     ap.add_argument("--steps", type=int, default=0, help="distillation iterations (default: the tiny preset's)")
     ap.add_argument("--per-class", type=int, default=256, help="evaluation samples per class")
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--no-ablations", dest="ablations", action="store_false")
-    ap.add_argument("--only", default="", metavar="TEXT",
-                    help="distill only the students whose row name contains TEXT (the teacher rows always run)")
+    ap.add_argument("--only", action="append", default=[], metavar="TEXT",
+                    help="distill only the student whose row name is TEXT, or, if none is, those whose name "
+                         "contains TEXT; repeatable (the teacher rows always run)")
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
     args = ap.parse_args()
     # Bad input fails here, in one line, before ten minutes of work.

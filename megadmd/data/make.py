@@ -8,21 +8,24 @@ import torch
 
 from ..config import ConfigError
 from ..io_utils import atomic_dir
+from ..safety.folders import check_output
 from .format import DatasetInfo, DatasetWriter
 
 
 def write_random_dataset(root: str | Path, *, num_samples: int, latent_shape: Optional[list],
                          text_len: int, text_dim: int, seed: int = 0,
-                         shard_size: int = 256) -> DatasetInfo:
-    """Gaussian latents and embeddings with random lengths in [1, text_len]; written atomically."""
+                         shard_size: int = 256, overwrite: bool = False) -> DatasetInfo:
+    """Gaussian latents and embeddings with random lengths in [1, text_len]; written atomically.
+    An existing folder is replaced only with ``overwrite`` (megadmd.safety.folders)."""
     if num_samples <= 0:
         raise ConfigError("--num-samples must be positive")
     if text_len <= 0 or text_dim <= 0:
         raise ConfigError("--text-len and --text-dim must be positive")
+    target = check_output(root, "make-dataset", overwrite)
     g = torch.Generator().manual_seed(seed)
-    with atomic_dir(root) as tmp:
+    with atomic_dir(root, replace=target.replace) as tmp:
         w = DatasetWriter(tmp, text_dim=text_dim, max_text_len=text_len, shard_size=shard_size,
-                          latent_shape=latent_shape)
+                          latent_shape=latent_shape, extra={"written_by": "make-dataset"})
         for i in range(num_samples):
             n = int(torch.randint(1, text_len + 1, (1,), generator=g))
             emb = torch.randn(n, text_dim, generator=g)

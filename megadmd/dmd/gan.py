@@ -68,6 +68,9 @@ def head_logits(module: nn.Module, block_index: int) -> Iterator[dict]:
     seq_ctx = getattr(module, "megadmd_sequence_context", None)
 
     def hook(_mod, _inputs, output):
+        if "logits" in box:  # a second expert ran: its logits would silently replace the first's
+            raise RuntimeError("the GAN head ran on both experts of a two-expert fake score in one forward; "
+                               "the timesteps of a discriminator batch must share one expert")
         box["logits"] = head(output, seq_ctx)
 
     # one head on both experts of a two-expert fake score: it reads whichever expert runs

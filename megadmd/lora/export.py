@@ -49,10 +49,15 @@ def merge_adapter(base: dict, adapter: dict, scaling: float) -> dict:
 
 
 def write_lora_role(state: dict, configs: dict, ckpt: str | Path, role: str, mode: Optional[str], out: str | Path,
-                    dtype: str, max_shard_size: str, pipeline_from: Optional[str]) -> Path:
-    """A LoRA role's weights (``state``: the role module's state dict, adapter names) -> ``out``."""
+                    dtype: str, max_shard_size: str, pipeline_from: Optional[str], link: bool = False,
+                    sampling: Optional[dict] = None, replace: bool = False) -> Path:
+    """A LoRA role's weights (``state``: the role module's state dict, adapter names) -> ``out``,
+    which megadmd.safety.folders.check_output has cleared (``replace``: an existing folder may go).
+    ``sampling`` (the generator's DMD steps) goes with either export, as with full weights."""
     from ..convert import split_experts, write_role
+    from ..safety.finite import check_finite_state
 
+    check_finite_state(state)  # the adapter as trained: a NaN in it is refused before anything is written
     settings = checkpoint_lora(Path(ckpt), role)
     mode = mode or "merged"
     if mode not in MODES:
@@ -61,11 +66,11 @@ def write_lora_role(state: dict, configs: dict, ckpt: str | Path, role: str, mod
     if mode == "adapter":
         if pipeline_from is not None:
             raise ConfigError("--pipeline-from writes a full pipeline; use it with --lora merged")
-        return write_adapter(split_experts(state), settings, role, out, dtype)
+        return write_adapter(split_experts(state), settings, role, out, dtype, sampling, replace)
     run = json.loads((Path(ckpt) / "config.json").read_text())
     base_path = json.loads((Path(ckpt) / "trainer_state.json").read_text())["model_paths"]["teacher"]
     merged = merge_adapter(_base_state(base_path, run["model"].get("boundary_ratio")), state, scaling)
-    return write_role(merged, configs, out, dtype, max_shard_size, pipeline_from)
+    return write_role(merged, configs, out, dtype, max_shard_size, pipeline_from, link, sampling, replace)
 
 
 def _base_state(path: str, boundary_ratio: Optional[float]) -> dict:
@@ -74,8 +79,11 @@ def _base_state(path: str, boundary_ratio: Optional[float]) -> dict:
     return load_role_model(path, torch.float32, boundary_ratio, what="the LoRA run's teacher (its base)").state_dict()
 
 
-def write_adapter(parts: dict, settings: dict, role: str, out: str | Path, dtype: str) -> Path:
-    """``parts``: ``{"transformer": state[, "transformer_2": state]}`` in the model's own names."""
+def write_adapter(parts: dict, settings: dict, role: str, out: str | Path, dtype: str,
+                  sampling: Optional[dict] = None, replace: bool = False) -> Path:
+    """``parts``: ``{"transformer": state[, "transformer_2": state]}`` in the model's own names.
+    ``sampling`` is written as megadmd_sampling.json: the base pipeline's scheduler is not the
+    student's, so the folder says which steps to sample on (docs/lora.md)."""
     from diffusers import WanPipeline
     from safetensors.torch import save_file
 
@@ -84,7 +92,7 @@ def write_adapter(parts: dict, settings: dict, role: str, out: str | Path, dtype
 
     dt = _dtype(dtype)
     info = {"role": role, "rank": settings["rank"], "alpha": settings["alpha"], "files": {}, "vsa_gates": {}}
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, replace=replace) as tmp:
         for name, sub in parts.items():
             adapter = {k: v.to(dt).contiguous() for k, v in sub.items() if is_lora_key(k)}
             gates = {k: v.to(dt).contiguous() for k, v in sub.items() if not is_lora_key(k)}
@@ -99,4 +107,8 @@ def write_adapter(parts: dict, settings: dict, role: str, out: str | Path, dtype
         info["load"] = ("pipe.load_lora_weights(folder); for transformer_2: pipe.load_lora_weights(folder, "
                         f"weight_name='{LORA_FILES['transformer_2']}', load_into_transformer_2=True)")
         (tmp / INFO).write_text(json.dumps(info, indent=1) + "\n")
+        if sampling is not None:
+            from ..pipeline.info import write_sampling_info
+
+            write_sampling_info(tmp, sampling)
     return Path(out)

@@ -4,6 +4,7 @@ matching training uses.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -42,15 +43,26 @@ class AdapterShape:
 
 def adapter_shape(wan_config: dict, rank: int, targets: Optional[list] = None) -> AdapterShape:
     """The layers ``model.lora`` adapts in a Wan DiT of this architecture (one expert)."""
+    import json
+
+    config = json.dumps({k: v for k, v in wan_config.items() if not k.startswith("_")}, sort_keys=True)
+    return _adapter_shape(config, rank, tuple(targets or LORA_DEFAULT_TARGETS))
+
+
+@functools.lru_cache(maxsize=16)
+def _adapter_shape(config: str, rank: int, targets: tuple) -> AdapterShape:
+    """Cached: building a 14B model's modules on the meta device takes seconds."""
+    import json
+
     import torch
     from diffusers import WanTransformer3DModel
 
     from .adapter import target_layers
 
-    args = {k: v for k, v in wan_config.items() if not k.startswith("_")}
+    args = json.loads(config)
     with torch.device("meta"):
         model = WanTransformer3DModel(**args)
-    lora = LoRAConfig(enabled=True, rank=rank, target_modules=list(targets or LORA_DEFAULT_TARGETS))
+    lora = LoRAConfig(enabled=True, rank=rank, target_modules=list(targets))
     layers = tuple((n, m.in_features, m.out_features) for n, m in target_layers(model, lora).items())
     return AdapterShape(layers=layers, rank=rank)
 

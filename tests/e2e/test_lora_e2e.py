@@ -135,7 +135,8 @@ def test_adapter_export_loads_in_wan_pipeline_and_samples_like_the_merged_export
         code, out = cli("convert", "to-diffusers", ckpt, "-o", tmp_path / mode, "--lora", mode)
         assert code == 0, out
     files = sorted(p.name for p in (tmp_path / "adapter").iterdir())
-    assert files == ["megadmd_lora.json", "pytorch_lora_weights.safetensors", "vsa_gates.safetensors"]
+    assert files == ["megadmd_lora.json", "megadmd_sampling.json", "pytorch_lora_weights.safetensors",
+                     "vsa_gates.safetensors"]
     with safe_open(str(tmp_path / "adapter" / "pytorch_lora_weights.safetensors"), "pt") as f:
         assert all(k.startswith("transformer.blocks.") and ".lora_" in k for k in f.keys())
         meta = json.loads(f.metadata()["lora_adapter_metadata"])
@@ -196,3 +197,37 @@ def test_two_experts_get_an_adapter_each_and_export_to_a_wan22_pipeline(tmp_path
         pipe.scheduler = dmd_scheduler([1000, 500])  # step 1000: the high-noise expert, 500: the low-noise one
         results.append(_sample(pipe, steps=2))
     torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-5)
+
+
+def test_a_non_finite_update_leaves_the_adapters_and_the_base_untouched(reference, monkeypatch):
+    """The guard (train.nonfinite=skip) on adapter engines: a NaN teacher x0 drops the generator's
+    update, a NaN gradient (DeepSpeed's own overflow skip) the fake score's; adapters and the shared
+    base stay bit-identical, and the next clean update applies. Runs last: it moves the trainer on."""
+    from megadmd.dmd import losses
+    from megadmd.zero import full_state_dict
+
+    trainer = reference[3]
+    m, s = trainer.models, trainer.state
+
+    def weights():
+        return {r: full_state_dict(m.engine(r).module) for r in ("generator", "fake_score", "teacher")}
+
+    def unchanged(a, b, role):
+        return all(torch.equal(a[role][k], b[role][k]) for k in a[role])
+
+    before = weights()
+    monkeypatch.setattr(trainer, "teacher_x0", lambda x_t, t, batch: torch.full_like(x_t, float("nan")))
+    trainer.generator_step([trainer.data.next()])
+    monkeypatch.undo()
+    assert s.generator_skipped == 1 and trainer.guard.found == ["teacher x0"]
+    real = losses.fake_score_loss
+    monkeypatch.setattr(losses, "fake_score_loss", lambda v, eps, x0: real(v, eps, x0) + (v - v.detach()).abs().sqrt().sum())
+    trainer.fake_score_step([trainer.data.next()])
+    monkeypatch.undo()
+    assert s.fake_score_skipped == 1 and not m.fake_score.was_step_applied()
+    after = weights()
+    assert all(unchanged(before, after, r) for r in after)
+    trainer.generator_step([trainer.data.next()])
+    assert m.generator.was_step_applied() and s.generator_skipped == 1
+    clean = weights()
+    assert not unchanged(after, clean, "generator") and unchanged(after, clean, "teacher")

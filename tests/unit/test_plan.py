@@ -385,11 +385,15 @@ def test_cli_prints_the_table_and_exits_3_when_it_does_not_fit():
     from megadmd.cli import main
 
     runner = CliRunner()
-    ok = runner.invoke(main, ["plan", "--preset", "wan2.1-t2v-14b", "--nodes", "8", "--sp", "4"])
+    ok = runner.invoke(main, ["plan", "--preset", "wan2.1-t2v-14b", "--nodes", "8", "--sp", "4", "--no-ema",
+                              "--gpu-memory-gib", "80"])
     assert ok.exit_code == 0 and "fits: needs 18.7 of 80 GiB" in ok.output
     too_big = runner.invoke(main, ["plan", "--preset", "wan2.1-t2v-1.3b", "--no-activation-checkpointing"])
     assert too_big.exit_code == 3 and "does not fit" in too_big.output
     bad = runner.invoke(main, ["plan", "--preset", "wan2.1-t2v-1.3b", "--gpus-per-node", "6", "--sp", "4"])
     assert bad.exit_code == 2 and "not divisible by parallel.sp_size=4" in bad.output
-    lora = runner.invoke(main, ["plan", "--preset", "wan2.1-t2v-14b", "--lora-rank", "64"])
+    lora = runner.invoke(main, ["plan", "--preset", "wan2.1-t2v-14b", "--lora-rank", "64", "--no-ema",
+                                "--gpu-memory-gib", "80"])
     assert lora.exit_code == 0 and "fits: needs 29.2 of 80 GiB" in lora.output
+    from_config = runner.invoke(main, ["plan", "--preset", "wan2.1-t2v-14b", "--set", "model.lora.enabled=true"])
+    assert from_config.exit_code == 0 and "fits: needs 29.3 of 79.6 GiB" in from_config.output  # the preset's EMA
