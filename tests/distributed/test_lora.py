@@ -101,7 +101,8 @@ def test_dp2_training_matches_one_rank_and_resumes_on_one_rank(tmp_path, test_mo
     assert r.exit_code == 0, r.output
     assert (ckpt / "generator" / "zero_universal" / "done").is_file()
     resumed = tmp_path / "resumed.pt"
-    spawn(load_and_gather, 1, _train_overrides(tmp_path, test_model_dir, data, "two", 1)
+    # one rank, micro batch 2: the same global batch (a resume refuses another without --allow-config-change)
+    spawn(load_and_gather, 1, _train_overrides(tmp_path, test_model_dir, data, "two", 2)
           + ["checkpoint.resume=auto", "train.max_steps=5"], str(resumed))
     got = torch.load(resumed, weights_only=False)
     assert got["step"] == 4
