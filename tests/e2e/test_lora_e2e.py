@@ -104,7 +104,7 @@ def _pipeline(tmp_path, transformer):
     from diffusers import AutoencoderKLWan, WanPipeline
     from transformers import AutoTokenizer, UMT5EncoderModel
 
-    from megadmd.sampling import dmd_scheduler
+    from megadmd.pipeline.scheduler import DMDScheduler
 
     enc = tmp_path / "umt5"
     if not enc.exists():
@@ -112,12 +112,11 @@ def _pipeline(tmp_path, transformer):
         save_tiny_vae(tmp_path / "vae")
     return WanPipeline(tokenizer=AutoTokenizer.from_pretrained(str(enc)), text_encoder=UMT5EncoderModel.from_pretrained(str(enc)),
                        vae=AutoencoderKLWan.from_pretrained(str(tmp_path / "vae")), transformer=transformer,
-                       scheduler=dmd_scheduler([1000, 757, 522]))
+                       scheduler=DMDScheduler(timesteps=[1000, 757, 522]))
 
 
 def _sample(pipe, steps=3, seed=0):
     start = torch.randn(1, 4, 2, 4, 4, generator=torch.Generator().manual_seed(seed))
-    torch.manual_seed(7)  # the DMD scheduler's re-noising draws from the global generator
     with torch.no_grad():
         return pipe(prompt="a cat runs on the beach", height=32, width=32, num_frames=5, num_inference_steps=steps,
                     guidance_scale=1.0, latents=start, output_type="latent", max_sequence_length=16).frames
@@ -158,6 +157,12 @@ def test_adapter_export_loads_in_wan_pipeline_and_samples_like_the_merged_export
     merged_sample = _sample(_pipeline(tmp_path, load_wan(tmp_path / "merged")))
     torch.testing.assert_close(adapted, merged_sample, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(adapted, teacher_sample, atol=1e-3)  # the adapter is not nothing
+    # the adapter folder says which steps to sample on, as the merged export does
+    from megadmd.pipeline.scheduler import use_dmd_scheduler
+
+    steps = [use_dmd_scheduler(lora_pipe, tmp_path / m).config.timesteps for m in ("adapter", "merged")]
+    assert steps[0] == steps[1] and len(steps[0]) == len(resolve().dmd.denoising_steps)
+    lora_pipe.scheduler = DMDScheduler(timesteps=[1000, 757, 522])
     code, out = cli("export-ema", ckpt, "-o", tmp_path / "ema", "--lora", "adapter")
     assert code == 0, out
     lora_pipe.unload_lora_weights()
@@ -172,7 +177,7 @@ def test_two_experts_get_an_adapter_each_and_export_to_a_wan22_pipeline(tmp_path
     from diffusers import WanPipeline
 
     from megadmd.lora.export import LORA_FILES
-    from megadmd.sampling import dmd_scheduler
+    from megadmd.pipeline.scheduler import DMDScheduler
     from tests.helpers import save_tiny_wan22_pipeline
 
     base = save_tiny_wan22_pipeline(tmp_path / "wan22")
@@ -194,7 +199,7 @@ def test_two_experts_get_an_adapter_each_and_export_to_a_wan22_pipeline(tmp_path
     merged = WanPipeline.from_pretrained(str(tmp_path / "merged"))
     results = []
     for pipe in (adapted, merged):
-        pipe.scheduler = dmd_scheduler([1000, 500])  # step 1000: the high-noise expert, 500: the low-noise one
+        pipe.scheduler = DMDScheduler(timesteps=[1000, 500])  # step 1000: the high-noise expert, 500: the low-noise one
         results.append(_sample(pipe, steps=2))
     torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-5)
 
