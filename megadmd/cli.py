@@ -314,7 +314,7 @@ def convert_from_fastvideo_config(source, out, overwrite):
 @click.option("--vae", default="", type=click.Path(), help="VAE (or pipeline) folder whose latents_mean/std normalize the latents")
 @click.option("--preset", default="", help="or the Wan preset whose VAE constants to use (e.g. wan2.1-t2v-1.3b)")
 @click.option("--shard-size", type=int, default=256, show_default=True)
-@click.option("--overwrite", is_flag=True, help="replace a dataset already at --out")
+@overwrite_option
 @user_errors
 def convert_from_fastvideo_data(source, out, negative, vae, preset, shard_size, overwrite):
     """A FastVideo parquet dataset -> megadmd's format (resumable; split across ranks). Training reads

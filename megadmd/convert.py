@@ -264,7 +264,7 @@ def init_from_weights(weights: str, config: str, out: str, dtype: str = "fp32",
         state = convert_wan_transformer_to_diffusers(state)
     _check_keys(state, cfg)
     check_finite_state(state)
-    return write_diffusers_folder(state, cfg, out, dtype, max_shard_size, target.replace)
+    return write_diffusers_folder(state, cfg, out, dtype, max_shard_size, replace=target.replace)
 
 
 def _load_config(config: str) -> dict:

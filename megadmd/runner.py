@@ -11,6 +11,7 @@ from .checkpoint import Checkpointer, read_state
 from .config import RunConfig, save_resolved, to_dict
 from .data.format import open_dataset
 from .data.loader import BatchSource
+from .dmd.guard import NonFiniteError
 from .dmd.trainer import DMDTrainer
 from .ema import PartitionEMA
 from .metrics import MetricsWriter
@@ -168,9 +169,16 @@ def run_train(cfg: RunConfig, local_rank: int | None = None, overwrite: bool = F
     """
     trainer = build_trainer(cfg, local_rank, overwrite)
     trainer.preemption = PreemptionFlag().install()
+    ckpt = trainer.checkpointer
     try:
-        trainer.train()
-        ckpt = trainer.checkpointer
+        try:
+            trainer.train()
+        except NonFiniteError:
+            # Every rank raises it together (the guard's decision is world-wide), so the save
+            # started before the bad iteration can still be completed: it holds good states and
+            # is the one to resume from once the data or recipe is fixed.
+            ckpt.finish_pending()
+            raise
         ckpt.finish_pending()
         if trainer.state.step > 0 and ckpt.state_step != trainer.state.step:
             ckpt.save(trainer)

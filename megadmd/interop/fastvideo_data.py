@@ -445,6 +445,9 @@ def _pipeline_of(teacher_path: str) -> str:
     return teacher_path
 
 
+COMMAND = "convert from-fastvideo-data"
+
+
 def convert_dataset(src: str, out: str, *, negative_path: str, vae_path: str = "", preset: str = "",
                     shard_size: int = 256, overwrite: bool = False) -> DatasetInfo:
     """``megadmd convert from-fastvideo-data``: a FastVideo parquet dataset copied into megadmd's
@@ -457,11 +460,18 @@ def convert_dataset(src: str, out: str, *, negative_path: str, vae_path: str = "
     from ..data.format import INDEX_FILE, NEGATIVE_FILE, existing_shard, write_index, write_negative
     from ..parallel.init import init_distributed
 
+    from ..safety.folders import begin_output, check_output
+
     root = Path(out)
-    if (root / INDEX_FILE).is_file() and not overwrite:
-        raise ConfigError(f"{root} already holds a dataset; pass --overwrite to replace it")
     if shard_size <= 0:
         raise ConfigError("--shard-size must be positive")
+    # The same rules as every folder-writing command (megadmd/safety/folders.py): an unfinished or
+    # finished conversion with equal settings is continued, anything else needs --overwrite, and
+    # a run or another command's dataset is never deleted.
+    settings = {"source": str(Path(src).resolve()), "negative": str(Path(negative_path).resolve()) if negative_path
+                else "", "vae": vae_path, "preset": preset, "shard_size": shard_size}
+    target = check_output(root, COMMAND, overwrite, inputs=[src, negative_path or None, vae_path or None],
+                          settings=settings)
     info = probe(src)
     negative, caption = read_negative(negative_path, "--negative") if negative_path else (None, "")
     if negative is None or negative.shape[-1] != info.text_dim:
@@ -471,10 +481,7 @@ def convert_dataset(src: str, out: str, *, negative_path: str, vae_path: str = "
     stats = latent_stats(vae_path, "", preset, info.latent_shape[0]) if info.has_latents else ("", None, None)
     proc = init_distributed()
     if proc.rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        if overwrite:  # only the files this command writes
-            for f in [root / INDEX_FILE, root / NEGATIVE_FILE, *root.glob("shard-*.safetensors")]:
-                f.unlink(missing_ok=True)
+        begin_output(target, COMMAND, settings)
     dist.barrier()
     ds = FastVideoDataset(src, negative_path=negative_path, latents_mean=stats[1], latents_std=stats[2])
     n = len(ds)
@@ -487,7 +494,8 @@ def convert_dataset(src: str, out: str, *, negative_path: str, vae_path: str = "
     result = DatasetInfo(num_samples=n, text_dim=info.text_dim, max_text_len=TEXT_LEN, shard_size=shard_size,
                          latent_shape=info.latent_shape, image_condition=info.image_condition,
                          shards=[existing_shard(root, k) for k in range(num_shards)],
-                         extra={"converted_from": "fastvideo", "source": str(src), "latent_stats": stats[0]})
+                         extra={"converted_from": "fastvideo", "source": str(src), "latent_stats": stats[0],
+                                "written_by": COMMAND})
     if proc.rank == 0:
         write_negative(root, negative, caption)
         write_index(root, result)

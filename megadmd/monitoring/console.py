@@ -4,7 +4,9 @@
 never at import of the library: a program that imports megadmd keeps its own logging and
 warning settings.
 
-Log lines go to stdout on rank 0; other ranks print warnings and errors only, on stderr. The
+Log lines go to stdout on rank 0, except warnings and errors, which go to stderr (so a shell
+that keeps ``2>`` apart, or a scheduler's error log, shows them); other ranks print warnings and
+errors only, on stderr. The
 handler writes through ``tqdm.write`` so a line printed while a progress bar is drawn lands above
 the bar instead of tearing it, and it looks up ``sys.stdout`` / ``sys.stderr`` when it writes, so
 a test harness that swaps them (pytest, click's CliRunner) still captures the lines.
@@ -80,7 +82,8 @@ class _ConsoleHandler(logging.Handler):
         try:
             from tqdm import tqdm
 
-            tqdm.write(self.format(record), file=sys.stderr if self.to_stderr else sys.stdout)
+            to_stderr = self.to_stderr or record.levelno >= logging.WARNING
+            tqdm.write(self.format(record), file=sys.stderr if to_stderr else sys.stdout)
         except Exception:  # noqa: BLE001  (logging's contract: a failing handler never raises)
             self.handleError(record)
 
@@ -91,7 +94,8 @@ def env_rank() -> int:
 
 
 def setup_logging(rank: int) -> None:
-    """Log lines from rank 0 only; other ranks log warnings and errors."""
+    """Log lines from rank 0 only (warnings and errors on stderr); other ranks log warnings and
+    errors only."""
     handler = _ConsoleHandler(to_stderr=rank != 0)
     handler.setFormatter(logging.Formatter("[megadmd %(asctime)s] %(message)s", "%H:%M:%S"))
     root = logging.getLogger("megadmd")

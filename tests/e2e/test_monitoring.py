@@ -37,7 +37,7 @@ def test_default_job_prints_no_warning_and_shows_its_progress(default_run):
     assert not re.search(r"warning|deprecat", r.stdout, re.IGNORECASE), r.stdout
     steps = re.findall(r"\] step (\d+)/125 \|", r.stdout)
     assert steps == [str(s) for s in range(10, 130, 10)] + ["125"]
-    assert "done: 125 iterations (25 generator updates)" in r.stdout
+    assert "done: 125 iterations (25 generator updates, 125 fake_score updates)" in r.stdout
 
 
 def _events(tb_dir: Path):

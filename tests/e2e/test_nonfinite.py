@@ -60,7 +60,8 @@ def _finite(module) -> bool:
 def skip_run(files, tmp_path_factory, single_process_world):
     out = tmp_path_factory.mktemp("skip") / "run"
     log = io.StringIO()
-    with contextlib.redirect_stdout(log):  # rank 0's log handler writes to the stdout of its set-up
+    # rank 0's log handler writes to the current stdout (info) and stderr (warnings): keep both
+    with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         trainer = run_train(resolve(overrides=_overrides(files, files["one_nan"], out)))
     return trainer, out, log.getvalue()
 

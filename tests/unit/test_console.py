@@ -46,15 +46,19 @@ def test_deepspeeds_cpu_accelerator_notice_is_dropped_and_its_other_warnings_kep
     assert [r.getMessage() for r in records] == ["Setting accelerator to CPU. Something else."]
 
 
-def test_log_lines_from_rank_0_on_stdout_other_ranks_warnings_on_stderr(capsys):
+def test_rank_0_logs_on_stdout_warnings_on_stderr_other_ranks_warnings_only(capsys):
     log = logging.getLogger("megadmd")
     console.setup_logging(0)
     log.info("hello from rank 0")
+    log.warning("a warning from rank 0")
+    out, err = capsys.readouterr()
+    assert "hello from rank 0" in out and "hello" not in err
+    assert "a warning from rank 0" in err and "warning" not in out
     console.setup_logging(1)
     log.info("not shown")
     log.warning("a warning from rank 1")
     out, err = capsys.readouterr()
-    assert "hello from rank 0" in out and "not shown" not in out + err
+    assert "not shown" not in out + err
     assert "a warning from rank 1" in err
     console.setup_logging(0)
 

@@ -206,12 +206,22 @@ def test_convert_gives_our_format_and_resumes(tmp_path, single_process_world, ki
     (out / "index.json").unlink()  # an interrupted run: resuming writes the missing shard only
     fv.convert_dataset(str(tmp_path / "fv"), str(out), negative_path=str(tmp_path / "ours"), vae_path=vae, shard_size=3)
     assert (out / "shard-000001.safetensors").read_bytes() == first and read_index(out).num_samples == 7
-    with pytest.raises(ConfigError, match="already holds a dataset; pass --overwrite"):
-        fv.convert_dataset(str(tmp_path / "fv"), str(out), negative_path=str(tmp_path / "ours"), vae_path=vae)
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*")}
+    fv.convert_dataset(str(tmp_path / "fv"), str(out), negative_path=str(tmp_path / "ours"), vae_path=vae, shard_size=3)
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*")} == before  # finished: nothing rewritten
+    with pytest.raises(ConfigError, match="made with other settings .*shard_size.*--overwrite to start it over"):
+        fv.convert_dataset(str(tmp_path / "fv"), str(out), negative_path=str(tmp_path / "ours"), vae_path=vae,
+                           shard_size=4)
     fv.convert_dataset(str(tmp_path / "fv"), str(out), negative_path=str(tmp_path / "ours"), vae_path=vae,
                        shard_size=4, overwrite=True)
     assert [s["num_samples"] for s in read_index(out).shards] == [4, 3]
     assert not (out / "shard-000002.safetensors").exists()
+    from megadmd.toy.builtin import write_toy_dataset
+
+    toy = write_toy_dataset(tmp_path / "toy", 4)  # another command's dataset: never replaced
+    with pytest.raises(ConfigError, match="never deletes that, even with --overwrite"):
+        fv.convert_dataset(str(tmp_path / "fv"), str(toy), negative_path=str(tmp_path / "ours"), vae_path=vae,
+                           overwrite=True)
 
 
 def test_convert_command_refuses_without_a_negative_before_any_work(tmp_path):
