@@ -19,6 +19,7 @@ zeroed), which the DMD paper shows collapses onto the nearest mode.
     python tools/quality_benchmark.py --no-ablations        # the three samplers only
     python tools/quality_benchmark.py --only LoRA            # the teachers and the LoRA student only
     python tools/quality_benchmark.py --only "student@3, CFG" --only LoRA   # and the default student
+    python tools/quality_benchmark.py --no-teachers --only "student@3, CFG" --only LoRA   # students only
 """
 from __future__ import annotations
 
@@ -84,10 +85,11 @@ def run(args) -> dict:
     teacher = load_wan(teacher_path).eval()
     inputs = eval_inputs(TOY_SPEC, args.per_class, args.seed, torch.device("cpu"))
     rows: dict = {}
-    rows["teacher@50, CFG"] = evaluate_sampler(teacher, "teacher", inputs, guidance_scale=3.5)
-    rows["teacher@3, CFG"] = evaluate_sampler(teacher, "teacher_student_schedule", inputs, guidance_scale=3.5)
-    rows["teacher@50, no CFG"] = evaluate_sampler(teacher, "teacher", inputs, guidance_scale=0.0)
-    rows["teacher@3, no CFG"] = evaluate_sampler(teacher, "teacher_student_schedule", inputs, guidance_scale=0.0)
+    if args.teachers:  # deterministic: the table in BENCHMARKS.md has them; --no-teachers compares students only
+        rows["teacher@50, CFG"] = evaluate_sampler(teacher, "teacher", inputs, guidance_scale=3.5)
+        rows["teacher@3, CFG"] = evaluate_sampler(teacher, "teacher_student_schedule", inputs, guidance_scale=3.5)
+        rows["teacher@50, no CFG"] = evaluate_sampler(teacher, "teacher", inputs, guidance_scale=0.0)
+        rows["teacher@3, no CFG"] = evaluate_sampler(teacher, "teacher_student_schedule", inputs, guidance_scale=0.0)
     runs = {"student@3, CFG": [], "student@3, no CFG (distilled without guidance)": ["dmd.guidance_scale=0.0"],
             ALT_STUDENT: ALT_RECIPE, LORA_STUDENT: LORA_RECIPE}
     if args.ablations:
@@ -149,6 +151,8 @@ def main() -> None:
     ap.add_argument("--per-class", type=int, default=256, help="evaluation samples per class")
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--no-ablations", dest="ablations", action="store_false")
+    ap.add_argument("--no-teachers", dest="teachers", action="store_false",
+                    help="skip the four teacher rows (most of the evaluation time) and the targets")
     ap.add_argument("--only", action="append", default=[], metavar="TEXT",
                     help="distill only the student whose row name is TEXT, or, if none is, those whose name "
                          "contains TEXT; repeatable (the teacher rows always run)")
@@ -175,7 +179,7 @@ def main() -> None:
         print(markdown_trajectory(trajectory))
     failed = {}
     for student in ("student@3, CFG", ALT_STUDENT, LORA_STUDENT):
-        if student in rows:
+        if student in rows and args.teachers:
             failed[student] = check_targets(rows, student)
             verdict = "met" if not failed[student] else "NOT met: " + "; ".join(failed[student])
             print(f"targets ({TARGETS}) for '{student}': {verdict}")

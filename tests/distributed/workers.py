@@ -28,6 +28,7 @@ def train_and_record(rank: int, world: int, overrides: list, out_file: str) -> N
             "adam_local_before_step": adam_numel,
         }
     t.train()
+    t.checkpointer.finish_pending()  # a periodic save completes one iteration later (run_train does this)
     for role in ("generator", "fake_score"):
         e = t.models.engine(role)
         sizes[role]["adam_local"] = sum(int(s["exp_avg"].numel()) for s in e.optimizer.optimizer.state.values()
