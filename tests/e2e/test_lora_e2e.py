@@ -158,7 +158,7 @@ def test_adapter_export_loads_in_wan_pipeline_and_samples_like_the_merged_export
     torch.testing.assert_close(adapted, merged_sample, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(adapted, teacher_sample, atol=1e-3)  # the adapter is not nothing
     # the adapter folder says which steps to sample on, as the merged export does
-    from megadmd.pipeline.scheduler import use_dmd_scheduler
+    from megadmd.pipeline.scheduler import DMDScheduler, use_dmd_scheduler
 
     steps = [use_dmd_scheduler(lora_pipe, tmp_path / m).config.timesteps for m in ("adapter", "merged")]
     assert steps[0] == steps[1] and len(steps[0]) == len(resolve().dmd.denoising_steps)
