@@ -39,7 +39,7 @@ ALT_STUDENT = "student@3, CFG: data-free, later steps, guidance at t<=750, 1000 
 ALT_RECIPE = ["dmd.simulate_generator_forward=true", "dmd.train_first_step=false",
               "dmd.guidance_interval=[0.0,0.75]", "train.max_steps=1000"]
 # The LoRA student: both trainable roles are rank-16 adapters (of the 96-wide toy DiT) over the
-# frozen teacher, at 5x the tiny preset's learning rates (10x and 20x lost modes: docs/lora.md).
+# frozen teacher, at 5x the tiny preset's learning rates (BENCHMARKS.md, 'LoRA student').
 LORA_RANK = 16
 LORA_STUDENT = f"student@3, CFG, LoRA rank {LORA_RANK} (generator and fake score)"
 LORA_RECIPE = ["model.lora.enabled=true", f"model.lora.rank={LORA_RANK}", "optim.generator.lr=2.5e-4",
