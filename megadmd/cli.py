@@ -230,6 +230,13 @@ def encode_images(text_data, images, out, image_encoder, vae, video_size, batch_
         click.echo(f"encoded {info.num_samples} image conditions into {out}")
 
 
+def lora_option(fn):
+    """``--lora adapter|merged`` of the export commands (LoRA runs only; docs/lora.md)."""
+    return click.option("--lora", type=click.Choice(["adapter", "merged"]), default=None,
+                        help="LoRA runs: the adapter alone, for WanPipeline.load_lora_weights, or the teacher "
+                             "with it merged in  [default: merged]")(fn)
+
+
 @main.group()
 def convert() -> None:
     """Checkpoints to diffusers folders, universal checkpoints, and role initializations."""
@@ -248,12 +255,15 @@ def convert() -> None:
 @click.option("--link", is_flag=True,
               help="with --pipeline-from: relative symlinks to its components instead of copies")
 @overwrite_option
+@lora_option
 @user_errors
-def convert_to_diffusers(checkpoint, out, role, dtype, max_shard_size, model_config, pipeline_from, link, overwrite):
+def convert_to_diffusers(checkpoint, out, role, dtype, max_shard_size, model_config, pipeline_from, link, overwrite,
+                         lora):
     """A megadmd (or DeepSpeed) checkpoint -> a diffusers WanTransformer3DModel folder."""
     from .convert import to_diffusers
 
-    path = to_diffusers(checkpoint, out, role, dtype, max_shard_size, model_config, pipeline_from, link, overwrite)
+    path = to_diffusers(checkpoint, out, role, dtype, max_shard_size, model_config, pipeline_from, link, overwrite,
+                        lora)
     click.echo(f"wrote {path}")
 
 
@@ -328,13 +338,15 @@ def convert_from_fastvideo_data(source, out, negative, vae, preset, shard_size, 
 @click.option("--link", is_flag=True,
               help="with --pipeline-from: relative symlinks to its components instead of copies")
 @overwrite_option
+@lora_option
 @user_errors
-def export_ema_cmd(checkpoint, out, dtype, max_shard_size, pipeline_from, link, overwrite):
+def export_ema_cmd(checkpoint, out, dtype, max_shard_size, pipeline_from, link, overwrite, lora):
     """The generator's EMA weights of a checkpoint -> a diffusers folder that samples on the run's
     own DMD steps (scheduler and megadmd_sampling.json)."""
     from .convert import export_ema
 
-    click.echo(f"wrote {export_ema(checkpoint, out, dtype, max_shard_size, pipeline_from, link, overwrite)}")
+    path = export_ema(checkpoint, out, dtype, max_shard_size, pipeline_from, link, overwrite, lora)
+    click.echo(f"wrote {path}")
 
 
 @main.command()
@@ -427,6 +439,9 @@ def generate(model, out, prompts, text_encoder, tokenizer, embeds, latent_shape,
 @click.option("--peak-tflops", type=float, default=None, help="dense bf16 (or TF32) peak [default: the --gpu's]")
 @click.option("--utilisation", "--mfu", "utilisation", type=float, default=None,
               help="share of the peak an iteration reaches [default: the --gpu's, calibrated on FastVideo's run]")
+@click.option("--lora-rank", type=int, default=None,
+              help="plan LoRA at this rank (model.lora's targets and roles); 0 = full weights "
+                   "[default: model.lora.rank when model.lora.enabled, else 0]")
 @user_errors
 def plan(config_file, overrides, preset, **flags):
     """Memory per GPU and time of a run, on paper, from its config (-c, --set, --preset) and flags.

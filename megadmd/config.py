@@ -32,6 +32,24 @@ class RoleFlags:
     teacher: bool = False
 
 
+# LoRA's default targets: every Linear of the attention blocks (self- and cross-attention
+# q, k, v, out; the FFN), matched by peft's rules (a name equal to, or ending in, an entry).
+LORA_DEFAULT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"]
+
+
+@dataclass
+class LoRAConfig:
+    """LoRA distillation (docs/lora.md): the listed roles train a low-rank adapter over the
+    teacher's frozen weights, which then exist once per rank for all three roles."""
+
+    enabled: bool = False
+    rank: int = 64  # LightX2V's LoRA distillation of Wan 14B uses 64
+    # the adapter's output is scaled by alpha / rank (peft's convention); None: alpha = rank, scale 1
+    alpha: Optional[float] = None
+    target_modules: list = field(default_factory=lambda: list(LORA_DEFAULT_TARGETS))
+    roles: list = field(default_factory=lambda: ["generator", "fake_score"])
+
+
 @dataclass
 class ModelConfig:
     # Diffusers-format folders (or a pipeline folder with a ``transformer`` subfolder).
@@ -47,6 +65,7 @@ class ModelConfig:
     # Wan2.2 two-expert models: every role path is a pipeline folder with transformer (high-noise,
     # t >= boundary_ratio * 1000) and transformer_2 (low-noise). None: one transformer per role.
     boundary_ratio: Optional[float] = None
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
 @dataclass
@@ -427,6 +446,7 @@ def validate(cfg: RunConfig) -> None:
     _choice("model.precision", cfg.model.precision, ("auto", "fp32", "bf16"))
     if cfg.model.boundary_ratio is not None and not 0 < cfg.model.boundary_ratio < 1:
         raise ConfigError(f"model.boundary_ratio must be in (0, 1), got {cfg.model.boundary_ratio}")
+    _validate_lora(cfg.model)
     for role in TRAINABLE_ROLES:
         o: OptimConfig = getattr(cfg.optim, role)
         key = f"optim.{role}"
@@ -505,6 +525,26 @@ def _check_finite_value(key: str, value: Any) -> None:
 def _is_number(value: Any) -> bool:
     """A real number: int or float, never a bool (YAML's ``yes`` and JSON's ``true`` are ints to Python)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _validate_lora(model: ModelConfig) -> None:
+    """model.lora: a positive rank and alpha, named Linear targets, LoRA roles that start from the
+    teacher's weights (they are adapters over them)."""
+    lo = model.lora
+    if not lo.enabled:
+        return
+    if lo.rank <= 0 or (lo.alpha is not None and lo.alpha <= 0):
+        raise ConfigError(f"model.lora.rank and model.lora.alpha must be positive, got {lo.rank} and {lo.alpha}")
+    if not lo.target_modules or not all(isinstance(t, str) and t for t in lo.target_modules):
+        raise ConfigError(f"model.lora.target_modules must list Linear module names, e.g. {LORA_DEFAULT_TARGETS}; "
+                          f"got {lo.target_modules}")
+    if not lo.roles or len(set(lo.roles)) != len(lo.roles) or not set(lo.roles) <= set(TRAINABLE_ROLES):
+        raise ConfigError(f"model.lora.roles must list generator and/or fake_score once each, got {lo.roles}")
+    for role in lo.roles:
+        own = getattr(model, f"{role}_path")
+        if own and own != model.teacher_path:
+            raise ConfigError(f"model.lora: the {role} is an adapter over the teacher's weights, so "
+                              f"model.{role}_path must be empty (or the teacher's path), got {own}")
 
 
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:

@@ -171,8 +171,10 @@ def _role_configs(role_dir: Path) -> dict:
 
 def to_diffusers(ckpt: str, out: str, role: str = "generator", dtype: str = "fp32",
                  max_shard_size: str = "5GB", config: Optional[str] = None,
-                 pipeline_from: Optional[str] = None, link: bool = False, overwrite: bool = False) -> Path:
+                 pipeline_from: Optional[str] = None, link: bool = False, overwrite: bool = False,
+                 lora: Optional[str] = None) -> Path:
     target = check_output(out, "convert to-diffusers", overwrite, inputs=[ckpt, config, pipeline_from])
+    lora_role = _lora_role(ckpt, role, lora)  # a bad --lora fails before the weights are read
     state, configs = role_state_dict(ckpt, role, config)
     sampling = None
     if role == "generator" and _is_megadmd_checkpoint(Path(ckpt)):
@@ -182,11 +184,27 @@ def to_diffusers(ckpt: str, out: str, role: str = "generator", dtype: str = "fp3
     elif pipeline_from is not None:
         log.warning("the pipeline keeps the scheduler of %s: only a megadmd checkpoint's generator records "
                     "its DMD steps", pipeline_from)
+    if lora_role:  # megadmd/lora: the adapter, or the teacher with it merged in
+        from .lora.export import write_lora_role
+
+        return write_lora_role(state, configs, ckpt, role, lora, out, dtype, max_shard_size, pipeline_from, link,
+                               sampling, target.replace)
     return write_role(state, configs, out, dtype, max_shard_size, pipeline_from, link, sampling, target.replace)
 
 
+def _lora_role(ckpt: str, role: str, lora: Optional[str]) -> bool:
+    """Whether ``role`` trained a LoRA adapter in this checkpoint; ``--lora`` on any other is an error."""
+    from .lora.build import checkpoint_lora
+
+    found = checkpoint_lora(Path(ckpt), role) is not None
+    if lora is not None and not found:
+        raise ConfigError(f"--lora applies to LoRA runs; the {role} of {ckpt} trained full weights")
+    return found
+
+
 def export_ema(ckpt: str, out: str, dtype: str = "fp32", max_shard_size: str = "5GB",
-               pipeline_from: Optional[str] = None, link: bool = False, overwrite: bool = False) -> Path:
+               pipeline_from: Optional[str] = None, link: bool = False, overwrite: bool = False,
+               lora: Optional[str] = None) -> Path:
     """The generator's EMA weights as a diffusers folder, with how to sample them."""
     from safetensors.torch import load_file
 
@@ -204,8 +222,15 @@ def export_ema(ckpt: str, out: str, dtype: str = "fp32", max_shard_size: str = "
     problem = verify(path, only=("ema/ema.safetensors", "generator/config", "trainer_state.json"))
     if problem:
         raise ConfigError(f"checkpoint {problem}")
-    return write_role(load_file(str(ema_file)), _role_configs(path / "generator"), out, dtype, max_shard_size,
-                      pipeline_from, link, checkpoint_sampling_info(path, "ema"), target.replace)
+    lora_role = _lora_role(ckpt, "generator", lora)
+    state, configs = load_file(str(ema_file)), _role_configs(path / "generator")
+    sampling = checkpoint_sampling_info(path, "ema")
+    if lora_role:  # megadmd/lora: the EMA of the generator's adapter
+        from .lora.export import write_lora_role
+
+        return write_lora_role(state, configs, ckpt, "generator", lora, out, dtype, max_shard_size, pipeline_from,
+                               link, sampling, target.replace)
+    return write_role(state, configs, out, dtype, max_shard_size, pipeline_from, link, sampling, target.replace)
 
 
 def to_universal(ckpt: str) -> list[Path]:

@@ -125,25 +125,13 @@ def attach_vsa_gates(module: torch.nn.Module, model_dir: str | Path | None) -> i
     at zero, so a dense checkpoint stays exactly itself at sparsity 0. Each gate takes the device
     and dtype of its block's ``to_q``. Returns how many gates were loaded.
     """
-    from safetensors import safe_open
-
     from .attention.processor import GATE_ATTR
 
-    dim = module.config.num_attention_heads * module.config.attention_head_dim
     blocks = [b for m in experts_of(module) for b in m.blocks]
     for block in blocks:
         ref = block.attn1.to_q.weight
-        gate = torch.nn.Linear(dim, dim, bias=True, dtype=ref.dtype, device=ref.device)
-        torch.nn.init.zeros_(gate.weight)
-        torch.nn.init.zeros_(gate.bias)
-        setattr(block.attn1, GATE_ATTR, gate)
-    found = {}
-    for prefix, folder in _weight_folders(module, model_dir):
-        for f in sorted(folder.glob("*.safetensors")):
-            with safe_open(str(f), framework="pt") as h:
-                for key in h.keys():
-                    if is_gate_key(key):
-                        found[prefix + key] = h.get_tensor(key)
+        setattr(block.attn1, GATE_ATTR, zero_vsa_gate(module.config, ref.dtype, ref.device))
+    found = read_vsa_gates(module, model_dir)
     if found:
         missing, unexpected = module.load_state_dict(found, strict=False)
         if unexpected:
@@ -151,10 +139,34 @@ def attach_vsa_gates(module: torch.nn.Module, model_dir: str | Path | None) -> i
     return len(found) // 2
 
 
+def zero_vsa_gate(config, dtype: torch.dtype, device=None) -> torch.nn.Linear:
+    """A block's VSA gate projection (D x D with bias), zero: a dense model stays itself."""
+    dim = config.num_attention_heads * config.attention_head_dim
+    gate = torch.nn.Linear(dim, dim, bias=True, dtype=dtype, device=device)
+    torch.nn.init.zeros_(gate.weight)
+    torch.nn.init.zeros_(gate.bias)
+    return gate
+
+
+def read_vsa_gates(module, model_dir) -> dict:
+    """The VSA gate tensors saved in a model folder, by parameter name in ``module`` (which may be a
+    two-expert model: then ``high.``/``low.`` prefixed); empty if there are none."""
+    from safetensors import safe_open
+
+    found = {}
+    for prefix, folder in _weight_folders(module, model_dir):
+        for f in sorted(folder.glob("*.safetensors")):
+            with safe_open(str(f), framework="pt") as h:
+                for key in h.keys():
+                    if is_gate_key(key):
+                        found[prefix + key] = h.get_tensor(key)
+    return found
+
+
 def _weight_folders(module, model_dir) -> list:
     if model_dir is None:
         return []
-    if isinstance(module, WanExperts):
+    if is_two_expert(module):
         high, low = expert_dirs(model_dir)
         return [("high.", high), ("low.", low)]
     return [("", resolve_model_dir(model_dir))]
@@ -187,6 +199,11 @@ class WanExperts(torch.nn.Module):
 
     def experts(self) -> dict:
         return {"high": self.high, "low": self.low}
+
+    def experts_hit(self, timestep: torch.Tensor) -> list:
+        """Names of the experts that samples at ``timestep`` run through."""
+        high = timestep >= self.boundary_t
+        return [name for name, mask in (("high", high), ("low", ~high)) if bool(mask.any())]
 
     def forward(self, hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image=None,
                 return_dict: bool = False, **kwargs):
@@ -223,8 +240,21 @@ def expert_for(module: torch.nn.Module, t: torch.Tensor) -> torch.nn.Module:
 
 
 def experts_of(module: torch.nn.Module) -> list:
-    """The Wan DiTs inside a role's module: itself, or the two experts."""
+    """The Wan DiTs inside a role's module: itself, or the two experts (of the base, for a LoRA role)."""
+    module = base_of(module)
     return list(module.experts().values()) if isinstance(module, WanExperts) else [module]
+
+
+def base_of(module: torch.nn.Module) -> torch.nn.Module:
+    """The Wan DiT (or WanExperts) a role's module computes with: the module itself, or, for a LoRA
+    role (megadmd/lora), the frozen base it adapts."""
+    base = getattr(module, "lora_base", None)
+    return module if base is None else base
+
+
+def is_two_expert(module: torch.nn.Module) -> bool:
+    """Whether a role's module (a model, or a LoRA role over one) is a Wan2.2 two-expert model."""
+    return isinstance(base_of(module), WanExperts)
 
 
 def expert_dirs(path: str | Path, what: str = "model") -> tuple[Path, Path]:

@@ -206,6 +206,10 @@ def preflight_train(cfg: RunConfig, world_size: int, overwrite: bool = False) ->
             raise ConfigError(f"dmd.gan.block_index={cfg.dmd.gan.block_index} is out of range for a "
                               f"fake score with {n} blocks")
     shape = latent_shape_for(cfg, info, model_config)
+    if cfg.model.lora.enabled:  # megadmd/lora: the targets exist in the teacher's architecture
+        from .lora.build import check_lora_targets
+
+        check_lora_targets(cfg.model.lora, model_config, cfg.model.boundary_ratio)
     import torch
 
     bf16 = cfg.model.precision == "bf16" or (cfg.model.precision == "auto" and torch.cuda.is_available())

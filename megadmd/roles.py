@@ -21,9 +21,9 @@ from typing import Any, Optional
 
 import torch
 
-from .config import ROLES, ConfigError, DeepSpeedConfig, OptimConfig, OptimTree, TrainConfig
+from .config import ROLES, ConfigError, DeepSpeedConfig, LoRAConfig, OptimConfig, OptimTree, TrainConfig
 from .interop.deepspeed_json import merge_ds_config
-from .models import WanExperts, load_role_model
+from .models import is_two_expert, load_role_model
 
 log = logging.getLogger("megadmd")
 
@@ -200,7 +200,7 @@ def param_groups(module: torch.nn.Module) -> list[dict]:
     """Optimizer groups: one per expert of a two-expert model (so an update can skip the expert
     that did not run), plus everything else (e.g. the GAN head)."""
     trainable = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-    if not isinstance(module, WanExperts):
+    if not is_two_expert(module):
         return [{"params": [p for _, p in trainable], "name": "all"}]
     groups = []
     for name in ("high", "low"):
@@ -221,7 +221,7 @@ def restrict_step_to_used_experts(engine) -> None:
     from .zero import zero_gradient_partitions
 
     module = engine.module
-    if not isinstance(module, WanExperts) or not engine.is_gradient_accumulation_boundary():
+    if not is_two_expert(module) or not engine.is_gradient_accumulation_boundary():
         return
     idle = [name for name in ("high", "low") if name not in module.used]
     for group in engine.optimizer.param_groups:
@@ -250,22 +250,33 @@ def recover_from_skipped_step(engine) -> None:
 def build_models(paths: dict, optim: OptimTree, train: TrainConfig, ds: DeepSpeedConfig,
                  pstate, device: torch.device, dtype: torch.dtype, generator_update_interval: int,
                  prepare_module: Optional[Any] = None, load_universal: bool = False,
-                 boundary_ratio: Optional[float] = None) -> Models:
+                 boundary_ratio: Optional[float] = None, lora: Optional[LoRAConfig] = None) -> Models:
     """Load and wrap all three roles from ``paths[role]``. Collective: every rank calls it.
 
     ``prepare_module(role, module)`` runs on each loaded module before DeepSpeed wraps it (to install
-    attention processors, activation checkpointing, extra parameters).
+    attention processors, activation checkpointing, extra parameters). With ``lora`` enabled, its
+    roles are adapters over the teacher's module (megadmd/lora), so the teacher is built first.
     """
     import deepspeed
 
     engines: dict[str, Any] = {}
-    for role in ROLES:
+    lora_roles = tuple(lora.roles) if lora is not None and lora.enabled else ()
+    for role in (("teacher", "generator", "fake_score") if lora_roles else ROLES):
         trainable = role != "teacher"
         path = paths[role]
-        # Every role loads at the compute dtype: ZeRO-3 makes the trainable roles' fp32 masters from
-        # the bf16 shards anyway, so an fp32 load would only double the host memory each rank needs
-        # while the full model sits unpartitioned (56 GB instead of 28 GB for a 14B model).
-        module = load_role_model(path, dtype, boundary_ratio, what=f"{role} model")
+        if role in lora_roles:  # megadmd/lora: the role's module holds its adapter, the base is the teacher's
+            from .lora.build import build_lora_role
+
+            module = build_lora_role(role, engines["teacher"], lora, seed=train.seed)
+        else:
+            # Every role loads at the compute dtype: ZeRO-3 makes the trainable roles' fp32 masters from
+            # the bf16 shards anyway, so an fp32 load would only double the host memory each rank needs
+            # while the full model sits unpartitioned (56 GB instead of 28 GB for a 14B model).
+            module = load_role_model(path, dtype, boundary_ratio, what=f"{role} model")
+            if role == "teacher" and lora_roles:  # megadmd/lora: one base, a view of it per LoRA role
+                from .lora.adapter import SharedBase
+
+                module = SharedBase(module, lora_roles)
         if prepare_module is not None:
             prepare_module(role, module)
         ds_cfg = role_ds_config(role, ds, train, optim, pstate.dp_size, bf16=dtype == torch.bfloat16,

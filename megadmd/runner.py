@@ -63,14 +63,25 @@ def prepare_module(cfg: RunConfig, pstate: ParallelState, vsa, paths: dict, role
     from .models import attach_vsa_gates, experts_of
 
     role_vsa = vsa if role == "generator" else None
-    if role_vsa is not None:
-        n = attach_vsa_gates(module, paths[role])
-        log.info("generator: VSA gates %s", f"loaded for {n} blocks" if n else "zero-initialized")
-    configure_attention(module, sp_group=pstate.sp_group, sp_size=pstate.sp_size, sp_rank=pstate.sp_rank,
-                        vsa=role_vsa)
-    if getattr(cfg.model.activation_checkpointing, role):
-        for expert in experts_of(module):
-            expert.enable_gradient_checkpointing()  # torch.utils.checkpoint per block, non-reentrant
+    lora = cfg.model.lora
+    if lora.enabled and role == "teacher":  # megadmd/lora: the base, and a view of it per LoRA role
+        from .lora.build import prepare_shared_base
+
+        prepare_shared_base(module, pstate, vsa, cfg.model.activation_checkpointing)
+    elif lora.enabled and role in lora.roles:  # an adapter over its view, prepared with the teacher
+        if role_vsa is not None:
+            from .lora.build import add_vsa_gates
+
+            add_vsa_gates(module, paths[role])
+    else:
+        if role_vsa is not None:
+            n = attach_vsa_gates(module, paths[role])
+            log.info("generator: VSA gates %s", f"loaded for {n} blocks" if n else "zero-initialized")
+        configure_attention(module, sp_group=pstate.sp_group, sp_size=pstate.sp_size, sp_rank=pstate.sp_rank,
+                            vsa=role_vsa)
+        if getattr(cfg.model.activation_checkpointing, role):
+            for expert in experts_of(module):
+                expert.enable_gradient_checkpointing()  # torch.utils.checkpoint per block, non-reentrant
     if role == "fake_score" and cfg.dmd.gan.enabled:
         from .dmd.gan import attach_gan_head
 
@@ -124,7 +135,7 @@ def _build_locked(cfg: RunConfig, plan: TrainPlan, proc, pstate: ParallelState, 
     models = build_models(
         plan.model_paths, cfg.optim, cfg.train, cfg.deepspeed, pstate, proc.device, dtype,
         cfg.dmd.generator_update_interval, load_universal=plan.resume_universal,
-        boundary_ratio=cfg.model.boundary_ratio,
+        boundary_ratio=cfg.model.boundary_ratio, lora=cfg.model.lora,
         prepare_module=lambda role, module: prepare_module(cfg, pstate, vsa, plan.model_paths, role, module))
     data = BatchSource(open_dataset(plan.data_path, plan.data_format, **plan.data_options),
                        micro_batch=cfg.train.micro_batch_size,

@@ -181,6 +181,40 @@ def save_test_images(folder: Path, count: int) -> Path:
     return folder / "images.txt"
 
 
+def random_params(shapes: dict, seed: int, scale: float = 0.2) -> dict:
+    """``{name: tensor}`` of the given shapes, drawn in sorted name order (the same on every rank
+    and in every process)."""
+    g = torch.Generator().manual_seed(seed)
+    return {n: torch.randn(tuple(shapes[n]), generator=g) * scale for n in sorted(shapes)}
+
+
+def set_zero3_params(module: torch.nn.Module, values: dict) -> None:
+    """Overwrite a ZeRO-3 module's parameters on every rank (a gather with a modifier rank, so the
+    edit is written back to the partitions)."""
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=0):
+        for n, p in module.named_parameters():
+            p.data.copy_(values[n])
+
+
+def assert_same_training(a: dict, b: dict, keys: tuple = (), tol: float = 2e-5) -> None:
+    """Two ``train_and_record`` results (tests/distributed/workers.py) logged the same losses and
+    gradient norms at the same steps, and ended with the same parameters of both trainable roles."""
+    import pytest
+
+    assert [s for s, _ in a["history"]] == [s for s, _ in b["history"]] and a["history"]
+    for (_, va), (_, vb) in zip(a["history"], b["history"]):
+        for k in ("loss/fake_score", "grad_norm/fake_score") + tuple(keys):
+            assert va[k] == pytest.approx(vb[k], rel=1e-4, abs=1e-6), k
+        if "loss/generator" in va:
+            assert va["loss/generator"] == pytest.approx(vb["loss/generator"], rel=1e-4, abs=1e-7)
+            assert va["grad_norm/generator"] == pytest.approx(vb["grad_norm/generator"], rel=1e-4)
+    for role in ("generator", "fake_score"):
+        sa, sb = a["states"][role], b["states"][role]
+        assert sa.keys() == sb.keys()
+        worst = max(float((sa[k] - sb[k]).abs().max()) for k in sa)
+        assert worst < tol, (role, worst)
 def invoke_cli(*args):
     """``megadmd ARGS`` in this process with click's CliRunner (much faster than a subprocess).
     Commands keep the test session's one-process gloo world (``shutdown_distributed`` is skipped),

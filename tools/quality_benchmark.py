@@ -10,12 +10,16 @@ three samplers compared on the toy metrics (megadmd/toy/metrics.py):
 
 and the same without CFG (teachers sampled without guidance; a student distilled against the
 unguided teacher), plus a second CFG student on the recipe that keeps the spread over modes
-(data-free, first step untrained, guidance only at t <= 750; 1000 iterations). Ablations: DMD2's
+(data-free, first step untrained, guidance only at t <= 750; 1000 iterations), and a CFG student
+whose generator and fake score are LoRA adapters over the frozen teacher (docs/lora.md). Ablations: DMD2's
 GAN term, generator_update_interval 1 / 5 / 10, and the real score alone (the fake-score term
 zeroed), which the DMD paper shows collapses onto the nearest mode.
 
     python tools/quality_benchmark.py                       # the full table (under 30 min on 2 cores)
     python tools/quality_benchmark.py --no-ablations        # the three samplers only
+    python tools/quality_benchmark.py --only LoRA            # the teachers and the LoRA student only
+    python tools/quality_benchmark.py --only "student@3, CFG" --only LoRA   # and the default student
+    python tools/quality_benchmark.py --no-teachers --only "student@3, CFG" --only LoRA   # students only
 """
 from __future__ import annotations
 
@@ -34,6 +38,12 @@ TARGETS = "student@3 precision >= teacher@50 - 0.05 and >= 2 x teacher@3; studen
 ALT_STUDENT = "student@3, CFG: data-free, later steps, guidance at t<=750, 1000 it"
 ALT_RECIPE = ["dmd.simulate_generator_forward=true", "dmd.train_first_step=false",
               "dmd.guidance_interval=[0.0,0.75]", "train.max_steps=1000"]
+# The LoRA student: both trainable roles are rank-16 adapters (of the 96-wide toy DiT) over the
+# frozen teacher, at 5x the tiny preset's learning rates (BENCHMARKS.md, 'LoRA student').
+LORA_RANK = 16
+LORA_STUDENT = f"student@3, CFG, LoRA rank {LORA_RANK} (generator and fake score)"
+LORA_RECIPE = ["model.lora.enabled=true", f"model.lora.rank={LORA_RANK}", "optim.generator.lr=2.5e-4",
+               "optim.fake_score.lr=1e-3"]
 
 
 def distill(out: Path, overrides: list, teacher: str | None) -> tuple:
@@ -61,6 +71,11 @@ def evaluate_sampler(model, kind: str, inputs: tuple, dtype=torch.float32, **kw)
     return {**evaluate(samples, labels, TOY_SPEC), "sample_s": time.perf_counter() - t0}
 
 
+def _selected(name: str, texts: list, names) -> bool:
+    """``--only``: a TEXT equal to a row name picks that row alone, any other TEXT every row containing it."""
+    return any(name == t or (t not in names and t in name) for t in texts)
+
+
 def run(args) -> dict:
     from megadmd.models import load_wan
     from megadmd.toy.builtin import TOY_SPEC, builtin_teacher_dir
@@ -70,12 +85,13 @@ def run(args) -> dict:
     teacher = load_wan(teacher_path).eval()
     inputs = eval_inputs(TOY_SPEC, args.per_class, args.seed, torch.device("cpu"))
     rows: dict = {}
-    rows["teacher@50, CFG"] = evaluate_sampler(teacher, "teacher", inputs, guidance_scale=3.5)
-    rows["teacher@3, CFG"] = evaluate_sampler(teacher, "teacher_student_schedule", inputs, guidance_scale=3.5)
-    rows["teacher@50, no CFG"] = evaluate_sampler(teacher, "teacher", inputs, guidance_scale=0.0)
-    rows["teacher@3, no CFG"] = evaluate_sampler(teacher, "teacher_student_schedule", inputs, guidance_scale=0.0)
+    if args.teachers:  # deterministic: the table in BENCHMARKS.md has them; --no-teachers compares students only
+        rows["teacher@50, CFG"] = evaluate_sampler(teacher, "teacher", inputs, guidance_scale=3.5)
+        rows["teacher@3, CFG"] = evaluate_sampler(teacher, "teacher_student_schedule", inputs, guidance_scale=3.5)
+        rows["teacher@50, no CFG"] = evaluate_sampler(teacher, "teacher", inputs, guidance_scale=0.0)
+        rows["teacher@3, no CFG"] = evaluate_sampler(teacher, "teacher_student_schedule", inputs, guidance_scale=0.0)
     runs = {"student@3, CFG": [], "student@3, no CFG (distilled without guidance)": ["dmd.guidance_scale=0.0"],
-            ALT_STUDENT: ALT_RECIPE}
+            ALT_STUDENT: ALT_RECIPE, LORA_STUDENT: LORA_RECIPE}
     if args.ablations:
         runs.update({
             "ablation: + GAN term": ["dmd.gan.enabled=true"],
@@ -83,13 +99,16 @@ def run(args) -> dict:
             "ablation: generator_update_interval 10": ["dmd.generator_update_interval=10"],
             "ablation: real score alone (fake-score term zeroed)": ["dmd.real_score_only=true"],
         })
+    if args.only:
+        runs = {name: overrides for name, overrides in runs.items() if _selected(name, args.only, runs)}
+    trajectory = []
     with tempfile.TemporaryDirectory() as tmp:
         for i, (name, overrides) in enumerate(runs.items()):
             steps = [f"train.max_steps={args.steps}"] if args.steps else []
             module, dtype, seconds, history = distill(Path(tmp) / f"run{i}", steps + overrides, args.teacher)
             rows[name] = {**evaluate_sampler(module, "student", inputs, dtype), "train_s": seconds}
             print(f"{name}: {rows[name]}", flush=True)
-            if i == 0:
+            if name == "student@3, CFG":
                 trajectory = history
     return rows, trajectory
 
@@ -132,6 +151,11 @@ def main() -> None:
     ap.add_argument("--per-class", type=int, default=256, help="evaluation samples per class")
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--no-ablations", dest="ablations", action="store_false")
+    ap.add_argument("--no-teachers", dest="teachers", action="store_false",
+                    help="skip the four teacher rows (most of the evaluation time) and the targets")
+    ap.add_argument("--only", action="append", default=[], metavar="TEXT",
+                    help="distill only the student whose row name is TEXT, or, if none is, those whose name "
+                         "contains TEXT; repeatable (the teacher rows always run)")
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
     args = ap.parse_args()
     # Bad input fails here, in one line, before ten minutes of work.
@@ -150,19 +174,23 @@ def main() -> None:
     rows, trajectory = run(args)
     total = time.perf_counter() - t0
     print(markdown(rows))
-    print("\nstudent@3, CFG during training (the validation hook, 64 samples per class):")
-    print(markdown_trajectory(trajectory))
-    fails = check_targets(rows)
-    print(f"\ntargets ({TARGETS}): {'met' if not fails else 'NOT met: ' + '; '.join(fails)}")
-    alt_fails = check_targets(rows, ALT_STUDENT)
-    print(f"the same targets for '{ALT_STUDENT}': {'met' if not alt_fails else 'NOT met: ' + '; '.join(alt_fails)}")
+    if trajectory:
+        print("\nstudent@3, CFG during training (the validation hook, 64 samples per class):")
+        print(markdown_trajectory(trajectory))
+    failed = {}
+    for student in ("student@3, CFG", ALT_STUDENT, LORA_STUDENT):
+        if student in rows and args.teachers:
+            failed[student] = check_targets(rows, student)
+            verdict = "met" if not failed[student] else "NOT met: " + "; ".join(failed[student])
+            print(f"targets ({TARGETS}) for '{student}': {verdict}")
     print(f"whole benchmark: {total / 60:.1f} min")
     if args.out:
         from megadmd.io_utils import atomic_write_text
-        report = {"rows": rows, "trajectory": trajectory, "total_s": total, "failed_targets": fails,
-                  "failed_targets_alt_student": alt_fails}
+        report = {"rows": rows, "trajectory": trajectory, "total_s": total,
+                  "failed_targets": failed.get("student@3, CFG", []),
+                  "failed_targets_alt_student": failed.get(ALT_STUDENT, []),
+                  "failed_targets_lora_student": failed.get(LORA_STUDENT, [])}
         atomic_write_text(args.out, json.dumps(report, indent=1))
-
 
 if __name__ == "__main__":
     main()

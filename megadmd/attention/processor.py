@@ -68,9 +68,10 @@ class VSASettings:
 class WanSelfAttention:
     """Replaces ``WanAttnProcessor`` on a block's self-attention (``attn1``)."""
 
-    def __init__(self, ctx: SequenceContext, vsa: Optional[VSASettings] = None):
+    def __init__(self, ctx: SequenceContext, vsa: Optional[VSASettings] = None, gate=None):
         self.ctx = ctx
         self.vsa = vsa
+        self.gate = gate  # the VSA gate module, when it is not the block's own (a LoRA role's: megadmd/lora)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  rotary_emb=None):
@@ -81,7 +82,8 @@ class WanSelfAttention:
         v = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
         parts = [q, k, v]
         if self.vsa is not None:
-            parts.append(getattr(attn, GATE_ATTR)(hidden_states).unflatten(2, (attn.heads, -1)))
+            gate = self.gate if self.gate is not None else getattr(attn, GATE_ATTR)
+            parts.append(gate(hidden_states).unflatten(2, (attn.heads, -1)))
         ctx = self.ctx
         stacked = torch.stack(parts)  # [n, b, s_local, h, d]
         if ctx.sharded:

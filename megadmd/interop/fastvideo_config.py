@@ -262,6 +262,9 @@ _SIMPLE = {  # one FastVideo setting, one megadmd key, same meaning
     "training_state_checkpointing_steps": ("checkpoint.interval_steps", int), "output_dir": ("output_dir", str),
     "boundary_ratio": ("model.boundary_ratio", float), "warp_denoising_step": ("dmd.warp_denoising_step", _bool),
     "simulate_generator_forward": ("dmd.simulate_generator_forward", _bool),
+    # the legacy trainer's LoRA flags: megadmd adapts both trainable roles (docs/lora.md)
+    "lora_training": ("model.lora.enabled", _bool), "lora_rank": ("model.lora.rank", int),
+    "lora_alpha": ("model.lora.alpha", float),
 }
 _HANDLERS: dict = {}
 

@@ -247,19 +247,21 @@ def vsa_extra_bytes(a: ActivationShape, sparsity: float) -> float:
     return per_token * a.local_tokens + lse + coarse + selection
 
 
-def train_bytes(a: ActivationShape, checkpointing: bool, vsa_sparsity: Optional[float]) -> tuple:
+def train_bytes(a: ActivationShape, checkpointing: bool, vsa_sparsity: Optional[float],
+                lora_extra: tuple = (0.0, 0.0, 0.0)) -> tuple:
     """(peak during forward + backward, memory held at the end of the forward), per sample.
 
     Without checkpointing every block's saved tensors live until its backward; the backward frees
     them about as fast as it makes gradients (measured), so the peak is the end of the forward.
     With checkpointing only each block's input (c D per token) is kept; in backward one block is
-    recomputed at a time, next to the gradient of its output.
+    recomputed at a time, next to the gradient of its output. ``lora_extra``: how much more (or
+    less) a LoRA role keeps per block, on the head and in the text embedder (megadmd/lora/plan.py).
     """
-    blk = block_bytes_per_token(a) * a.local_tokens + text_bytes_per_block(a)
+    blk = block_bytes_per_token(a) * a.local_tokens + text_bytes_per_block(a) + lora_extra[0]
     if vsa_sparsity is not None:
         blk += vsa_extra_bytes(a, vsa_sparsity)
-    head = head_bytes_per_token(a) * a.tokens
-    shared = text_shared_bytes(a)
+    head = head_bytes_per_token(a) * a.tokens + lora_extra[1]
+    shared = text_shared_bytes(a) + lora_extra[2]
     if not checkpointing:
         held = a.layers * blk + head + shared
         return held, held
@@ -320,6 +322,8 @@ class MemoryPlan:
     video_size: Optional[tuple] = None
     fits: bool = False
     reason: str = ""
+    lora_rank: int = 0  # > 0: the LoRA roles hold adapters over the teacher's weights
+    lora_roles: tuple = ()
     wan_config: Optional[dict] = None  # the architecture planned
     text_len: int = 512
 
@@ -472,15 +476,17 @@ def _live_elements(wp: WanParams, z: ZeroSettings, training: bool, checkpointing
     return min(np_total, window)
 
 
-def _activation_phases(a: ActivationShape, b: int, checkpointing: dict, vsa: Optional[float]) -> dict:
+def _activation_phases(a: ActivationShape, b: int, checkpointing: dict, vsa: Optional[float],
+                       lora_extra: Optional[dict] = None) -> dict:
     """Activation bytes per rank in the two update phases (see docs/memory-planner.md).
 
     Generator update: its forward with grad, then (its activations still held) the fake score's
     no-grad forward at batch b and the teacher's CFG forward at batch 2b, then its backward.
     Fake-score update: the generator's no-grad forward, then the fake score's forward + backward.
     """
-    g_peak, g_end = train_bytes(a, checkpointing["generator"], vsa)
-    f_peak, _ = train_bytes(a, checkpointing["fake_score"], None)
+    extra = lora_extra or {}
+    g_peak, g_end = train_bytes(a, checkpointing["generator"], vsa, extra.get("generator", (0.0, 0.0, 0.0)))
+    f_peak, _ = train_bytes(a, checkpointing["fake_score"], None, extra.get("fake_score", (0.0, 0.0, 0.0)))
     nograd = nograd_bytes(a)  # the same for all three roles (VSA's extras under no_grad are small)
     return {
         "generator update": b * max(g_end + 2 * nograd, g_peak),
@@ -489,11 +495,11 @@ def _activation_phases(a: ActivationShape, b: int, checkpointing: dict, vsa: Opt
 
 
 def _phase_items(roles: dict, a: ActivationShape, zero: dict, p_b: int, b: int, checkpointing: dict,
-                 vsa: Optional[float], offload: str, world: int, latent_numel: int) -> tuple:
+                 vsa: Optional[float], offload: str, world: int, latent_numel: int, lora_extra: dict) -> tuple:
     """Transient items of each phase of an iteration, and each update phase's activations (GiB)
-    with activation checkpointing toggled."""
-    acts = _activation_phases(a, b, checkpointing, vsa)
-    other = _activation_phases(a, b, {r: not v for r, v in checkpointing.items()}, vsa)
+    with activation checkpointing toggled. ``lora_extra``: {LoRA role: its adapters' activations}."""
+    acts = _activation_phases(a, b, checkpointing, vsa, lora_extra)
+    other = _activation_phases(a, b, {r: not v for r, v in checkpointing.items()}, vsa, lora_extra)
     # Latents and text of the DMD math in fp32: x0, noise, x_t, both x0 predictions, the DMD
     # direction, velocities, the 2b CFG batch (~12 latents), and positive/negative/CFG text.
     dmd = b * (12 * 4 * latent_numel + 3 * 4 * a.text_len * a.text_dim)
@@ -501,7 +507,10 @@ def _phase_items(roles: dict, a: ActivationShape, zero: dict, p_b: int, b: int, 
     def live(role, training):
         if world == 1:  # nothing is gathered: parameters are used in place
             return 0
-        return _live_elements(roles[role], zero[role], training, checkpointing.get(role, False))
+        own = _live_elements(roles[role], zero[role], training, checkpointing.get(role, False))
+        if role in lora_extra:  # a LoRA role computes with the base, gathered by the teacher's engine
+            own += _live_elements(roles["teacher"], zero["teacher"], training, checkpointing[role])
+        return own
 
     def reduce_items(role):
         z = zero[role]
@@ -547,12 +556,16 @@ def plan_memory(model: Union[str, dict] = "wan2.1-t2v-1.3b", *, video_size: Opti
                 offload: str = "none", micro_batch: int = 1, activation_checkpointing=True,
                 vsa_sparsity: float = 0.0, ema: bool = False, gpu_memory_gib: float = 80.0,
                 precision: str = "bf16", text_len: Optional[int] = None, vae_scale: tuple = (4, 8),
-                zero: Optional[dict] = None, device: str = "cuda") -> MemoryPlan:
+                zero: Optional[dict] = None, device: str = "cuda", lora_rank: int = 0,
+                lora_targets: Optional[list] = None, lora_roles: tuple = TRAINABLE_ROLES) -> MemoryPlan:
     """Per-rank memory of a megadmd DMD2 run: ``model`` is a preset name or a Wan config dict.
 
     ``activation_checkpointing`` is a bool or ``{role: bool}``; ``vsa_sparsity`` > 0 turns VSA on
     for the generator; ``zero`` maps roles to ZeroSettings (default: the ds_configs templates);
     ``device`` "cpu" models PyTorch's CPU kernels (composite RMSNorm), for comparisons on CPU.
+    ``lora_rank`` > 0 plans ``model.lora`` for ``lora_roles``: their parameters, gradients and
+    optimizer states are their adapters' (and the generator's VSA gates); the base exists once, as
+    the teacher's.
     """
     from ..parallel.state import check_layout
 
@@ -568,9 +581,10 @@ def plan_memory(model: Union[str, dict] = "wan2.1-t2v-1.3b", *, video_size: Opti
     roles = {"generator": wan_params(wan_config, vsa_gates=vsa is not None),
              "fake_score": wan_params(wan_config), "teacher": wan_params(wan_config)}
     shape = _activation_shape(wan_config, latent_shape, sp, text_len, p_b, device)
+    lora_extra = _lora_roles(roles, wan_config, shape, lora_rank, lora_targets, lora_roles, vsa is not None)
     resident = _resident_items(roles, world, zero, p_b, offload, ema)
     phases, other_acts = _phase_items(roles, shape, zero, p_b, micro_batch, checkpointing, vsa, offload,
-                                      world, math.prod(latent_shape))
+                                      world, math.prod(latent_shape), lora_extra)
     gpu_phase = {p: sum(i.gib for i in items if i.where == "GPU") for p, items in phases.items()}
     peak = max(gpu_phase, key=gpu_phase.get)
     overhead = FIXED_OVERHEAD_GIB + FRAGMENTATION * gpu_phase[peak]
@@ -586,10 +600,33 @@ def plan_memory(model: Union[str, dict] = "wan2.1-t2v-1.3b", *, video_size: Opti
         micro_batch=micro_batch, offload=offload, precision=precision, checkpointing=checkpointing,
         vsa_sparsity=vsa_sparsity, ema=ema, items=items, phases=gpu_phase, peak_phase=peak,
         activations_other_gib=other_acts.get(peak, 0.0), gpu_total_gib=gpu_total, cpu_total_gib=cpu_total,
-        gpu_memory_gib=gpu_memory_gib, wan_config=wan_config, text_len=text_len)
+        gpu_memory_gib=gpu_memory_gib, wan_config=wan_config, text_len=text_len, lora_rank=lora_rank,
+        lora_roles=tuple(lora_extra))
     plan.fits = gpu_total <= gpu_memory_gib
     plan.reason = _reason(plan)
     return plan
+
+
+def _lora_roles(roles: dict, wan_config: dict, shape: ActivationShape, rank: int, targets: Optional[list],
+                lora_roles: tuple, vsa_gates: bool) -> dict:
+    """Swap the LoRA roles' parameter lists in ``roles`` for their adapters' (plus the generator's
+    VSA gates, which train fully); return {LoRA role: (activation bytes per block, outside)}."""
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 0:
+        raise ConfigError(f"LoRA rank must be a non-negative integer (0: no LoRA), got {rank!r}")
+    if not rank:
+        return {}
+    if not lora_roles or not set(lora_roles) <= set(TRAINABLE_ROLES):
+        raise ConfigError(f"LoRA roles must be among {', '.join(TRAINABLE_ROLES)}, got {lora_roles}")
+    from ..lora.plan import adapter_shape, extra_activation_bytes
+
+    adapters = adapter_shape(wan_config, rank, targets)
+    gates = tuple(t for t in wan_params(wan_config, vsa_gates=True).tensors if "to_gate_compress" in t[0])
+    extra = {}
+    for role in lora_roles:
+        own = adapters.tensors() + (gates if role == "generator" and vsa_gates else ())
+        roles[role] = WanParams(tensors=own)
+        extra[role] = extra_activation_bytes(adapters, shape)
+    return extra
 
 
 def _reason(plan: MemoryPlan) -> str:
@@ -617,6 +654,9 @@ def format_plan(plan: MemoryPlan) -> str:
     same = pr["generator"] == pr["teacher"]
     params = (f"{sci(pr['teacher'])} parameters per role" if same else
               f"{sci(pr['teacher'])} parameters (generator {sci(pr['generator'])} with VSA gates)")
+    if plan.lora_rank:
+        adapters = ", ".join(f"{r} {sci(pr[r])}" for r in plan.lora_roles)
+        params = f"{sci(pr['teacher'])} parameters, once; LoRA rank {plan.lora_rank} trains {adapters}"
     video = f"video {'x'.join(map(str, plan.video_size))} -> " if plan.video_size else ""
     local = f" ({-(-plan.tokens // plan.sp):,} per rank with sp {plan.sp})" if plan.sp > 1 else ""
     ckpt = ", ".join(f"{r} {'on' if v else 'off'}" for r, v in plan.checkpointing.items())

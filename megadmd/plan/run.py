@@ -7,9 +7,10 @@ What the planner reads from the config: the architecture (the teacher's config.j
 ``max_steps``, ``model.precision`` and ``model.activation_checkpointing``, the DeepSpeed
 templates (bucket sizes, offload), ``ema.decay``, ``attention.vsa_*`` (with its ramp) and the
 loop's ``dmd`` settings (update interval, data-free mode, GAN). The layout (nodes, GPUs per node)
-comes from the launcher, so it is a flag only. A trainable role's way of training is one
-``compute.RoleCompute`` per role: that is where a LoRA rank enters when LoRA lands (frozen base
-weights: no weight gradients, plus the adapters' FLOPs and memory).
+comes from the launcher, so it is a flag only. ``model.lora`` (or ``--lora-rank``) plans the LoRA
+roles as adapters over one base (memory.plan_memory) whose weights get no gradients
+(``compute.RoleCompute.weight_grads``); the adapters' own FLOPs are left out: about 2% of the base's
+matmuls at rank 64 on the 14B model (docs/memory-planner.md).
 """
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ class PlanFlags:
     gpu_memory_gib: Optional[float] = None
     peak_tflops: Optional[float] = None
     utilisation: Optional[float] = None
+    lora_rank: Optional[int] = None  # 0: full weights; None: model.lora's rank when enabled
 
 
 @dataclass
@@ -81,15 +83,18 @@ def _vsa_schedule(cfg: RunConfig, flags: PlanFlags):
                                                         a.vsa_decay_interval_steps)
 
 
-def loop_settings(cfg: RunConfig, checkpointing: dict, micro_batch: int, layers: int) -> LoopSettings:
+def loop_settings(cfg: RunConfig, checkpointing: dict, micro_batch: int, layers: int,
+                  lora_roles: tuple = ()) -> LoopSettings:
+    """``lora_roles``: roles whose base weights are frozen (no weight gradients)."""
     d = cfg.dmd
     gan_block = (d.gan.block_index if d.gan.block_index is not None else layers // 2) if d.gan.enabled else None
     return LoopSettings(
         generator_update_interval=d.generator_update_interval, num_steps=len(d.denoising_steps),
         train_first_step=d.train_first_step, data_free=d.simulate_generator_forward, gan_block=gan_block,
         micro_batch=micro_batch, grad_accum=cfg.train.grad_accum_steps,
-        generator=RoleCompute(checkpointing=checkpointing["generator"]),
-        fake_score=RoleCompute(checkpointing=checkpointing["fake_score"]))
+        generator=RoleCompute(checkpointing=checkpointing["generator"], weight_grads="generator" not in lora_roles),
+        fake_score=RoleCompute(checkpointing=checkpointing["fake_score"],
+                               weight_grads="fake_score" not in lora_roles))
 
 
 def plan_run(cfg: RunConfig, flags: PlanFlags) -> RunPlan:
@@ -109,15 +114,18 @@ def plan_run(cfg: RunConfig, flags: PlanFlags) -> RunPlan:
     precision = flags.precision or ("fp32" if cfg.model.precision == "fp32" else "bf16")
     micro_batch = flags.micro_batch or cfg.train.micro_batch_size
     sp = flags.sp or cfg.parallel.sp_size
+    lora = cfg.model.lora
+    lora_rank = flags.lora_rank if flags.lora_rank is not None else (lora.rank if lora.enabled else 0)
     memory = plan_memory(
         model, video_size=video_size, latent_shape=latent_shape, nodes=flags.nodes, gpus_per_node=flags.gpus_per_node,
         sp=sp, offload=flags.offload or template_offload(cfg.deepspeed), micro_batch=micro_batch,
         activation_checkpointing=checkpointing, vsa_sparsity=sparsity,
         ema=flags.ema if flags.ema is not None else cfg.ema.decay > 0,
         gpu_memory_gib=flags.gpu_memory_gib or gpu.memory_gib, precision=precision,
-        text_len=cfg.data.text_len or None, zero=default_zero_settings(cfg.deepspeed))
+        text_len=cfg.data.text_len or None, zero=default_zero_settings(cfg.deepspeed), lora_rank=lora_rank,
+        lora_targets=list(lora.target_modules), lora_roles=tuple(lora.roles))
     shape = WanShape.of(memory.wan_config, memory.latent_shape, memory.text_len)
-    loop = loop_settings(cfg, memory.checkpointing, micro_batch, shape.layers)
+    loop = loop_settings(cfg, memory.checkpointing, micro_batch, shape.layers, memory.lora_roles)
     time = plan_time(shape, loop, sp, memory.world_size, cfg.train.max_steps, schedule, gpu=gpu.name,
                      peak_tflops=flags.peak_tflops, utilisation=flags.utilisation, precision=precision)
     return RunPlan(memory=memory, time=time, architecture=source,

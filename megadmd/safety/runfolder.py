@@ -36,6 +36,9 @@ FREE_KEYS = ("output_dir", "preset", "train.max_steps", "train.micro_batch_size"
              "checkpoint.", "logging.", "validation.", "parallel.", "deepspeed.",
              "model.activation_checkpointing.", "attention.vsa_backend")
 
+# keys that decide which tensors the trainable roles' checkpoints hold: no flag can accept a change
+# (the saved adapters would not fit the new roles; docs/lora.md)
+STRUCTURE_KEYS = ("model.lora.enabled", "model.lora.rank", "model.lora.target_modules", "model.lora.roles")
 
 @dataclass
 class ResumePlan:
@@ -128,6 +131,10 @@ def check_resume_config(cfg: RunConfig, ckpt: Path, dp_size: int, log_changes: b
         changes.append(("global batch (dp x train.micro_batch_size x train.grad_accum_steps)", batch_old, batch_new))
     if not changes:
         return
+    fixed = [k for k, _, _ in changes if k in STRUCTURE_KEYS]
+    if fixed:
+        raise ConfigError(f"resuming {ckpt.name} with other LoRA settings ({', '.join(fixed)}): its saved roles "
+                          f"would not fit; resume with the checkpoint's values, or start a new run")
     bound = [c for c in changes if not _is_free(c[0])]
     listed = "; ".join(f"{k} {a!r} -> {b!r}" for k, a, b in changes)
     if bound and not cfg.checkpoint.allow_config_change:

@@ -28,6 +28,7 @@ def train_and_record(rank: int, world: int, overrides: list, out_file: str) -> N
             "adam_local_before_step": adam_numel,
         }
     t.train()
+    t.checkpointer.finish_pending()  # a periodic save completes one iteration later (run_train does this)
     for role in ("generator", "fake_score"):
         e = t.models.engine(role)
         sizes[role]["adam_local"] = sum(int(s["exp_avg"].numel()) for s in e.optimizer.optimizer.state.values()
@@ -144,6 +145,46 @@ def train_save_and_probe(rank: int, world: int, overrides: list, out_file: str) 
     if rank == 0:
         torch.save({"x": x, "t": step, "text": text, "outputs": outs, "checkpoint": str(path),
                     "steps": [float(s) for s in t.steps]}, out_file)
+
+
+def lora_forward_backward(rank: int, world: int, overrides: list, out_file: str, vsa_sparsity: float) -> None:
+    """A LoRA run's roles on fixed inputs (every rank the same: sp = world), each through its own
+    engine with random adapters (and VSA gates): outputs, full gradients of the adapter
+    parameters, and the teacher before and after the roles ran."""
+    import deepspeed
+
+    from megadmd.config import resolve
+    from megadmd.models import predict_velocity
+    from megadmd.runner import build_trainer
+    from tests.helpers import random_params, set_zero3_params
+
+    t = build_trainer(resolve(overrides=overrides))
+    m = t.models
+    assert t.pstate.sp_size == world
+    if t.vsa is not None:
+        t.vsa.sparsity = vsa_sparsity
+    g = torch.Generator().manual_seed(4)
+    shape = t.data.dataset.info.latent_shape
+    x, text, w = torch.randn(2, *shape, generator=g), torch.randn(2, 6, 32, generator=g), torch.randn(2, *shape, generator=g)
+    step = torch.tensor([900.0, 300.0])
+    out = {"adapters": {}, "inputs": (x, step, text, w)}
+    with torch.no_grad():
+        out["teacher_before"] = predict_velocity(m.teacher.module, x, step, text, torch.float32)
+    for i, role in enumerate(("generator", "fake_score")):
+        engine = m.engine(role)
+        values = random_params({n: q.ds_shape for n, q in engine.module.named_parameters()}, seed=11 + i)
+        set_zero3_params(engine.module, values)
+        v = predict_velocity(engine, x, step, text, torch.float32)
+        engine.backward((v * w).sum() / v.shape[0])
+        grads = {n: deepspeed.utils.safe_get_full_grad(q).clone() for n, q in engine.module.named_parameters()}
+        out[role] = {"output": v.detach(), "grads": grads}
+        out["adapters"][role] = values
+    with torch.no_grad():
+        out["teacher_after"] = predict_velocity(m.teacher.module, x, step, text, torch.float32)
+    out["local_numel"] = {r: sum(int(q.ds_tensor.numel()) for q in m.engine(r).module.parameters())
+                          for r in ("teacher", "generator")}
+    if rank == 0:
+        torch.save(out, out_file)
 
 
 def guard_agreement(rank: int, world: int, out_file: str) -> None:

@@ -187,6 +187,10 @@ CASES = [
     ("resume with another global batch",
      lambda e: (_train(e, e.run, "--resume", "auto", "--set", "train.grad_accum_steps=2"), e.run),
      ["global batch (dp x train.micro_batch_size x train.grad_accum_steps) 2 -> 4"]),
+    ("resume of a full-weight run with LoRA on, even with --allow-config-change",
+     lambda e: (_train(e, e.run, "--resume", "auto", "--set", "model.lora.enabled=true", "--allow-config-change"),
+                e.run),
+     [f"resuming {CKPT4} with other LoRA settings (model.lora.enabled)"]),
 ]
 
 

@@ -308,6 +308,16 @@ def test_legacy_wan22_script_gives_the_preset_schedule(tmp_path):
     assert cfg.optim == preset.optim and cfg.train.max_steps == preset.train.max_steps
 
 
+
+def test_legacy_lora_flags_turn_on_model_lora(tmp_path):
+    lora_script = LEGACY_5B_FLAGS.replace("  --max_train_steps 4000\n",
+                                          "  --max_train_steps 4000\n  --lora_training True\n  --lora_rank 32\n"
+                                          "  --lora_alpha 16\n")
+    result, cfg = _convert(tmp_path, "distill_dmd_t2v_5B_lora.sh", lora_script)
+    assert (cfg.model.lora.enabled, cfg.model.lora.rank, cfg.model.lora.alpha) == (True, 32, 16.0)
+    rows = _targets(result)
+    assert rows["--lora_rank 32"][:2] == ("model.lora.rank=32", "mapped")
+
 def test_modular_yaml_uses_the_standard_cfg_form(tmp_path):
     result, cfg = _convert(tmp_path, "dmd2_t2v.yaml", MODULAR_YAML)
     assert (cfg.dmd.cfg_form, cfg.dmd.guidance_scale) == ("standard", 4.5)  # not standard 5.5

@@ -235,10 +235,29 @@ def _shape(c):
                            sp=1, text_len=16, grid=(8, 8, 16), c=c, fused_rms_norm=False)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_saved_activations_match_what_autograd_keeps(dtype):
+def _with_lora(model, rank):
+    """The generator's LoRA role over ``model`` (frozen, as the shared base is), and its extra
+    activations as the planner counts them (megadmd/lora/plan.py)."""
+    from megadmd.config import LoRAConfig
+    from megadmd.lora.adapter import LoRARole, SharedBase
+    from megadmd.lora.plan import adapter_shape, extra_activation_bytes
+
+    dtype = next(model.parameters()).dtype
+    role = LoRARole("generator", SharedBase(model.requires_grad_(False), ("generator",)),
+                    LoRAConfig(enabled=True, rank=rank), seed=0).to(dtype)
+    return role, extra_activation_bytes(adapter_shape(SMALL_WAN, rank), _shape(torch.finfo(dtype).bits // 8))
+
+
+@pytest.mark.parametrize("dtype, lora_rank", [(torch.float32, 0), (torch.bfloat16, 0), (torch.float32, 32),
+                                             (torch.bfloat16, 32)])
+def test_saved_activations_match_what_autograd_keeps(dtype, lora_rank):
+    """With LoRA the frozen base keeps less than the full model (no modulation parameters or norm
+    weights need gradients), and its adapters add lora_B's rank-r input (megadmd/lora/plan.py)."""
     model, (x, t, text) = _small_model(dtype)
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    extra = (0.0, 0.0, 0.0)
+    if lora_rank:
+        model, extra = _with_lora(model, lora_rank)
+    params = {p.untyped_storage().data_ptr() for p in (*model.parameters(), *getattr(model, "lora_base", model).parameters())}
     saved = {}
 
     def pack(tensor):
@@ -249,7 +268,7 @@ def test_saved_activations_match_what_autograd_keeps(dtype):
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         model(x, t, text, return_dict=False)
-    predicted = 2 * train_bytes(_shape(torch.finfo(dtype).bits // 8), False, None)[0]
+    predicted = 2 * train_bytes(_shape(torch.finfo(dtype).bits // 8), False, None, extra)[0]
     # what the formula leaves out: RoPE tables, the latent input, timestep embeddings (~1%)
     assert sum(saved.values()) == pytest.approx(predicted, rel=0.03)
 
@@ -287,10 +306,12 @@ def test_forward_backward_peak_with_and_without_checkpointing(checkpointing):
     assert 0.90 * predicted <= peak <= 1.02 * predicted
 
 
-def test_tiny_preset_prediction_vs_allocations_of_a_real_trainer(tmp_path, single_process_world, capsys):
+@pytest.mark.parametrize("lora_rank", [0, 16])
+def test_tiny_preset_prediction_vs_allocations_of_a_real_trainer(tmp_path, single_process_world, capsys, lora_rank):
     """Build the tiny preset's three DeepSpeed engines and run a generator and a fake-score update
     on CPU; compare the peak growth of PyTorch's allocations with the planner's total minus its
-    GPU runtime overhead (no CUDA context or NCCL here). One rank: nothing is gathered."""
+    GPU runtime overhead (no CUDA context or NCCL here). One rank: nothing is gathered. With LoRA
+    (rank 16, both roles) the three roles hold one base and two adapters."""
     from megadmd.config import resolve
     from megadmd.runner import build_trainer
     from megadmd.toy.builtin import write_toy_dataset
@@ -300,19 +321,20 @@ def test_tiny_preset_prediction_vs_allocations_of_a_real_trainer(tmp_path, singl
     cfg = resolve(overrides=[
         "preset=tiny", f"data.path={data}", f"output_dir={tmp_path / 'out'}", "train.max_steps=2",
         f"train.micro_batch_size={batch}", "dmd.generator_update_interval=2", "logging.tensorboard=false",
-        "checkpoint.interval_steps=0"])
+        "checkpoint.interval_steps=0",
+        *(["model.lora.enabled=true", f"model.lora.rank={lora_rank}"] if lora_rank else [])])
     start = time.perf_counter()
     peak, end = _peak_growth(lambda: build_trainer(cfg).train())  # iteration 2 updates both roles
     seconds = time.perf_counter() - start
     plan = plan_memory("tiny", nodes=1, gpus_per_node=1, micro_batch=batch, precision="fp32",
-                       activation_checkpointing=False, device="cpu")
+                       activation_checkpointing=False, device="cpu", lora_rank=lora_rank)
     predicted = plan.total_without_overhead_gib() * GIB
     buckets = 2 * plan.gib("ZeRO reduce bucket", "generator") * GIB  # 2 x 5e7 fp32: 381.5 MiB
     resident = sum(i.gib for i in plan.items if i.name in (
         "parameters", "gradients", "optimizer states", "ZeRO reduce bucket")) * GIB
     mib = 2 ** 20
     with capsys.disabled():
-        print(f"\ntiny, micro batch {batch}, {seconds:.1f} s: peak measured {peak / mib:.1f} MiB, predicted "
+        print(f"\ntiny, LoRA rank {lora_rank}, micro batch {batch}, {seconds:.1f} s: peak measured {peak / mib:.1f} MiB, predicted "
               f"{predicted / mib:.1f} MiB; without the reduce buckets {(peak - buckets) / mib:.1f} vs "
               f"{(predicted - buckets) / mib:.1f} MiB; held after the iterations {end / mib:.1f} vs "
               f"{resident / mib:.1f} MiB")
@@ -320,6 +342,41 @@ def test_tiny_preset_prediction_vs_allocations_of_a_real_trainer(tmp_path, singl
     # the reduce buckets are exact; what remains (states, activations, DMD tensors) within 15%
     assert peak - buckets == pytest.approx(predicted - buckets, rel=0.15)
     assert end == pytest.approx(resident, rel=0.05)  # what stays allocated after the iterations
+
+
+def test_lora_14b_on_one_node_of_8_by_hand():
+    """model.lora at rank 64 on the default targets: one base copy (the teacher's), adapters only in
+    the trainable roles -- 14B fits 8 GPUs without sequence parallelism, where full weights do not."""
+    plan = plan_memory("wan2.1-t2v-14b", nodes=1, gpus_per_node=8, lora_rank=64)
+    D, F, r, L = 5120, 13824, 64, 40
+    # per block: q, k, v, out of both attentions (D -> D) and the FFN (D -> F -> D): A is r x in, B out x r
+    adapter = L * (8 * (r * D + D * r) + (r * D + F * r) + (r * F + D * r))
+    assert adapter == 306_708_480 and plan.params["generator"] == plan.params["fake_score"] == adapter
+    n = adapter / 8
+    for role in ("generator", "fake_score"):
+        assert _item(plan, "parameters", role) == pytest.approx(2 * n)
+        assert _item(plan, "gradients", role) == pytest.approx(2 * n)
+        assert _item(plan, "optimizer states", role) == pytest.approx(12 * n)
+        assert _item(plan, "ZeRO persistent params", role) == 0  # r x D = 327,680 > 1e5: all partitioned
+    assert _item(plan, "parameters", "teacher") == pytest.approx(2 * P_14B / 8)  # the base, once
+    full = plan_memory("wan2.1-t2v-14b", nodes=1, gpus_per_node=8)
+    # Activations relative to full weights, per sample (S = s = 29,120 tokens, T = 512, c = 2, fused
+    # RMSNorm): lora_B keeps r c per token of 8 video-token layers and 2 text-token layers a block;
+    # the frozen modulation no longer keeps the norm1 and norm3 outputs, ff_output.float() (3 x 4 D)
+    # and the attention output (c D); the head keeps norm_out's fp32 input only (-(4 + c) D per
+    # token); the frozen text embedder keeps only its output (-c T (text_dim + 2 D))
+    from megadmd.lora.plan import adapter_shape, extra_activation_bytes
+
+    a = ActivationShape(d=D, ffn=F, heads=40, layers=L, text_dim=4096, tokens=29_120, local_tokens=29_120, sp=1,
+                        text_len=512, grid=(20, 28, 52), c=2, fused_rms_norm=True)
+    block, head, text = extra_activation_bytes(adapter_shape(WAN21_14B_CONFIG, r), a)
+    assert block == r * 2 * (8 * 29_120 + 2 * 512) - (12 + 2) * D * 29_120 == -2_057_371_648
+    assert head == -(4 + 2) * D * 29_120 and text == -2 * 512 * (4096 + 2 * D)
+    assert train_bytes(a, False, None)[0] - train_bytes(a, False, None, (block, head, text))[0] == pytest.approx(
+        -(L * block + head + text))
+    assert not full.fits and full.gpu_total_gib == pytest.approx(83.0, abs=0.05)
+    assert plan.fits and plan.gpu_total_gib == pytest.approx(29.2, abs=0.05)
+    assert "14.288B parameters, once; LoRA rank 64 trains generator 0.307B, fake_score 0.307B" in format_plan(plan)
 
 
 def test_cli_prints_the_table_and_exits_3_when_it_does_not_fit():
@@ -335,3 +392,8 @@ def test_cli_prints_the_table_and_exits_3_when_it_does_not_fit():
     assert too_big.exit_code == 3 and "does not fit" in too_big.output
     bad = runner.invoke(main, ["plan", "--preset", "wan2.1-t2v-1.3b", "--gpus-per-node", "6", "--sp", "4"])
     assert bad.exit_code == 2 and "not divisible by parallel.sp_size=4" in bad.output
+    lora = runner.invoke(main, ["plan", "--preset", "wan2.1-t2v-14b", "--lora-rank", "64", "--no-ema",
+                                "--gpu-memory-gib", "80"])
+    assert lora.exit_code == 0 and "fits: needs 29.2 of 80 GiB" in lora.output
+    from_config = runner.invoke(main, ["plan", "--preset", "wan2.1-t2v-14b", "--set", "model.lora.enabled=true"])
+    assert from_config.exit_code == 0 and "fits: needs 29.3 of 79.6 GiB" in from_config.output  # the preset's EMA

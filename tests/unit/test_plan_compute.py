@@ -206,3 +206,27 @@ def test_plan_flags_alone_still_work():
     assert "500 TFLOP/s peak at 30% utilisation" in custom.output
     bad = _plan_cli("--preset", "wan2.1-t2v-1.3b", "--set", "ema.decay=2")
     assert bad.exit_code == 2 and "ema.decay must be 0 (off) or in (0, 1)" in bad.output
+
+
+def test_lora_from_the_config_drops_the_base_weight_gradients():
+    """``model.lora`` in the run's config (or ``--lora-rank``): the LoRA roles' backward computes
+    no weight gradients of the frozen base, i.e. one forward of its matmuls (token linear + text
+    K/V + outside the blocks) less per backward; the memory holds one base copy."""
+    from megadmd.config import resolve
+    from megadmd.plan import PlanFlags, plan_run
+
+    full = plan_run(resolve(overrides=["preset=wan2.1-t2v-14b"]), PlanFlags())
+    lora = plan_run(resolve(overrides=["preset=wan2.1-t2v-14b", "model.lora.enabled=true"]), PlanFlags())
+    assert (full.memory.lora_rank, lora.memory.lora_rank) == (0, 64)  # model.lora.rank's default
+    fwd = full.time.generator_parts["generator forward"]  # sp 1: the whole forward's matmuls and attention
+    shape = WanShape.of(full.memory.wan_config, full.memory.latent_shape, full.memory.text_len)
+    f = wan_forward_flops(shape)
+    assert fwd == pytest.approx(f.per_rank())
+    linear = f.token_linear + f.text_linear + f.outside
+    for parts in ("generator_parts", "fake_score_parts"):
+        a, b = getattr(full.time, parts), getattr(lora.time, parts)
+        assert sum(a.values()) - sum(b.values()) == pytest.approx(linear)
+    flag = plan_run(resolve(overrides=["preset=wan2.1-t2v-14b"]), PlanFlags(lora_rank=64))
+    assert flag.time.total_flops_per_rank == lora.time.total_flops_per_rank
+    assert flag.memory.gpu_total_gib == pytest.approx(lora.memory.gpu_total_gib)
+    assert lora.memory.gpu_total_gib < full.memory.gpu_total_gib / 3

@@ -1,0 +1,112 @@
+"""LoRA on 2 gloo ranks with every parameter partitioned (the frozen base and the adapters):
+sp=2 outputs and gradients of every role against peft on the diffusers model, dp=2 training
+against one rank, and the 2-rank checkpoint resumed on one rank through `convert to-universal`."""
+import torch
+
+from tests.distributed.workers import load_and_gather, lora_forward_backward, train_and_record
+from tests.helpers import assert_same_training, save_test_dataset, spawn
+
+PARTITION_ALL = "tests/distributed/zero3_partition_all.json"
+RANK, ALPHA = 4, 8.0
+LORA = ["model.lora.enabled=true", f"model.lora.rank={RANK}", f"model.lora.alpha={ALPHA}",
+        *(f"deepspeed.{r}={PARTITION_ALL}" for r in ("generator", "fake_score", "teacher"))]
+
+
+def _peft_reference(model_dir, values: dict, vsa: bool, inputs: tuple):
+    """The role computed by peft's LoRA on the diffusers model (plus the VSA gates), single process:
+    (output, gradients by megadmd's parameter names)."""
+    from peft import inject_adapter_in_model, set_peft_model_state_dict
+
+    from megadmd.attention.processor import VSASettings, configure_attention
+    from megadmd.lora.adapter import peft_config
+    from megadmd.lora.export import is_lora_key
+    from megadmd.models import attach_vsa_gates, load_wan, predict_velocity
+
+    x, step, text, w = inputs
+    ref = load_wan(model_dir)
+    if vsa:
+        attach_vsa_gates(ref, None)
+    configure_attention(ref, vsa=VSASettings(0.5, "torch") if vsa else None)
+    lora = {k: v for k, v in values.items() if is_lora_key(k)}
+    layers = sorted({k.rsplit(".lora_", 1)[0] for k in lora})
+    inject_adapter_in_model(peft_config(RANK, ALPHA, layers), ref)
+    set_peft_model_state_dict(ref, lora)
+    gates = {k: v for k, v in values.items() if not is_lora_key(k)}
+    ref.load_state_dict(gates, strict=False)
+    for n, p in ref.named_parameters():
+        p.requires_grad_(".lora_" in n or n in gates)
+    v = predict_velocity(ref, x, step, text, torch.float32)
+    ((v * w).sum() / v.shape[0]).backward()
+    return v.detach(), {n.replace(".default", ""): p.grad for n, p in ref.named_parameters() if p.requires_grad}
+
+
+def test_sp2_roles_over_a_partitioned_base_match_peft_in_outputs_and_gradients(tmp_path, test_model_dir):
+    """sp=2, every parameter partitioned over the 2 ranks: the generator (adapter + VSA gates, its
+    VSA processors switched onto the shared base), then the fake score (dense), then the teacher
+    (adapters off) -- each equals the single-process peft model, gradients through the frozen base
+    included."""
+    from megadmd.models import load_wan, predict_velocity
+
+    data = save_test_dataset(tmp_path / "data", num_samples=4, latent_shape=[4, 5, 12, 14])  # 210 tokens, 8 VSA cubes
+    out = tmp_path / "r.pt"
+    overrides = [f"model.teacher_path={test_model_dir}", f"data.path={data}", f"output_dir={tmp_path / 'run'}",
+                 "parallel.sp_size=2", "attention.vsa_sparsity=0.5", "attention.vsa_backend=torch",
+                 "logging.tensorboard=false", *LORA]
+    spawn(lora_forward_backward, 2, overrides, str(out), 0.5)
+    r = torch.load(out, weights_only=False)
+    for role in ("generator", "fake_score"):
+        want_out, want_grads = _peft_reference(test_model_dir, r["adapters"][role], role == "generator", r["inputs"])
+        torch.testing.assert_close(r[role]["output"], want_out, rtol=1e-5, atol=1e-5, msg=role)
+        got = r[role]["grads"]
+        assert got.keys() == want_grads.keys(), role
+        for n in got:
+            torch.testing.assert_close(got[n], want_grads[n], rtol=1e-4, atol=1e-5, msg=lambda m, role=role, n=n: f"{role} {n}: {m}")
+    assert any(".to_gate_compress." in n for n in r["generator"]["grads"])  # the gates train in the adapter engine
+    x, step, text, _ = r["inputs"]
+    with torch.no_grad():
+        plain = predict_velocity(load_wan(test_model_dir), x, step, text, torch.float32)
+    torch.testing.assert_close(r["teacher_before"], plain, rtol=1e-5, atol=1e-5)
+    assert torch.equal(r["teacher_after"], r["teacher_before"])
+    total = sum(p.numel() for p in load_wan(test_model_dir).parameters())
+    assert 0.45 * total <= r["local_numel"]["teacher"] <= 0.55 * total  # one base copy, partitioned
+
+
+def _train_overrides(tmp, model_dir, data, name, micro_batch):
+    return [f"model.teacher_path={model_dir}", f"data.path={data}", f"output_dir={tmp / name}",
+            f"train.micro_batch_size={micro_batch}", "train.max_steps=4", "logging.interval_steps=1",
+            "logging.tensorboard=false", "dmd.generator_update_interval=2", "optim.generator.lr=1e-2",
+            "optim.fake_score.lr=1e-2", "dmd.gan.enabled=true", "dmd.gan.hidden_dim=16", "ema.decay=0.5",
+            "checkpoint.interval_steps=4", *LORA]
+
+
+def test_dp2_training_matches_one_rank_and_resumes_on_one_rank(tmp_path, test_model_dir):
+    from click.testing import CliRunner
+    from safetensors.torch import load_file
+
+    from megadmd.cli import main
+
+    data = save_test_dataset(tmp_path / "data", num_samples=8)
+    one, two = tmp_path / "one.pt", tmp_path / "two.pt"
+    spawn(train_and_record, 1, _train_overrides(tmp_path, test_model_dir, data, "one", 2), str(one))
+    spawn(train_and_record, 2, _train_overrides(tmp_path, test_model_dir, data, "two", 1), str(two))
+    a, b = torch.load(one, weights_only=False), torch.load(two, weights_only=False)
+    assert [s for s, _ in a["history"]] == [1, 2, 3, 4]
+    assert_same_training(a, b, keys=("loss/discriminator",))
+    for role in ("generator", "fake_score"):
+        for s in b["sizes"]:  # the adapter engine's optimizer holds half of the adapter on each rank
+            assert 0.45 <= s[role]["optimizer_fp32_local"] / s[role]["total"] <= 0.55
+    assert any(k.startswith("gan_head.") for k in a["states"]["fake_score"])  # the head trains fully
+    ckpt = tmp_path / "two" / "checkpoints" / "step-00000004"
+    r = CliRunner().invoke(main, ["convert", "to-universal", str(ckpt)])
+    assert r.exit_code == 0, r.output
+    assert (ckpt / "generator" / "zero_universal" / "done").is_file()
+    resumed = tmp_path / "resumed.pt"
+    # one rank, micro batch 2: the same global batch (a resume refuses another without --allow-config-change)
+    spawn(load_and_gather, 1, _train_overrides(tmp_path, test_model_dir, data, "two", 2)
+          + ["checkpoint.resume=auto", "train.max_steps=5"], str(resumed))
+    got = torch.load(resumed, weights_only=False)
+    assert got["step"] == 4
+    for role in ("generator", "fake_score"):
+        assert all(torch.equal(got[role][k], v) for k, v in b["states"][role].items()), role
+    ema = load_file(str(ckpt / "ema" / "ema.safetensors"))
+    assert ema.keys() == got["ema"].keys() and all(torch.equal(got["ema"][k], v) for k, v in ema.items())
