@@ -29,6 +29,9 @@ class TrainPlan:
     text_len: int = 0  # pad text embeddings to this (0: the dataset's longest); 512 for I2V models
     resume_from: Optional[Path] = None  # the checkpoint to resume from
     resume_universal: bool = False  # it was saved at another world size
+    # dmd.regression's (noise, latent) pairs: None when off or when they are the training data
+    regression_path: Optional[str] = None
+    builtin_regression: bool = False  # the toy teacher's ODE pairs are written at start-up
 
 
 def resolve_builtin_teacher(cfg: RunConfig) -> str:
@@ -86,6 +89,27 @@ def check_dataset(cfg: RunConfig, model_config: dict) -> tuple[str, bool, Option
         raise ConfigError(f"dataset {cfg.data.path} has text embeddings of dimension {info.text_dim} "
                           f"but the model's text_dim is {model_config.get('text_dim')}")
     return cfg.data.path, False, info
+
+
+def check_regression_data(cfg: RunConfig, data_path: str, info: Optional[DatasetInfo],
+                          model_config: dict) -> tuple[Optional[str], bool]:
+    """Where dmd.regression's pairs come from: (separate dataset or None for the training data,
+    whether the run writes the toy teacher's pairs itself)."""
+    r = cfg.dmd.regression
+    if not r.weight:
+        return None, False
+    if not r.data_path and info is None:  # built-in toy data: the run samples the teacher's pairs
+        return str(Path(cfg.output_dir) / "regression_data"), True
+    path = r.data_path or data_path
+    pairs = read_index(path) if r.data_path else info
+    if not (pairs.has_latents and pairs.has_noise):
+        raise ConfigError(f"dmd.regression.weight > 0 needs (noise, latent) pairs, but dataset {path} holds no "
+                          f"starting noise; write one with 'megadmd synth --save-noise' and set dmd.regression.data_path")
+    if pairs.text_dim != model_config.get("text_dim"):
+        raise ConfigError(f"dmd.regression.data_path {path} has text embeddings of dimension {pairs.text_dim} "
+                          f"but the model's text_dim is {model_config.get('text_dim')}")
+    check_image_condition(path, pairs, model_config)
+    return (path if r.data_path else None), False
 
 
 def check_image_condition(path: str, info: DatasetInfo, model_config: dict) -> None:
@@ -149,12 +173,19 @@ def preflight_train(cfg: RunConfig, world_size: int) -> TrainPlan:
     paths, model_config, role_configs = check_models(cfg)
     dp = check_layout(world_size, cfg.parallel.sp_size, model_config.get("num_attention_heads"))
     data_path, builtin, info = check_dataset(cfg, model_config)
+    if cfg.dmd.gan.enabled and info is not None and not info.has_latents:
+        raise ConfigError(f"dmd.gan.enabled needs real latents, but dataset {data_path} holds only text "
+                          f"embeddings; give a dataset with latents or turn the GAN term off")
     if cfg.dmd.gan.enabled and cfg.dmd.gan.block_index is not None:
         n = model_config.get("num_layers", 0)
         if not -n <= cfg.dmd.gan.block_index < n:
             raise ConfigError(f"dmd.gan.block_index={cfg.dmd.gan.block_index} is out of range for a "
                               f"fake score with {n} blocks")
     shape = latent_shape_for(cfg, info, model_config)
+    regression_path, builtin_regression = check_regression_data(cfg, data_path, info, model_config)
+    if regression_path and not builtin_regression and tuple(read_index(regression_path).latent_shape) != tuple(shape):
+        raise ConfigError(f"dmd.regression.data_path {regression_path} has latents of shape "
+                          f"{read_index(regression_path).latent_shape}, the generator makes {list(shape)}")
     for role in ROLES:
         load_ds_template(getattr(cfg.deepspeed, role), f"deepspeed.{role}")
     if cfg.attention.vsa_enabled:
@@ -171,4 +202,5 @@ def preflight_train(cfg: RunConfig, world_size: int) -> TrainPlan:
         text_len = 512
     return TrainPlan(model_paths=paths, model_config=model_config, data_path=data_path, text_len=text_len,
                      builtin_data=builtin, latent_shape=shape, dp_size=dp, role_configs=role_configs,
-                     resume_from=resume, resume_universal=universal)
+                     resume_from=resume, resume_universal=universal, regression_path=regression_path,
+                     builtin_regression=builtin_regression)

@@ -13,20 +13,24 @@ from .format import DatasetInfo, DatasetWriter
 
 def write_random_dataset(root: str | Path, *, num_samples: int, latent_shape: Optional[list],
                          text_len: int, text_dim: int, seed: int = 0,
-                         shard_size: int = 256) -> DatasetInfo:
-    """Gaussian latents and embeddings with random lengths in [1, text_len]; written atomically."""
+                         shard_size: int = 256, with_noise: bool = False) -> DatasetInfo:
+    """Gaussian latents and embeddings with random lengths in [1, text_len]; written atomically.
+    ``with_noise``: also a Gaussian "starting noise" per latent (the format of
+    ``megadmd synth --save-noise``), from a generator of its own, so the rest stays the same."""
     if num_samples <= 0:
         raise ConfigError("--num-samples must be positive")
     if text_len <= 0 or text_dim <= 0:
         raise ConfigError("--text-len and --text-dim must be positive")
     g = torch.Generator().manual_seed(seed)
+    g_noise = torch.Generator().manual_seed(seed + 1)
     with atomic_dir(root) as tmp:
         w = DatasetWriter(tmp, text_dim=text_dim, max_text_len=text_len, shard_size=shard_size,
-                          latent_shape=latent_shape)
+                          latent_shape=latent_shape, with_noise=with_noise)
         for i in range(num_samples):
             n = int(torch.randint(1, text_len + 1, (1,), generator=g))
             emb = torch.randn(n, text_dim, generator=g)
             lat = torch.randn(*latent_shape, generator=g) if latent_shape is not None else None
-            w.add(emb, f"random sample {i}", lat)
+            noise = torch.randn(*latent_shape, generator=g_noise) if with_noise else None
+            w.add(emb, f"random sample {i}", lat, noise=noise)
         info = w.finish(torch.randn(text_len, text_dim, generator=g), "random negative prompt")
     return info

@@ -113,6 +113,21 @@ def test_generator_and_fake_score_default_to_the_teacher_path(tmp_path, test_mod
     assert paths["generator"] != paths["teacher"] == paths["fake_score"]
 
 
-def test_gan_is_refused_in_data_free_mode():
+def test_gan_needs_real_latents_not_a_training_mode(tmp_path, test_model_dir, test_dataset_dir):
+    from megadmd.preflight import preflight_train
+    from tests.helpers import save_test_dataset
+
+    text = save_test_dataset(tmp_path / "text", num_samples=4, text_only=True)
+    base = [f"model.teacher_path={test_model_dir}", f"output_dir={tmp_path / 'o'}", "dmd.gan.enabled=true",
+            "dmd.simulate_generator_forward=true", "data.latent_shape=[4,2,4,4]"]
     with pytest.raises(ConfigError, match="dmd.gan.enabled needs real latents"):
-        resolve(overrides=["dmd.gan.enabled=true", "dmd.simulate_generator_forward=true"])
+        preflight_train(resolve(overrides=[*base, f"data.path={text}"]), 1)
+    # data-free mode with a dataset that has latents: the GAN reads them as the real side
+    preflight_train(resolve(overrides=[*base, f"data.path={test_dataset_dir}"]), 1)
+    for bad in ("dmd.gan.timestep_range=[0.5,0.2]", "dmd.gan.pooling=max", "dmd.gan.head_lr_scale=0",
+                "dmd.gan.head_betas=[0.9]"):
+        with pytest.raises(ConfigError, match="dmd.gan"):
+            resolve(overrides=["dmd.gan.enabled=true", bad])
+    for bad in ("validation.noises_per_prompt=1", "validation.extreme_threshold=0"):
+        with pytest.raises(ConfigError, match="validation"):
+            resolve(overrides=[bad])

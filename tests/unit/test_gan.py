@@ -83,7 +83,8 @@ def test_head_separates_real_from_fake_after_a_few_discriminator_steps(gan_train
     t.window.reduce()  # drop the training window
     t.fake_score_step([t.data.next()])
     v = t.window.reduce()
-    assert v["stats/d_real_logit"] > v["stats/d_fake_logit"] + 1.0, v
+    assert v["gan/logit_real"] > v["gan/logit_fake"] + 1.0, v
+    assert v["gan/accuracy_real"] == 1.0 and v["gan/accuracy_fake"] == 1.0, v
     assert v["loss/discriminator"] < 2 * math.log(2) * 0.5, v
 
 

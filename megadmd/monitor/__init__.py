@@ -1,0 +1,1 @@
+"""Sample monitoring for real runs, where no modes are known: diversity and saturation statistics."""
