@@ -90,6 +90,7 @@ class RegressionConfig:
     # how many of dmd.denoising_steps the chain runs from the noise; 0 = all of them. 1 is the
     # one-step regression of DMD v1 on the first step, whose input is pure noise
     num_steps: int = 0
+    batch_size: int = 0  # pairs per micro-batch (their own loader); 0 = train.micro_batch_size
 
 
 @dataclass
@@ -409,9 +410,10 @@ def validate(cfg: RunConfig) -> None:
         if len(g.head_betas) != 2 or not all(0 <= b < 1 for b in g.head_betas):
             raise ConfigError(f"dmd.gan.head_betas must be two numbers in [0, 1), got {g.head_betas}")
     r = d.regression
-    if r.weight < 0 or not 0 <= r.num_steps <= len(d.denoising_steps):
-        raise ConfigError(f"dmd.regression.weight must be >= 0 and dmd.regression.num_steps in "
-                          f"[0, {len(d.denoising_steps)}] (0: every denoising step); got {r.weight}, {r.num_steps}")
+    if r.weight < 0 or r.batch_size < 0 or not 0 <= r.num_steps <= len(d.denoising_steps):
+        raise ConfigError(f"dmd.regression.weight and batch_size must be >= 0 and dmd.regression.num_steps in "
+                          f"[0, {len(d.denoising_steps)}] (0: every denoising step); got {r.weight}, {r.batch_size}, "
+                          f"{r.num_steps}")
     _choice("model.precision", cfg.model.precision, ("auto", "fp32", "bf16"))
     if cfg.model.boundary_ratio is not None and not 0 < cfg.model.boundary_ratio < 1:
         raise ConfigError(f"model.boundary_ratio must be in (0, 1), got {cfg.model.boundary_ratio}")

@@ -29,7 +29,7 @@ class TrainPlan:
     text_len: int = 0  # pad text embeddings to this (0: the dataset's longest); 512 for I2V models
     resume_from: Optional[Path] = None  # the checkpoint to resume from
     resume_universal: bool = False  # it was saved at another world size
-    # dmd.regression's (noise, latent) pairs: None when off or when they are the training data
+    # dmd.regression's (noise, latent) pairs (data_path when the training data holds them); None when off
     regression_path: Optional[str] = None
     builtin_regression: bool = False  # the toy teacher's ODE pairs are written at start-up
 
@@ -93,8 +93,8 @@ def check_dataset(cfg: RunConfig, model_config: dict) -> tuple[str, bool, Option
 
 def check_regression_data(cfg: RunConfig, data_path: str, info: Optional[DatasetInfo],
                           model_config: dict) -> tuple[Optional[str], bool]:
-    """Where dmd.regression's pairs come from: (separate dataset or None for the training data,
-    whether the run writes the toy teacher's pairs itself)."""
+    """Where dmd.regression's pairs come from: (their dataset, whether the run writes the toy
+    teacher's pairs itself); (None, False) when the regression is off."""
     r = cfg.dmd.regression
     if not r.weight:
         return None, False
@@ -109,7 +109,7 @@ def check_regression_data(cfg: RunConfig, data_path: str, info: Optional[Dataset
         raise ConfigError(f"dmd.regression.data_path {path} has text embeddings of dimension {pairs.text_dim} "
                           f"but the model's text_dim is {model_config.get('text_dim')}")
     check_image_condition(path, pairs, model_config)
-    return (path if r.data_path else None), False
+    return path, False
 
 
 def check_image_condition(path: str, info: DatasetInfo, model_config: dict) -> None:
@@ -183,7 +183,7 @@ def preflight_train(cfg: RunConfig, world_size: int) -> TrainPlan:
                               f"fake score with {n} blocks")
     shape = latent_shape_for(cfg, info, model_config)
     regression_path, builtin_regression = check_regression_data(cfg, data_path, info, model_config)
-    if regression_path and not builtin_regression and tuple(read_index(regression_path).latent_shape) != tuple(shape):
+    if regression_path and cfg.dmd.regression.data_path and tuple(read_index(regression_path).latent_shape) != tuple(shape):
         raise ConfigError(f"dmd.regression.data_path {regression_path} has latents of shape "
                           f"{read_index(regression_path).latent_shape}, the generator makes {list(shape)}")
     for role in ROLES:

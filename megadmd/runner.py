@@ -113,8 +113,9 @@ def build_trainer(cfg: RunConfig, local_rank: int | None = None) -> DMDTrainer:
                        dp_rank=pstate.dp_rank, dp_size=pstate.dp_size, seed=cfg.train.seed,
                        text_len=plan.text_len, device=proc.device)
     regression_data = None
-    if plan.regression_path is not None:  # pairs in their own dataset (else the training data holds them)
-        regression_data = BatchSource(LatentDataset(plan.regression_path), micro_batch=cfg.train.micro_batch_size,
+    if plan.regression_path is not None:  # dmd.regression's pairs: a stream of their own
+        pairs = LatentDataset(plan.regression_path) if plan.regression_path != plan.data_path else data.dataset
+        regression_data = BatchSource(pairs, micro_batch=cfg.dmd.regression.batch_size or cfg.train.micro_batch_size,
                                       dp_rank=pstate.dp_rank, dp_size=pstate.dp_size, seed=cfg.train.seed + 1,
                                       text_len=plan.text_len or data.text_len, device=proc.device)
     writer = MetricsWriter(cfg.output_dir, enabled=pstate.rank == 0 and cfg.logging.tensorboard)

@@ -74,8 +74,7 @@ class DMDTrainer:
         self.preempted = False
         self.hooks = hooks or []  # called after every iteration (checkpoints, validation, metrics)
         self.boundary_ratio = cfg.model.boundary_ratio  # Wan2.2 two-expert routing, or None
-        # (noise, teacher latent) pairs of dmd.regression when they are not in the training data
-        self.regression_data = regression_data
+        self.regression_data = regression_data  # (noise, teacher latent) pairs of dmd.regression
         steps = list(self.dmd.denoising_steps)
         self.steps = flow.warp_steps(steps, self.dmd.flow_shift) if self.dmd.warp_denoising_step else steps
 
@@ -240,12 +239,10 @@ class DMDTrainer:
     def regression_loss(self, batch: Batch) -> torch.Tensor:
         """DMD v1's regression (dmd/regression.py): the generator's chain from each pair's stored
         noise, re-noised with draws keyed by the pair's dataset index, against the teacher's latent.
-        The pairs of micro-step m are the m-th micro-batch of their own stream (or the batch itself
-        when the training data holds the pairs), so resuming needs no extra state."""
-        rb = batch
-        if self.regression_data is not None:
-            src = self.regression_data
-            rb = src.collate(src.positions_for(batch.micro_step), batch.micro_step)
+        The pairs of micro-step m are the m-th micro-batch of their own stream (its own permutation,
+        even over the training data), so resuming needs no extra state."""
+        src = self.regression_data
+        rb = src.collate(src.positions_for(batch.micro_step), batch.micro_step)
         keys, shape = rb.indices.tolist(), rb.latents.shape[1:]
         renoise = lambda i: self.rng.randn(keys, shape, Purpose.REG_RENOISE, sub=i)  # noqa: E731
         n = self.dmd.regression.num_steps or len(self.steps)

@@ -44,7 +44,7 @@ def pairs_trainer(tmp_path, test_model_dir, single_process_world):
     data = _pairs_dataset(tmp_path / "pairs")
     cfg = resolve(overrides=[f"model.teacher_path={test_model_dir}", f"data.path={data}",
                              f"output_dir={tmp_path / 'out'}", "train.micro_batch_size=4", "logging.tensorboard=false",
-                             "dmd.regression.weight=1.0", "optim.generator.lr=1e-3"])
+                             "dmd.regression.weight=1.0", "dmd.regression.batch_size=6", "optim.generator.lr=1e-3"])
     return build_trainer(cfg)
 
 
@@ -54,22 +54,24 @@ def test_trainer_regression_is_the_chain_from_the_stored_noise_with_fixed_draws(
 
     t = pairs_trainer
     batch = t.data.next()
-    assert batch.noise is not None and batch.indices is not None
     first = t.regression_loss(batch)
     assert torch.equal(first, t.regression_loss(batch))  # the same draws every time
+    # the pairs of this micro-step: the regression stream's own micro-batch (here 6 pairs)
+    pairs = t.regression_data.collate(t.regression_data.positions_for(batch.micro_step))
+    assert pairs.noise is not None and pairs.size == 6
     # by hand: the bare generator, the dataset-index-keyed re-noising draws
     module = t.models.generator.module
-    keys = batch.indices.tolist()
+    keys = pairs.indices.tolist()
     with torch.no_grad():
-        x0 = sample_generator(lambda x, tt: predict_velocity(module, x, tt, batch.text_embeds, torch.float32),
-                              t.steps, batch.noise,
+        x0 = sample_generator(lambda x, tt: predict_velocity(module, x, tt, pairs.text_embeds, torch.float32),
+                              t.steps, pairs.noise,
                               lambda i: t.rng.randn(keys, TEST_LATENT_SHAPE, Purpose.REG_RENOISE, sub=i))
-    assert first.item() == pytest.approx(torch.mean((x0 - batch.latents) ** 2).item(), rel=1e-6)
+    assert first.item() == pytest.approx(torch.mean((x0 - pairs.latents) ** 2).item(), rel=1e-6)
     # one step: DMD v1's regression of the first step alone
     t.dmd.regression.num_steps = 1
     with torch.no_grad():
-        v = predict_velocity(module, batch.noise, torch.full((4,), 1000.0), batch.text_embeds, torch.float32)
-    one = torch.mean((batch.noise - v - batch.latents) ** 2)
+        v = predict_velocity(module, pairs.noise, torch.full((6,), 1000.0), pairs.text_embeds, torch.float32)
+    one = torch.mean((pairs.noise - v - pairs.latents) ** 2)
     assert t.regression_loss(batch).item() == pytest.approx(one.item(), rel=1e-6)
 
 
@@ -97,10 +99,10 @@ def test_regression_needs_pairs(tmp_path, test_model_dir, test_dataset_dir):
     plan = preflight_train(resolve(overrides=[*base, f"data.path={test_dataset_dir}",
                                               f"dmd.regression.data_path={pairs}"]), 1)
     assert plan.regression_path == str(pairs) and not plan.builtin_regression
-    assert preflight_train(resolve(overrides=[*base, f"data.path={pairs}"]), 1).regression_path is None
+    assert preflight_train(resolve(overrides=[*base, f"data.path={pairs}"]), 1).regression_path == str(pairs)
     # the built-in toy preset samples its pairs from the toy teacher at start-up
     plan = preflight_train(resolve(overrides=[f"output_dir={tmp_path / 'toy'}", "dmd.regression.weight=1"]), 1)
     assert plan.builtin_regression and plan.regression_path == str(tmp_path / "toy" / "regression_data")
-    for bad in ("dmd.regression.weight=-1", "dmd.regression.num_steps=4"):
+    for bad in ("dmd.regression.weight=-1", "dmd.regression.num_steps=4", "dmd.regression.batch_size=-1"):
         with pytest.raises(ConfigError, match="dmd.regression"):
             resolve(overrides=[bad])
