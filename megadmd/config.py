@@ -369,7 +369,10 @@ def resolve(file: Optional[str] = None, overrides: tuple[str, ...] | list[str] =
     if not isinstance(preset_name, str):
         raise ConfigError("config key 'preset' must be str")
     cfg = RunConfig()
-    apply_dict(cfg, get_preset(preset_name).config)
+    preset = get_preset(preset_name)
+    apply_dict(cfg, preset.config)
+    if not (user.get("data") or {}).get("path"):  # the preset's built-in data, if it has any
+        apply_dict(cfg, preset.builtin_data_config)
     apply_dict(cfg, user)
     validate(cfg)
     return cfg

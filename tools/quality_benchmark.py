@@ -140,22 +140,34 @@ def plan(args) -> tuple[list, list]:
     return refs, students
 
 
+def load_references(path: str, common: dict) -> dict:
+    """Teacher-sampler rows of an earlier ``--out`` report on the same teacher, samples per class
+    and seed: they are deterministic, so a recipe search need not sample the ladder again."""
+    report = json.loads(Path(path).read_text())
+    inputs = report.get("inputs", {})
+    if {k: inputs.get(k) for k in ("teacher", "per_class", "seed")} != {k: common[k] for k in ("teacher", "per_class", "seed")}:
+        raise SystemExit(f"--references {path} was measured on {inputs}, not on {common}")
+    return {name: r for name, r in report["rows"].items() if "train_s" not in r}
+
+
 def run(args) -> tuple[dict, float]:
     common = {"teacher": args.teacher, "per_class": args.per_class, "seed": args.seed}
     refs, students = plan(args)
-    rows: dict = {}
+    rows: dict = load_references(args.references, common) if args.references else {}
+    reused = set(rows)
+    refs_to_run = [r for r in refs if r[0] not in reused]
     with tempfile.TemporaryDirectory() as tmp, ProcessPoolExecutor(
             args.jobs, mp_context=get_context("spawn"), initializer=_worker_init) as pool:
         pairs_s = pool.submit(pairs_task, common, str(Path(tmp) / "pairs")).result()["pairs_s"]
         common["pairs"] = str(Path(tmp) / "pairs")
         futures = {}
-        for i, (name, fn, kw) in enumerate(students + refs):  # the long runs first
+        for i, (name, fn, kw) in enumerate(students + refs_to_run):  # the long runs first
             if fn == "distill_row":
                 futures[name] = pool.submit(distill_row, common, str(Path(tmp) / f"run{i}"), kw["overrides"])
             else:
                 futures[name] = pool.submit(sampler_row, common, **kw)
         for name, _, _ in refs + students:
-            rows[name] = futures[name].result()
+            rows[name] = futures[name].result() if name in futures else {**rows[name], "reused": True}
             print(f"{name}: " + ", ".join(f"{k} {v:.4f}" for k, v in rows[name].items()
                                           if isinstance(v, float)), flush=True)
     return rows, pairs_s
@@ -241,6 +253,8 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=2, help="worker processes (one thread each)")
     ap.add_argument("--no-ablations", dest="ablations", action="store_false")
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
+    ap.add_argument("--references", default=None,
+                    help="reuse the teacher-sampler rows of this earlier --out report (same teacher, --per-class, --seed)")
     args = ap.parse_args()
     # Bad input fails here, in one line, before half an hour of work.
     if args.per_class < 2 or args.jobs < 1:
@@ -274,7 +288,8 @@ def main() -> None:
     if args.out:
         from megadmd.io_utils import atomic_write_text
 
-        report = {"rows": rows, "total_s": total, "pairs_s": pairs_s, "step_equivalence": k,
+        report = {"inputs": {"teacher": args.teacher, "per_class": args.per_class, "seed": args.seed},
+                  "rows": rows, "total_s": total, "pairs_s": pairs_s, "step_equivalence": k,
                   "failed_targets": fails, "failed_gan_target": gan_fails}
         atomic_write_text(args.out, json.dumps(report, indent=1))
 

@@ -10,7 +10,7 @@ from ..io_utils import atomic_dir
 from .distribution import ToySpec, class_embeddings, null_embedding, sample
 
 # dmd.regression's pairs for the built-in preset: how many, and the teacher's ODE that makes them
-TOY_PAIRS = 1024
+TOY_PAIRS = 512
 TOY_PAIR_ODE_STEPS = 16
 
 TOY_SPEC = ToySpec()
