@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import types
 import typing
@@ -50,7 +51,16 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    path: str = ""  # synthetic-latent dataset folder; "" means the preset's built-in data
+    # a megadmd dataset folder, or a FastVideo preprocessed parquet folder (read in place);
+    # "" means the preset's built-in data
+    path: str = ""
+    format: str = "auto"  # auto (index.json: megadmd; *.parquet: fastvideo) | megadmd | fastvideo
+    # FastVideo data only: the negative prompt's embedding (a negative.safetensors from
+    # `megadmd encode-text`, or a folder holding one) -- FastVideo's parquet has none
+    negative_path: str = ""
+    # FastVideo data only: the VAE whose latents_mean/latents_std normalize its raw latents ("":
+    # the teacher pipeline's vae/, else the Wan preset's built-in constants)
+    vae_path: str = ""
     text_len: int = 0  # pad text embeddings to this many tokens; 0 means the dataset's longest
     latent_shape: list = field(default_factory=list)  # [C, F, H, W] to generate in data-free mode
 
@@ -125,9 +135,15 @@ class OptimConfig:
     betas: list = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 0.01
     eps: float = 1e-8
-    scheduler: str = "constant"  # constant | cosine | linear (all with linear warmup)
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.0
+    # diffusers' get_scheduler names (constant, constant_with_warmup, linear, cosine,
+    # cosine_with_restarts, polynomial, piecewise_constant) and FastVideo's cosine_with_min_lr;
+    # every length counts iterations (train.max_steps), see roles.py
+    scheduler: str = "constant"
+    warmup_steps: int = 0  # iterations of linear warm-up from 0 (constant: constant_with_warmup)
+    min_lr_ratio: float = 0.0  # floor of cosine, linear and cosine_with_min_lr
+    num_cycles: float = 1.0  # cosine_with_restarts: number of hard restarts
+    power: float = 1.0  # polynomial: the decay's power
+    step_rules: str = ""  # piecewise_constant: diffusers' rules, e.g. "1:1000,0.1:2000,0.01"
 
 
 @dataclass
@@ -143,6 +159,11 @@ class TrainConfig:
     grad_accum_steps: int = 1
     max_grad_norm: float = 1.0
     seed: int = 1000
+    # what an update with a non-finite batch, x0 prediction, loss or gradient norm does (README,
+    # "Non-finite values"): skip (not applied, counted in health/skipped_steps) or stop (exit 2)
+    nonfinite: str = "skip"
+    # with skip: stop after this many skipped updates in a row of one role (0: never stop)
+    max_consecutive_skips: int = 10
 
 
 @dataclass
@@ -164,6 +185,9 @@ class CheckpointConfig:
     interval_steps: int = 500  # save every N iterations (0: only at the end); always at the end
     keep_last: int = 3  # keep the newest N checkpoints (0: keep all)
     resume: str = ""  # "" (fresh start), "auto" (newest intact checkpoint in output_dir), or a path
+    # resume even though keys that change the optimisation differ from the checkpoint's config
+    # (--allow-config-change; megadmd/safety/runfolder.py lists them)
+    allow_config_change: bool = False
 
 
 @dataclass
@@ -199,10 +223,22 @@ class AttentionConfig:
         return self.vsa_sparsity > 0
 
 
+LOGGING_BACKENDS = ("tensorboard", "wandb")
+
+
 @dataclass
 class LoggingConfig:
-    interval_steps: int = 10  # log line and TensorBoard scalars every N iterations
-    tensorboard: bool = True
+    interval_steps: int = 10  # log line and tracked scalars every N iterations
+    backends: list = field(default_factory=lambda: ["tensorboard"])  # tensorboard and/or wandb
+    tensorboard: bool = True  # the older switch: false drops tensorboard from the backends
+    histograms: bool = True  # generator x0 and DMD-gradient histograms at every logging interval
+    wandb_project: str = "megadmd"
+    wandb_entity: str = ""  # "" = the W&B default entity of the logged-in user
+    wandb_run_name: str = ""  # "" = the output folder's name
+
+    @property
+    def active_backends(self) -> list:
+        return [b for b in self.backends if b != "tensorboard" or self.tensorboard]
 
 
 @dataclass
@@ -301,7 +337,9 @@ def load_file(path: str | os.PathLike) -> dict:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
-    text = p.read_text()
+    from .io_utils import read_text_utf8
+
+    text = read_text_utf8(p, "config file")
     try:
         if p.suffix.lower() in (".yaml", ".yml"):
             import yaml  # PyYAML ships with huggingface_hub, which diffusers requires
@@ -378,23 +416,37 @@ def resolve(file: Optional[str] = None, overrides: tuple[str, ...] | list[str] =
     return cfg
 
 
+def check_number(key: str, value: float, positive: bool = False) -> None:
+    """A command-line number: finite and >= 0 (> 0 with ``positive``); one line naming it."""
+    if not math.isfinite(value) or (value <= 0 if positive else value < 0):
+        raise ConfigError(f"{key} must be a finite number {'> 0' if positive else '>= 0'}, got {value}")
+
+
+def check_steps(key: str, steps: Any) -> None:
+    """A denoising-step list: numbers (not booleans) in (0, 1000], decreasing."""
+    if not isinstance(steps, (list, tuple)) or not steps:
+        raise ConfigError(f"{key} must list at least one timestep, e.g. [1000, 757, 522]")
+    for s in steps:
+        if not _is_number(s) or not 0 < s <= 1000:
+            raise ConfigError(f"{key} entries must be numbers in (0, 1000], got {s!r}")
+    if list(steps) != sorted(steps, reverse=True):
+        raise ConfigError(f"{key} must be in decreasing order, e.g. [1000, 757, 522]")
+
+
 def validate(cfg: RunConfig) -> None:
     """Checks of values that need no files or processes. One line per problem, first one raised."""
+    check_finite(cfg)
     d = cfg.dmd
-    if not d.denoising_steps:
-        raise ConfigError("dmd.denoising_steps must list at least one timestep")
-    for s in d.denoising_steps:
-        if not isinstance(s, (int, float)) or not 0 < s <= 1000:
-            raise ConfigError(f"dmd.denoising_steps entries must be in (0, 1000], got {s!r}")
-    if list(d.denoising_steps) != sorted(d.denoising_steps, reverse=True):
-        raise ConfigError("dmd.denoising_steps must be in decreasing order, e.g. [1000, 757, 522]")
+    check_steps("dmd.denoising_steps", d.denoising_steps)
     if not 0 <= d.min_timestep_ratio < d.max_timestep_ratio <= 1:
         raise ConfigError("need 0 <= dmd.min_timestep_ratio < dmd.max_timestep_ratio <= 1")
     gi = d.guidance_interval
-    numeric = isinstance(gi, (list, tuple)) and len(gi) == 2 and all(
-        isinstance(x, (int, float)) and not isinstance(x, bool) for x in gi)
+    numeric = isinstance(gi, (list, tuple)) and len(gi) == 2 and all(_is_number(x) for x in gi)
     if not (numeric and 0 <= gi[0] < gi[1] <= 1):
         raise ConfigError(f"dmd.guidance_interval must be [lo, hi] with 0 <= lo < hi <= 1 (timestep / 1000); got {gi}")
+    if d.guidance_scale < 0:
+        raise ConfigError(f"dmd.guidance_scale must be >= 0, got {d.guidance_scale} (offset form: 0 is the "
+                          f"conditional prediction alone; standard form: 1 is)")
     if not d.train_first_step and len(d.denoising_steps) < 2:
         raise ConfigError("dmd.train_first_step=false needs at least two dmd.denoising_steps")
     _choice("dmd.cfg_form", d.cfg_form, ("offset", "standard"))
@@ -423,21 +475,30 @@ def validate(cfg: RunConfig) -> None:
     for role in TRAINABLE_ROLES:
         o: OptimConfig = getattr(cfg.optim, role)
         key = f"optim.{role}"
-        _choice(f"{key}.scheduler", o.scheduler, ("constant", "cosine", "linear"))
-        if o.lr <= 0:
-            raise ConfigError(f"{key}.lr must be positive, got {o.lr}")
-        if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+        from .roles import check_schedule  # the schedule names come from the installed diffusers
+
+        check_schedule(o, key)
+        _positive(f"{key}.lr", o.lr)
+        _positive(f"{key}.eps", o.eps)
+        if o.weight_decay < 0:
+            raise ConfigError(f"{key}.weight_decay must be >= 0, got {o.weight_decay}")
+        if len(o.betas) != 2 or not all(_is_number(b) and 0 <= b < 1 for b in o.betas):
             raise ConfigError(f"{key}.betas must be two numbers in [0, 1), got {o.betas}")
-        if o.warmup_steps < 0 or not 0 <= o.min_lr_ratio <= 1:
-            raise ConfigError(f"{key}: warmup_steps must be >= 0 and min_lr_ratio in [0, 1]")
     t = cfg.train
     for name in ("max_steps", "micro_batch_size", "grad_accum_steps"):
         _positive(f"train.{name}", getattr(t, name))
     if t.max_grad_norm < 0:
         raise ConfigError("train.max_grad_norm must be >= 0 (0 disables clipping)")
+    _choice("train.nonfinite", t.nonfinite, ("skip", "stop"))
+    if t.max_consecutive_skips < 0:
+        raise ConfigError(f"train.max_consecutive_skips must be >= 0 (0: never stop), got {t.max_consecutive_skips}")
     _positive("parallel.sp_size", cfg.parallel.sp_size)
     _choice("parallel.backend", cfg.parallel.backend, ("auto", "nccl", "gloo"))
     _positive("logging.interval_steps", cfg.logging.interval_steps)
+    for b in cfg.logging.backends:
+        _choice("logging.backends entries", b, LOGGING_BACKENDS)
+    if len(set(cfg.logging.backends)) != len(cfg.logging.backends):
+        raise ConfigError(f"logging.backends lists a backend twice: {cfg.logging.backends}")
     c = cfg.checkpoint
     if c.interval_steps < 0 or c.keep_last < 0:
         raise ConfigError("checkpoint.interval_steps and checkpoint.keep_last must be >= 0")
@@ -459,6 +520,40 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("attention.vsa_decay_rate must be >= 0 and attention.vsa_decay_interval_steps >= 1")
     if cfg.data.text_len < 0:
         raise ConfigError("data.text_len must be >= 0")
+    _choice("data.format", cfg.data.format, ("auto", "megadmd", "fastvideo"))
+    shape = cfg.data.latent_shape
+    if shape and not (len(shape) == 4 and all(isinstance(x, int) and not isinstance(x, bool) and x > 0
+                                               for x in shape)):
+        raise ConfigError(f"data.latent_shape must be [C, F, H, W], four positive integers; got {shape}")
+
+
+def check_finite(obj: Any, prefix: str = "") -> None:
+    """NaN and infinity are refused in every number of the tree, list entries included: a NaN
+    guidance scale, learning rate or shift would otherwise pass every range check below (all
+    comparisons with NaN are false) and train on garbage."""
+    for f in dataclasses.fields(obj):
+        key = f"{prefix}{f.name}"
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            check_finite(value, f"{key}.")
+        else:
+            _check_finite_value(key, value)
+
+
+def _check_finite_value(key: str, value: Any) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"config key '{key}' must be a finite number, got {value}")
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_finite_value(f"{key}[{i}]", v)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_finite_value(f"{key}.{k}", v)
+
+
+def _is_number(value: Any) -> bool:
+    """A real number: int or float, never a bool (YAML's ``yes`` and JSON's ``true`` are ints to Python)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -467,7 +562,7 @@ def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
 
 
 def _positive(key: str, value: float) -> None:
-    if value <= 0:
+    if not value > 0:  # also false for NaN
         raise ConfigError(f"{key} must be positive, got {value}")
 
 

@@ -112,6 +112,31 @@ def expert_split_u(boundary_ratio: float, shift: float, min_ratio: float, max_ra
     return unshift_sigma(boundary_ratio, shift)
 
 
+def expert_score_timesteps(u_sample: torch.Tensor, u_shared: float, boundary_ratio: float, shift: float,
+                           min_ratio: float, max_ratio: float) -> torch.Tensor:
+    """Score timesteps for a two-expert model, all on the side of ``boundary_ratio * 1000`` that
+    ``u_shared`` picks (so one expert runs), spread over that side as ``sample_score_timesteps``
+    spreads them without experts.
+
+    The result is clamped to the chosen side, in the dtype the experts compare timesteps in: in
+    float32, ``stratified_u`` then the shift can round a low-side draw just below the split up to
+    ``t >= boundary`` (about 4e-8 per draw at shift 12, boundary 0.875), and a rank would then
+    gather the other expert's parameters than its peers (a hang or a mismatch).
+    """
+    split = expert_split_u(boundary_ratio, shift, min_ratio, max_ratio)
+    t = sample_score_timesteps(stratified_u(u_sample, u_shared, split), shift, min_ratio, max_ratio)
+    return keep_side(t, boundary_ratio * NUM_TRAIN_TIMESTEPS, high=u_shared >= split)
+
+
+def keep_side(t: torch.Tensor, boundary_t: float, high: bool) -> torch.Tensor:
+    """``t`` clamped to ``>= boundary_t`` (high) or ``< boundary_t`` (low), compared in ``t``'s
+    dtype as the experts' routing (``timestep >= boundary``) compares it."""
+    b = torch.tensor(boundary_t, dtype=t.dtype, device=t.device)
+    if high:
+        return torch.maximum(t, b)
+    return torch.minimum(t, torch.nextafter(b, torch.zeros_like(b)))
+
+
 def stratified_u(u_sample: torch.Tensor, u_shared: float, split: float) -> torch.Tensor:
     """Uniform draws confined to one side of ``split``, the side chosen by ``u_shared``.
 

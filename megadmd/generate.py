@@ -1,31 +1,50 @@
 """``megadmd generate``: few-step sampling with a distilled generator (and a timed teacher baseline).
 
-The generator samples on the DMD schedule (default 1000, 757, 522): predict x0 at each step,
-re-noise it with fresh noise to the next step, no CFG. Prompts go through the UMT5 text encoder,
-or embeddings come from a megadmd dataset. Latents are saved as safetensors; with a Wan VAE they
-are also decoded to mp4 files and a png grid. ``--compare-teacher`` times the teacher at N Euler
-steps with CFG on the same prompts, in the same run, and prints both seconds per sample.
+The generator samples on the DMD schedule: predict x0 at each step, re-noise it with fresh noise
+to the next step, no CFG. The steps and the attention (dense, or VSA at the sparsity training
+used, gates included) default to what the model's ``megadmd_sampling.json`` records (an export
+of megadmd convert / export-ema), else to 1000, 757, 522 and dense. Prompts go through the UMT5
+text encoder (by default the model folder's own, for an exported pipeline), or embeddings come
+from a megadmd dataset. Latents are saved as safetensors; with a Wan VAE they are also decoded to
+mp4 files and a png grid. ``--compare-teacher`` times the teacher at N Euler steps with CFG on
+the same prompts, in the same run, and prints both seconds per sample.
+
+Noise (``--noise``), so that sample ``j`` of ``--seed S`` equals diffusers' ``WanPipeline`` on the
+exported folder, called with ``num_inference_steps=len(steps), guidance_scale=1.0``:
+
+- ``megadmd`` (default): it starts from ``torch.randn(1, C, F, H, W,
+  generator=torch.Generator().manual_seed(S + j))`` (on the CPU) and re-noises as ``DMDScheduler``
+  does (megadmd/pipeline/scheduler.py): ``pipe(prompt_j,
+  generator=torch.Generator().manual_seed(S + j))`` after ``use_dmd_scheduler(pipe)``. Device-free.
+- ``diffusers``: the start and every re-noise come, in that order, from the device's RNG seeded
+  ``S + j``: ``torch.manual_seed(S + j); pipe(prompt_j)`` with the export's stock scheduler and no
+  ``generator`` (megadmd/pipeline/stock.py), on the same device.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
 from . import flow
-from .config import ConfigError
-from .io_utils import atomic_write_bytes
-from .models import load_role_model, predict_velocity, read_model_config
-from .rng import sample_seed
+from .config import ConfigError, check_number, check_steps
+from .data.text import WAN_NEGATIVE_PROMPT
+from .io_utils import atomic_dir
+from .models import check_weight_files, load_role_model, predict_velocity, read_model_config
+from .monitoring.progress import progress
+from .safety.folders import check_output
 from .sampling import cfg_velocity, sample_generator, sample_teacher
 
 log = logging.getLogger("megadmd")
-PURPOSE_START, PURPOSE_RENOISE = 201, 202
+DEFAULT_STEPS = [1000.0, 757.0, 522.0]
+ATTENTION_KINDS = ("dense", "vsa")
+NOISE_KINDS = ("megadmd", "diffusers")
 
 
 @dataclass
@@ -37,9 +56,10 @@ class GenerateOptions:
     text_encoder: Optional[str] = None
     tokenizer: Optional[str] = None
     embeds: Optional[str] = None  # a megadmd dataset: its text embeddings (and negative prompt)
-    negative_prompt: str = ""
-    steps: list = field(default_factory=lambda: [1000, 757, 522])
+    negative_prompt: str = WAN_NEGATIVE_PROMPT  # the teacher's unconditional prompt (--compare-teacher)
+    steps: Optional[list] = None  # None: the model's megadmd_sampling.json, else DEFAULT_STEPS
     seed: int = 0
+    noise: str = "megadmd"  # NOISE_KINDS: whose seeding convention sample j follows (module docstring)
     batch_size: int = 1
     precision: str = "auto"
     vae: Optional[str] = None
@@ -52,6 +72,35 @@ class GenerateOptions:
     images: Optional[str] = None  # image-to-video: one image per prompt (with image_encoder and vae)
     image_encoder: Optional[str] = None
     video_size: Optional[tuple] = None  # (frames, height, width) the images are encoded for
+    attention: Optional[str] = None  # dense | vsa; None: the model's megadmd_sampling.json, else dense
+    vsa_sparsity: Optional[float] = None  # None: the model's megadmd_sampling.json
+    vsa_backend: str = "auto"
+    overwrite: bool = False  # replace a non-empty output folder (megadmd/safety/folders.py)
+
+
+def with_model_defaults(o: GenerateOptions) -> GenerateOptions:
+    """Fill what the options leave open from the model folder: steps and attention from its
+    megadmd_sampling.json, the text encoder from an exported pipeline's ``text_encoder/``."""
+    from .pipeline.info import read_sampling_info
+
+    info = read_sampling_info(o.model) if Path(o.model).is_dir() else None
+    steps = o.steps if o.steps is not None else (info["timesteps"] if info else DEFAULT_STEPS)
+    trained_sparsity = float(info["attention"]["vsa_sparsity"]) if info else 0.0
+    attention = o.attention or ("vsa" if o.vsa_sparsity is not None or trained_sparsity > 0 else "dense")
+    if attention not in ATTENTION_KINDS:
+        raise ConfigError(f"--attention must be one of {', '.join(ATTENTION_KINDS)}, got {attention}")
+    sparsity = o.vsa_sparsity
+    if attention == "dense" and sparsity is not None:
+        raise ConfigError("--vsa-sparsity needs --attention vsa")
+    if attention == "vsa":
+        sparsity = trained_sparsity if sparsity is None else sparsity
+        if not 0 < sparsity < 1:
+            raise ConfigError(f"--attention vsa needs --vsa-sparsity in (0, 1) (the model records none), got {sparsity}")
+    text_encoder = o.text_encoder
+    if text_encoder is None and o.prompts is not None and (Path(o.model) / "text_encoder" / "config.json").is_file():
+        text_encoder = o.model
+    return dataclasses.replace(o, steps=[float(t) for t in steps], attention=attention, vsa_sparsity=sparsity,
+                               text_encoder=text_encoder)
 
 
 def load_conditions(o: GenerateOptions, device) -> tuple[list[torch.Tensor], torch.Tensor, list[str], dict]:
@@ -122,9 +171,26 @@ def _pad(embeds: list[torch.Tensor], device, width: int = 0) -> torch.Tensor:
     return out
 
 
-def _noise(seed: int, index: int, purpose: int, shape, device, sub: int = 0) -> torch.Tensor:
-    g = torch.Generator(device=device).manual_seed(sample_seed(seed, index, purpose, sub=sub))
-    return torch.randn(tuple(shape), generator=g, device=device)
+def start_noise(seed: int, idx: list, shape, device) -> torch.Tensor:
+    """The starting latents of samples ``idx``: sample j from seed ``seed + j`` (module docstring)."""
+    from .pipeline.scheduler import start_noise as one
+
+    return torch.cat([one(seed + j, shape) for j in idx]).to(device)
+
+
+def sample_noise(kind: str, seed: int, idx: list, shape, device) -> tuple:
+    """(starting latents of samples ``idx``, the function ``sample_generator`` calls for each
+    step's re-noise), in the ``--noise`` convention ``kind`` (module docstring)."""
+    if kind == "diffusers":
+        from .pipeline.stock import diffusers_noise
+
+        return diffusers_noise(seed, idx, shape, device)
+    from .pipeline.scheduler import draw_renoise, renoise_generators
+
+    start = start_noise(seed, idx, shape, device)
+    gens = renoise_generators(start)
+    # sample_generator asks for step 0, 1, ... once each: the order DMDScheduler draws in
+    return start, lambda step: draw_renoise(gens, start.shape, device)
 
 
 def _timed(fn, device) -> tuple[torch.Tensor, float]:
@@ -138,28 +204,29 @@ def _timed(fn, device) -> tuple[torch.Tensor, float]:
 
 
 @torch.no_grad()
-def sample_student(model, embeds: list, o: GenerateOptions, dtype, device, image: dict) -> tuple[torch.Tensor, float]:
+def sample_student(model, embeds: list, o: GenerateOptions, dtype, device, image: dict,
+                   on_batch: Optional[Callable[[int], None]] = None) -> tuple[torch.Tensor, float]:
+    """Few-step samples of every embedding, and the seconds spent sampling; ``on_batch(n)`` after
+    each batch of n (progress, outside the timing)."""
     outs, seconds = [], 0.0
     width = 512 if image else 0  # Wan I2V attention expects 512 text tokens
     for i in range(0, len(embeds), o.batch_size):
         idx = list(range(i, min(i + o.batch_size, len(embeds))))
         text = _pad([embeds[j] for j in idx], device, width)
         cond = _conditioning(image, idx, device)
-        noise = torch.stack([_noise(o.seed, j, PURPOSE_START, o.latent_shape, device) for j in idx])
-
-        def renoise(step, idx=idx):
-            return torch.stack([_noise(o.seed, j, PURPOSE_RENOISE, o.latent_shape, device, sub=step) for j in idx])
-
+        noise, renoise = sample_noise(o.noise, o.seed, idx, o.latent_shape, device)
         vfn = lambda x, t, text=text, cond=cond: predict_velocity(model, x, t, text, dtype, **cond)  # noqa: E731
         x0, dt = _timed(lambda: sample_generator(vfn, o.steps, noise, renoise), device)
         outs.append(x0.cpu())
         seconds += dt
+        if on_batch is not None:
+            on_batch(len(idx))
     return torch.cat(outs), seconds
 
 
 @torch.no_grad()
 def sample_baseline(teacher, embeds: list, negative: torch.Tensor, o: GenerateOptions, dtype,
-                    device, image: dict) -> tuple[torch.Tensor, float]:
+                    device, image: dict, on_batch: Optional[Callable[[int], None]] = None) -> tuple[torch.Tensor, float]:
     sigmas = flow.euler_sigmas(o.teacher_steps, o.flow_shift)
     outs, seconds = [], 0.0
     for i in range(0, len(embeds), o.batch_size):
@@ -172,11 +239,13 @@ def sample_baseline(teacher, embeds: list, negative: torch.Tensor, o: GenerateOp
             v = predict_velocity(teacher, torch.cat([x, x]), torch.cat([t, t]), both, dtype, **cond)
             return v[:b], v[b:]
 
-        noise = torch.stack([_noise(o.seed, j, PURPOSE_START, o.latent_shape, device) for j in idx])
+        noise = start_noise(o.seed, idx, o.latent_shape, device)
         guided = cfg_velocity(pair, o.guidance_scale, o.cfg_form)
         x0, dt = _timed(lambda: sample_teacher(guided, None, noise, sigmas), device)
         outs.append(x0.cpu())
         seconds += dt
+        if on_batch is not None:
+            on_batch(len(idx))
     return torch.cat(outs), seconds
 
 
@@ -188,36 +257,55 @@ def check_generate_inputs(o: GenerateOptions) -> dict:
     if cfg.get("image_dim") is not None and o.images is None and o.embeds is None:
         raise ConfigError("the model is image-to-video: give --images (with --image-encoder, --vae, --video-size) "
                           "or --embeds with image conditions")
-    if list(o.steps) != sorted(o.steps, reverse=True) or not all(0 < s <= 1000 for s in o.steps):
-        raise ConfigError(f"--steps must decrease within (0, 1000], got {o.steps}")
+    if o.noise not in NOISE_KINDS:
+        raise ConfigError(f"--noise must be one of {', '.join(NOISE_KINDS)}, got {o.noise}")
+    check_steps("--steps", list(o.steps))
+    check_number("--guidance-scale", o.guidance_scale)
+    check_number("--flow-shift", o.flow_shift, positive=True)
+    pt, ph, pw = cfg.get("patch_size", (1, 2, 2))
+    if o.latent_shape[1] % pt or o.latent_shape[2] % ph or o.latent_shape[3] % pw:
+        raise ConfigError(f"latent shape {list(o.latent_shape)}: F, H, W must divide by the model's patch "
+                          f"size {[pt, ph, pw]}")
     if o.compare_teacher is not None:
         read_model_config(o.compare_teacher, what="teacher model")
+    for path, what in ((o.model, "generator model"), (o.compare_teacher, "teacher model")):
+        if path is None:
+            continue
+        two_experts = _boundary_of(path) is not None
+        for folder in [Path(path) / "transformer", Path(path) / "transformer_2"] if two_experts else [path]:
+            check_weight_files(folder, what=what)
     return cfg
 
 
 def run_generate(o: GenerateOptions) -> dict:
     from .runner import compute_dtype
 
+    o = with_model_defaults(o)
     model_cfg = check_generate_inputs(o)
+    target = check_output(o.out, "generate", o.overwrite, inputs=[o.model, o.embeds, o.compare_teacher, o.prompts,
+                                                                   o.images])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = compute_dtype(o.precision, device)
     embeds, negative, captions, image = load_conditions(o, device)
     if embeds[0].shape[1] != model_cfg.get("text_dim"):
         raise ConfigError(f"text embeddings have dimension {embeds[0].shape[1]} but the model's text_dim "
                           f"is {model_cfg.get('text_dim')}")
-    model = _load_generator(o.model, dtype, device)
+    model = _load_generator(o, dtype, device)
     _warm_up(model, embeds[0], o, dtype, device, image)  # first-call costs out of the timings
-    latents, student_s = sample_student(model, embeds, o, dtype, device, image)
-    result = {"num_samples": len(embeds), "student_steps": len(o.steps),
+    with progress(len(embeds), f"generate ({len(o.steps)} steps)", unit="samples") as bar:
+        latents, student_s = sample_student(model, embeds, o, dtype, device, image, on_batch=bar.update)
+    result = {"num_samples": len(embeds), "student_steps": len(o.steps), "steps": o.steps,
+              "attention": o.attention, "vsa_sparsity": o.vsa_sparsity,
               "student_s_per_sample": student_s / len(embeds)}
     if o.compare_teacher is not None:
         teacher = load_role_model(o.compare_teacher, dtype, _boundary_of(o.compare_teacher),
                                   what="teacher model").to(device).eval()
         _warm_up(teacher, embeds[0], o, dtype, device, image)
-        _, teacher_s = sample_baseline(teacher, embeds, negative, o, dtype, device, image)
+        with progress(len(embeds), f"teacher ({o.teacher_steps} steps + CFG)", unit="samples") as bar:
+            _, teacher_s = sample_baseline(teacher, embeds, negative, o, dtype, device, image, on_batch=bar.update)
         result.update(teacher_steps=o.teacher_steps, teacher_s_per_sample=teacher_s / len(embeds),
                       speedup=teacher_s / max(student_s, 1e-12))
-    _write_outputs(o, latents, captions, result, device)
+    _write_outputs(o, latents, captions, result, device, target.replace)
     return result
 
 
@@ -240,43 +328,35 @@ def _boundary_of(path: str) -> Optional[float]:
     return float(ratio)
 
 
-def _load_generator(path: str, dtype, device):
-    from .attention.processor import GATE_ATTR
-    from .models import attach_vsa_gates, experts_of, load_role_model, resolve_model_dir
+def _load_generator(o: GenerateOptions, dtype, device):
+    """The generator as training ran it: with ``o.attention == "vsa"``, the training-time VSA
+    processor with the gates found in its folder (zero gates where it has none)."""
+    from .attention.processor import VSASettings, configure_attention
+    from .models import attach_vsa_gates
 
-    model = load_role_model(path, dtype, _boundary_of(path), what="generator model")
-    weights = [f for m in (["transformer", "transformer_2"] if len(experts_of(model)) == 2 else [""])
-               for f in resolve_model_dir(Path(path) / m if m else path).glob("*.safetensors")]
-    has_gates = any(GATE_ATTR in k for f in weights for k in _keys(f))
-    if has_gates:  # a sparse-distilled generator: its gates only matter with VSA at sampling time
-        attach_vsa_gates(model, path)
-        for name, p in model.named_parameters():
-            if GATE_ATTR in name:
-                p.data = p.data.to(dtype)
+    model = load_role_model(o.model, dtype, _boundary_of(o.model), what="generator model")
+    if o.attention == "vsa":
+        attach_vsa_gates(model, o.model)  # each gate takes its block's dtype and device
+        configure_attention(model, vsa=VSASettings(sparsity=o.vsa_sparsity, backend=o.vsa_backend))
     # from_pretrained already loaded at ``dtype``, keeping diffusers' fp32 modules (norms, time
     # embedding) in fp32; a blanket .to(dtype) would cast those too
     return model.to(device=device).eval()
 
 
-def _keys(f: Path) -> list:
-    from safetensors import safe_open
-
-    with safe_open(str(f), framework="pt") as h:
-        return list(h.keys())
-
-
-def _write_outputs(o: GenerateOptions, latents: torch.Tensor, captions: list, result: dict, device) -> None:
+def _write_outputs(o: GenerateOptions, latents: torch.Tensor, captions: list, result: dict, device,
+                   replace: bool) -> None:
+    """The samples folder, built under a temporary name and renamed into place when complete."""
     from safetensors.torch import save
 
-    out = Path(o.out)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out / "latents.safetensors",
-                       save({"latents": latents.contiguous()}, metadata={"megadmd": json.dumps({"captions": captions})}))
-    (out / "timing.json").write_text(json.dumps(result, indent=1) + "\n")
-    if o.vae is not None:
-        from .data.video import decode_latents, frames_grid, load_vae, write_mp4, write_png
+    with atomic_dir(o.out, replace=replace) as out:
+        (out / "latents.safetensors").write_bytes(
+            save({"latents": latents.contiguous()}, metadata={"megadmd": json.dumps({"captions": captions})}))
+        (out / "timing.json").write_text(json.dumps(result, indent=1) + "\n")
+        if o.vae is not None:
+            from .data.video import decode_latents, frames_grid, load_vae, write_mp4, write_png
 
-        videos = decode_latents(load_vae(o.vae, device), latents)
-        for i, v in enumerate(videos):
-            write_mp4(out / f"sample_{i:04d}.mp4", v)
-        write_png(out / "grid.png", torch.cat([frames_grid(v) for v in videos], dim=0))
+            log.info("generate: decoding %d samples with the VAE", len(latents))
+            videos = decode_latents(load_vae(o.vae, device), latents)
+            for i, v in enumerate(videos):
+                write_mp4(out / f"sample_{i:04d}.mp4", v)
+            write_png(out / "grid.png", torch.cat([frames_grid(v) for v in videos], dim=0))

@@ -1,14 +1,14 @@
-"""Monitoring: TensorBoard events and log lines from rank 0, rank-averaged scalars, memory.
+"""Monitoring: rank-averaged scalars, memory, timers, the log line, and the writer that sends them
+to the tracking backends from rank 0 (monitoring/backends.py).
 
-Tags (see docs/monitoring.md): ``loss/generator``, ``loss/fake_score``, ``grad_norm/<role>``,
+Tags (README, "Monitoring"): ``loss/generator``, ``loss/fake_score``, ``grad_norm/<role>``,
 ``lr/<role>``, ``time/step_s``, ``throughput/samples_per_s``, ``memory/<what>_gib``,
-``stats/<what>``.
+``stats/<what>``, ``health/skipped_steps[/<role>]``.
 """
 from __future__ import annotations
 
 import logging
 import resource
-import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -18,17 +18,6 @@ import torch
 import torch.distributed as dist
 
 log = logging.getLogger("megadmd")
-
-
-def setup_logging(rank: int) -> None:
-    """Log lines from rank 0 only; other ranks log warnings and errors."""
-    level = logging.INFO if rank == 0 else logging.WARNING
-    handler = logging.StreamHandler(sys.stdout if rank == 0 else sys.stderr)
-    handler.setFormatter(logging.Formatter("[megadmd %(asctime)s] %(message)s", "%H:%M:%S"))
-    root = logging.getLogger("megadmd")
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    root.propagate = False
 
 
 class ScalarWindow:
@@ -48,6 +37,12 @@ class ScalarWindow:
     def load_state_dict(self, state: dict) -> None:
         self._sum = defaultdict(float, state["sum"])
         self._count = defaultdict(int, state["count"])
+
+    def merge(self, other: "ScalarWindow") -> None:
+        """Add another window's sums and counts to this one."""
+        for name, total in other._sum.items():
+            self._sum[name] += total
+            self._count[name] += other._count[name]
 
     def reduce(self, group=None) -> dict[str, float]:
         """Window means, averaged over the ranks of ``group`` (collective on that group).
@@ -82,38 +77,57 @@ def memory_stats(device: torch.device) -> dict[str, float]:
 
 
 class MetricsWriter:
-    """TensorBoard on rank 0; a no-op elsewhere. Writes into ``<output_dir>/tensorboard``."""
+    """Rank 0's sink for scalars, images, text and histograms, fanned out to the run's tracking
+    backends (monitoring/backends.py: TensorBoard in ``<output_dir>/tensorboard``, Weights &
+    Biases); a no-op on other ranks or with no backend."""
 
-    def __init__(self, output_dir: str | Path, enabled: bool):
-        self.enabled = enabled
-        self._tb = None
+    def __init__(self, output_dir: str | Path, enabled: bool, logging_cfg=None, resuming: bool = False):
+        from .monitoring.backends import TensorBoardBackend, WandbBackend
+
+        names = logging_cfg.active_backends if logging_cfg is not None else ["tensorboard"]
+        self._backends = []
         if enabled:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._tb = SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"))
+            for name in names:
+                if name == "tensorboard":
+                    self._backends.append(TensorBoardBackend(output_dir))
+                elif name == "wandb":
+                    self._backends.append(WandbBackend(
+                        output_dir, logging_cfg.wandb_project, logging_cfg.wandb_entity,
+                        logging_cfg.wandb_run_name, resuming=resuming))
+        self.enabled = bool(self._backends)
 
     def scalars(self, values: dict[str, float], step: int) -> None:
-        if self._tb is None:
-            return
-        for k, v in values.items():
-            self._tb.add_scalar(k, v, global_step=step)
+        for b in self._backends:
+            b.scalars(values, step)
 
-    def image(self, tag: str, image_chw: torch.Tensor, step: int) -> None:
-        if self._tb is not None:
-            self._tb.add_image(tag, image_chw, global_step=step, dataformats="CHW")
+    def image(self, tag: str, image_chw: torch.Tensor, step: int, caption: Optional[str] = None) -> None:
+        """``image_chw``: float in [0, 1]; ``caption`` says what the picture shows."""
+        for b in self._backends:
+            b.image(tag, image_chw, step, caption)
 
     def text(self, tag: str, text: str, step: int) -> None:
-        if self._tb is not None:
-            self._tb.add_text(tag, text, global_step=step)
+        for b in self._backends:
+            b.text(tag, text, step)
+
+    def histogram(self, tag: str, values: torch.Tensor, step: int) -> None:
+        for b in self._backends:
+            b.histogram(tag, values, step)
+
+    def run_info(self, config: dict, hparams: dict, metric_tags: list, step: int = 0) -> None:
+        """The resolved config (text), the main hyperparameters, and which scalar tags are the
+        run's result metrics (TensorBoard's hparams plugin shows their final values)."""
+        for b in self._backends:
+            b.run_info(config, hparams, metric_tags, step)
 
     def flush(self) -> None:
-        if self._tb is not None:
-            self._tb.flush()
+        for b in self._backends:
+            b.flush()
 
     def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+        for b in self._backends:
+            b.close()
+        self._backends = []
+        self.enabled = False
 
 
 class StepTimer:
@@ -136,34 +150,8 @@ def format_line(step: int, max_steps: int, values: dict[str, float], eta_s: floa
     for k in keys:
         if k in values:
             parts.append(f"{k} {values[k]:.4g}")
+    if values.get("health/skipped_steps"):  # updates dropped for non-finite values, so far
+        parts.append(f"skipped {int(values['health/skipped_steps'])}")
     m, s = divmod(int(eta_s), 60)
     parts.append(f"eta {m}m{s:02d}s")
     return " | ".join(parts)
-
-
-class ProgressBar:
-    """A dependency-free progress bar on stderr (rank 0 only): redrawn in place on a terminal,
-    one line per update otherwise (logs, CI)."""
-
-    def __init__(self, total: int, desc: str, enabled: bool = True, width: int = 30):
-        self.total = max(total, 1)
-        self.desc = desc
-        self.enabled = enabled
-        self.width = width
-        self.done = 0
-        self._t0 = time.perf_counter()
-        self._tty = sys.stderr.isatty()
-
-    def update(self, n: int = 1) -> None:
-        self.done += n
-        if not self.enabled:
-            return
-        frac = min(self.done / self.total, 1.0)
-        bar = "#" * int(frac * self.width) + "-" * (self.width - int(frac * self.width))
-        elapsed = time.perf_counter() - self._t0
-        eta = elapsed / max(self.done, 1e-9) * (self.total - self.done)
-        line = f"{self.desc} [{bar}] {self.done}/{self.total} {elapsed:.0f}s elapsed, eta {eta:.0f}s"
-        sys.stderr.write(("\r" + line) if self._tty else line + "\n")
-        if self._tty and self.done >= self.total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()

@@ -16,6 +16,9 @@ import torch
 from .config import ConfigError
 
 WAN_CLASS = "WanTransformer3DModel"
+# The generator's VSA gates, kept out of diffusers' weight files so that diffusers loads a
+# distilled folder with no unused-weights warning (megadmd loads every *.safetensors).
+GATES_FILE = "vsa_gates.safetensors"
 
 
 def resolve_model_dir(path: str | Path, subfolder: str = "transformer", what: str = "model") -> Path:
@@ -44,6 +47,16 @@ def read_model_config(path: str | Path, what: str = "model") -> dict:
     if cls != WAN_CLASS:
         raise ConfigError(f"{what} at {d} is a {cls}, expected a {WAN_CLASS}")
     return cfg
+
+
+def check_weight_files(path: str | Path, what: str = "model") -> None:
+    """Every safetensors file of a model folder opens (a truncated or overwritten one is one line
+    naming it, before anything starts, rather than a traceback from inside from_pretrained)."""
+    from .io_utils import open_safetensors
+
+    for f in sorted(resolve_model_dir(path, what=what).glob("*.safetensors")):
+        with open_safetensors(f, f"{what} weights file"):
+            pass
 
 
 def load_wan(path: str | Path, dtype: torch.dtype = torch.float32, what: str = "model"):
@@ -99,12 +112,18 @@ def predict_velocity(
     return out.float()
 
 
+def is_gate_key(key: str) -> bool:
+    from .attention.processor import GATE_ATTR
+
+    return f".{GATE_ATTR}." in key
+
+
 def attach_vsa_gates(module: torch.nn.Module, model_dir: str | Path | None) -> int:
     """Give every block's self-attention a VSA gate projection (``attn1.to_gate_compress``).
 
     Gates found in the folder's safetensors (if a folder is given) are loaded; missing ones start
-    at zero, so a dense
-    checkpoint stays exactly itself at sparsity 0. Returns how many gates were loaded.
+    at zero, so a dense checkpoint stays exactly itself at sparsity 0. Each gate takes the device
+    and dtype of its block's ``to_q``. Returns how many gates were loaded.
     """
     from safetensors import safe_open
 
@@ -113,7 +132,8 @@ def attach_vsa_gates(module: torch.nn.Module, model_dir: str | Path | None) -> i
     dim = module.config.num_attention_heads * module.config.attention_head_dim
     blocks = [b for m in experts_of(module) for b in m.blocks]
     for block in blocks:
-        gate = torch.nn.Linear(dim, dim, bias=True, dtype=block.attn1.to_q.weight.dtype)
+        ref = block.attn1.to_q.weight
+        gate = torch.nn.Linear(dim, dim, bias=True, dtype=ref.dtype, device=ref.device)
         torch.nn.init.zeros_(gate.weight)
         torch.nn.init.zeros_(gate.bias)
         setattr(block.attn1, GATE_ATTR, gate)
@@ -122,7 +142,7 @@ def attach_vsa_gates(module: torch.nn.Module, model_dir: str | Path | None) -> i
         for f in sorted(folder.glob("*.safetensors")):
             with safe_open(str(f), framework="pt") as h:
                 for key in h.keys():
-                    if f".{GATE_ATTR}." in key:
+                    if is_gate_key(key):
                         found[prefix + key] = h.get_tensor(key)
     if found:
         missing, unexpected = module.load_state_dict(found, strict=False)

@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import Optional
 
 from .config import ROLES, ConfigError, RunConfig
-from .data.format import DatasetInfo, read_index
-from .models import expert_dirs, read_model_config
+from .data.format import DatasetInfo, check_dataset_files, dataset_format, read_index
+from .models import check_weight_files, expert_dirs, read_model_config
 from .parallel.state import check_layout
 from .presets import get_preset
-from .roles import load_ds_template
+from .roles import role_ds_config
 
 
 @dataclass
@@ -27,7 +27,9 @@ class TrainPlan:
     dp_size: int
     role_configs: dict = field(default_factory=dict)  # role -> config.json
     text_len: int = 0  # pad text embeddings to this (0: the dataset's longest); 512 for I2V models
-    resume_from: Optional[Path] = None  # the checkpoint to resume from
+    data_format: str = "megadmd"  # or "fastvideo": a FastVideo parquet dataset read in place
+    data_options: dict = field(default_factory=dict)  # FastVideoDataset's options (interop/fastvideo_data.py)
+    resume_from: Optional[Path] = None  # the checkpoint to resume from (the newest whose sizes match)
     resume_universal: bool = False  # it was saved at another world size
     # dmd.regression's (noise, latent) pairs (data_path when the training data holds them); None when off
     regression_path: Optional[str] = None
@@ -52,14 +54,21 @@ def check_models(cfg: RunConfig) -> tuple[dict, dict, dict]:
     teacher = resolve_builtin_teacher(cfg)
     paths = {}
     configs = {}
+    checked: set = set()
     for role in ("teacher", "generator", "fake_score"):  # the teacher first: the others default to it
         own = getattr(cfg.model, f"{role}_path")
         p = own if role != "teacher" and own else teacher  # "" means "same as the teacher"
         paths[role] = p
         configs[role] = read_model_config(p, what=f"{role} model")
+        folders = {p: f"{role} model"}
         if cfg.model.boundary_ratio is not None:
-            _, low = expert_dirs(p, what=f"{role} model")
+            high, low = expert_dirs(p, what=f"{role} model")
             configs[f"{role}:low"] = read_model_config(low, what=f"{role} low-noise expert")
+            folders = {high: f"{role} high-noise expert", low: f"{role} low-noise expert"}
+        for folder, what in folders.items():
+            if str(folder) not in checked:  # the roles often share the teacher's folder
+                check_weight_files(folder, what=what)
+                checked.add(str(folder))
     ref = configs["teacher"]
     for role in ("generator", "fake_score"):
         for key in ("in_channels", "out_channels", "text_dim", "patch_size"):
@@ -69,13 +78,32 @@ def check_models(cfg: RunConfig) -> tuple[dict, dict, dict]:
     return paths, ref, configs
 
 
-def check_dataset(cfg: RunConfig, model_config: dict) -> tuple[str, bool, Optional[DatasetInfo]]:
+def check_dataset(cfg: RunConfig, model_config: dict, teacher_path: str) -> tuple[str, bool, Optional[DatasetInfo], dict]:
+    """The dataset's path, whether it is the built-in one, what it holds, and how to open it."""
     if not cfg.data.path:
         if not get_preset(cfg.preset).builtin:
             raise ConfigError(f"data.path is required for preset '{cfg.preset}' (a megadmd dataset "
-                              f"folder from 'megadmd synth' or 'megadmd make-dataset')")
-        return str(Path(cfg.output_dir) / "data"), True, None
-    info = read_index(cfg.data.path)
+                              f"folder from 'megadmd synth' or 'megadmd make-dataset', or a FastVideo "
+                              f"preprocessed parquet folder)")
+        from .safety.folders import check_toy_data_dir
+
+        check_toy_data_dir(Path(cfg.output_dir) / "data")
+        return str(Path(cfg.output_dir) / "data"), True, None, {}
+    opened = {"data_format": dataset_format(cfg.data.path, cfg.data.format), "data_options": {}}
+    if opened["data_format"] == "fastvideo":
+        from .interop.fastvideo_data import fastvideo_options
+
+        info, opened["data_options"] = fastvideo_options(cfg.data, cfg.dmd.simulate_generator_forward,
+                                                         teacher_path, cfg.preset)
+        # rank 0 reads the parquet footers once at start-up and every rank reads this index
+        opened["data_options"]["index_cache"] = Path(cfg.output_dir) / "fastvideo_index.json"
+    else:
+        for key in ("negative_path", "vae_path"):
+            if getattr(cfg.data, key):
+                raise ConfigError(f"data.{key} is for FastVideo datasets; megadmd dataset {cfg.data.path} "
+                                  f"carries its own negative embedding and normalized latents")
+        info = read_index(cfg.data.path)
+        check_dataset_files(cfg.data.path, info)
     if not cfg.dmd.simulate_generator_forward and not info.has_latents:
         raise ConfigError(f"dataset {cfg.data.path} holds only text embeddings; set "
                           f"dmd.simulate_generator_forward=true for data-free training or give a "
@@ -88,7 +116,7 @@ def check_dataset(cfg: RunConfig, model_config: dict) -> tuple[str, bool, Option
     if info.text_dim != model_config.get("text_dim"):
         raise ConfigError(f"dataset {cfg.data.path} has text embeddings of dimension {info.text_dim} "
                           f"but the model's text_dim is {model_config.get('text_dim')}")
-    return cfg.data.path, False, info
+    return cfg.data.path, False, info, opened
 
 
 def check_regression_data(cfg: RunConfig, data_path: str, info: Optional[DatasetInfo],
@@ -156,6 +184,14 @@ def latent_shape_for(cfg: RunConfig, info: Optional[DatasetInfo], model_config: 
     return shape
 
 
+def check_backend(backend: str) -> None:
+    import torch
+
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise ConfigError("parallel.backend=nccl needs CUDA GPUs and this machine has none; use "
+                          "parallel.backend=auto (gloo on CPU) or gloo")
+
+
 def check_vsa_backend(name: str) -> None:
     import torch
 
@@ -168,11 +204,26 @@ def check_vsa_backend(name: str) -> None:
         raise ConfigError(f"attention.vsa_backend: {exc}") from exc
 
 
-def preflight_train(cfg: RunConfig, world_size: int) -> TrainPlan:
-    """All checks of ``megadmd train``'s inputs; returns what the run will use."""
+def check_logging_backends(backends: list) -> None:
+    """An optional tracking backend must be installed before the run starts."""
+    if "wandb" in backends:
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            raise ConfigError("logging.backends lists wandb but the wandb package is not installed; "
+                              "pip install 'megadmd[wandb]' (or drop wandb from logging.backends)")
+
+
+def preflight_train(cfg: RunConfig, world_size: int, overwrite: bool = False) -> TrainPlan:
+    """All checks of ``megadmd train``'s inputs and output folder; returns what the run will use.
+    ``overwrite``: a non-empty folder that is not a run may take the run (nothing is deleted)."""
+    from .safety.runfolder import check_resume_config, plan_resume
+
+    check_backend(cfg.parallel.backend)
+    resume_plan = plan_resume(cfg, overwrite)
     paths, model_config, role_configs = check_models(cfg)
     dp = check_layout(world_size, cfg.parallel.sp_size, model_config.get("num_attention_heads"))
-    data_path, builtin, info = check_dataset(cfg, model_config)
+    data_path, builtin, info, opened = check_dataset(cfg, model_config, paths["teacher"])
     if cfg.dmd.gan.enabled and info is not None and not info.has_latents:
         raise ConfigError(f"dmd.gan.enabled needs real latents, but dataset {data_path} holds only text "
                           f"embeddings; give a dataset with latents or turn the GAN term off")
@@ -186,14 +237,17 @@ def preflight_train(cfg: RunConfig, world_size: int) -> TrainPlan:
     if regression_path and cfg.dmd.regression.data_path and tuple(read_index(regression_path).latent_shape) != tuple(shape):
         raise ConfigError(f"dmd.regression.data_path {regression_path} has latents of shape "
                           f"{read_index(regression_path).latent_shape}, the generator makes {list(shape)}")
-    for role in ROLES:
-        load_ds_template(getattr(cfg.deepspeed, role), f"deepspeed.{role}")
+    import torch
+
+    bf16 = cfg.model.precision == "bf16" or (cfg.model.precision == "auto" and torch.cuda.is_available())
+    for role in ROLES:  # a user's full DeepSpeed JSON must agree with the config (roles.py)
+        role_ds_config(role, cfg.deepspeed, cfg.train, cfg.optim, dp, bf16)
     if cfg.attention.vsa_enabled:
         check_vsa_backend(cfg.attention.vsa_backend)
-    from .checkpoint import find_resume, read_state
-
-    resume = find_resume(cfg.output_dir, cfg.checkpoint.resume)
-    universal = resume is not None and read_state(resume)["world_size"] != world_size
+    check_logging_backends(cfg.logging.active_backends)
+    resume = resume_plan.candidates[0] if resume_plan.candidates else None
+    if resume is not None:
+        check_resume_config(cfg, resume, dp)
     text_len = cfg.data.text_len
     if model_config.get("image_dim") is not None:
         # diffusers' Wan I2V attention takes the last 512 context tokens as text, the rest as image
@@ -202,5 +256,5 @@ def preflight_train(cfg: RunConfig, world_size: int) -> TrainPlan:
         text_len = 512
     return TrainPlan(model_paths=paths, model_config=model_config, data_path=data_path, text_len=text_len,
                      builtin_data=builtin, latent_shape=shape, dp_size=dp, role_configs=role_configs,
-                     resume_from=resume, resume_universal=universal, regression_path=regression_path,
-                     builtin_regression=builtin_regression)
+                     resume_from=resume, regression_path=regression_path, builtin_regression=builtin_regression,
+                     **opened)

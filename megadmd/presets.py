@@ -55,8 +55,9 @@ class Preset:
     aliases: tuple = field(default_factory=tuple)
     video_size: Optional[tuple] = None  # (frames, height, width) in pixels of the published recipe
     vae_scale: tuple = (4, 8)  # (temporal, spatial) compression of the model's VAE
-    # partial config tree applied only when the run uses the built-in data (no data.path): parts
-    # of the recipe that need what only the built-in problem provides (the toy teacher's pairs)
+    # partial config tree applied only when the run uses the built-in data (no data.path), below
+    # the user's file and overrides: the recipe tuned on the built-in problem, including parts
+    # that need what only it provides (the toy teacher's regression pairs)
     builtin_data_config: dict = field(default_factory=dict)
 
     def latent_shape(self, video_size: Optional[tuple] = None) -> tuple:
@@ -111,11 +112,6 @@ _register(Preset(
     aliases=("toy",),
     config={
         "output_dir": "runs/megadmd-tiny",
-        # The recipe that keeps the teacher's spread (docs/quality-benchmark.md has an ablation
-        # row for each part): data-free (the generator makes its own inputs), the first step
-        # trained only by DMD v1's regression on the teacher's ODE pairs (its input is pure noise:
-        # the DMD gradient drags that one point per prompt to one mode), guidance only at
-        # t <= 750 in the DMD real score
         "dmd": {
             "denoising_steps": [1000, 757, 522],
             "flow_shift": 3.0,
@@ -124,23 +120,36 @@ _register(Preset(
             "guidance_scale": 3.5,
             "cfg_form": "offset",
             "generator_update_interval": 5,
-            "simulate_generator_forward": True,
-            "train_first_step": False,
-            "guidance_interval": [0.0, 0.75],
         },
         "optim": {
-            "generator": {"lr": 2e-4, "betas": [0.0, 0.999], "weight_decay": 0.0},
+            # (a dataset of your own; the built-in data gets builtin_data_config below) generator
+            # lr 4x below the fake score's, and only 25 generator updates (125 iterations): in
+            # plain DMD2 the toy's mode spread erodes with every generator update
+            "generator": {"lr": 5e-5, "betas": [0.0, 0.999], "weight_decay": 0.0},
             "fake_score": {"lr": 2e-4, "betas": [0.0, 0.999], "weight_decay": 0.0},
         },
-        "train": {"max_steps": 300, "micro_batch_size": 8, "max_grad_norm": 1.0, "seed": 0},
+        "train": {"max_steps": 125, "micro_batch_size": 8, "max_grad_norm": 1.0, "seed": 0},
         "logging": {"interval_steps": 10},
-        "validation": {"interval_steps": 50},  # the toy quality metrics (megadmd/toy/quality.py)
+        "validation": {"interval_steps": 25},  # the toy quality metrics (megadmd/toy/quality.py)
         "checkpoint": {"interval_steps": 100, "keep_last": 2},
     },
-    # DMD v1's regression of the first step on 512 pairs of the toy teacher's 16-step ODE, which
-    # the run samples at start-up (toy.builtin.write_toy_pairs). Only on the built-in data: with a
-    # dataset of your own, the pairs come from 'megadmd synth --save-noise' and you set the weight
-    builtin_data_config={"dmd": {"regression": {"weight": 1.0, "num_steps": 1, "batch_size": 32}}},
+    # The recipe tuned on the built-in toy problem (docs/quality-benchmark.md has an ablation row
+    # for each part), applied only when the run trains on the built-in data (no data.path):
+    # - data-free: the generator makes its own inputs (synthetic-latent mode drifts modes faster);
+    # - the first step (pure-noise input) is not trained by DMD, whose gradient drags that one
+    #   point per prompt to one mode; DMD v1's regression on 512 pairs of the toy teacher's
+    #   16-step ODE, which the run samples at start-up (toy.builtin.write_toy_pairs), trains it;
+    # - guidance only at t <= 750 in the DMD real score;
+    # - generator lr 2e-4 and 300 iterations (60 generator updates).
+    # With a dataset of your own, the pairs come from 'megadmd synth --save-noise' and you set
+    # dmd.regression.weight; the rest of the tiny preset is the plain DMD2 recipe above.
+    builtin_data_config={
+        "dmd": {"simulate_generator_forward": True, "train_first_step": False, "guidance_interval": [0.0, 0.75],
+                "regression": {"weight": 1.0, "num_steps": 1, "batch_size": 32}},
+        "optim": {"generator": {"lr": 2e-4}},
+        "train": {"max_steps": 300},
+        "validation": {"interval_steps": 50},
+    },
 ))
 _register(Preset(
     name="wan2.1-t2v-1.3b",
@@ -162,11 +171,17 @@ _register(Preset(
     wan_config=WAN22_TI2V_5B_CONFIG,
     video_size=(121, 704, 1280),  # 31 x 44 x 80 latents, 27,280 tokens
     vae_scale=(4, 16),
+    # As examples/distill/Wan2.2-TI2V-5B-Diffusers/Data-free/distill_dmd_t2v_5B.sh runs it: 4,000
+    # iterations (FastVideo's docs say 3,000; the script is what ran), both learning rates on
+    # cosine_with_min_lr = max(0.5, cos) over those iterations after a 100-iteration linear warm-up
+    # (the warm-up and min_lr_ratio flags are shared by both schedulers there).
     config=_merge(_WAN21_RECIPE, {
         "dmd": {"flow_shift": 5.0, "guidance_scale": 3.0, "simulate_generator_forward": True},
-        "optim": {"generator": {"lr": 4e-6, "scheduler": "cosine", "warmup_steps": 100, "min_lr_ratio": 0.5},
-                  "fake_score": {"lr": 2e-6, "scheduler": "cosine", "warmup_steps": 100, "min_lr_ratio": 0.5}},
-        "train": {"max_steps": 3000},
+        "optim": {"generator": {"lr": 4e-6, "scheduler": "cosine_with_min_lr", "warmup_steps": 100,
+                                "min_lr_ratio": 0.5},
+                  "fake_score": {"lr": 2e-6, "scheduler": "cosine_with_min_lr", "warmup_steps": 100,
+                                 "min_lr_ratio": 0.5}},
+        "train": {"max_steps": 4000},
     }),
 ))
 

@@ -22,16 +22,10 @@ from typing import Any, Optional
 import torch
 
 from .config import ROLES, ConfigError, DeepSpeedConfig, OptimConfig, OptimTree, TrainConfig
+from .interop.deepspeed_json import merge_ds_config
 from .models import WanExperts, load_role_model
 
 log = logging.getLogger("megadmd")
-
-# Keys our config owns. A DeepSpeed template that sets any of them is an error, so there is one
-# source of truth for batch size, precision and clipping.
-OWNED_DS_KEYS = (
-    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-    "bf16", "fp16", "gradient_clipping", "optimizer", "scheduler",
-)
 
 
 def ds_configs_dir() -> Path:
@@ -44,27 +38,29 @@ def ds_configs_dir() -> Path:
     return Path(sys.prefix) / "share" / "megadmd" / "ds_configs"
 
 
-def load_ds_template(name_or_path: str, key: str) -> dict:
+def ds_template_path(name_or_path: str) -> Path:
+    """A name in ``ds_configs/`` (no suffix) or a path to a JSON file."""
     p = Path(name_or_path)
-    if not p.suffix:
-        p = ds_configs_dir() / f"{name_or_path}.json"
+    return ds_configs_dir() / f"{name_or_path}.json" if not p.suffix else p
+
+
+def load_ds_template(name_or_path: str, key: str) -> dict:
+    """A DeepSpeed JSON: one of ``ds_configs/`` or the user's own, full or partial. The keys
+    megadmd owns are checked against its config when filled (interop/deepspeed_json.py)."""
+    p = ds_template_path(name_or_path)
     if not p.is_file():
         raise ConfigError(f"{key}: DeepSpeed config '{name_or_path}' not found (looked at {p})")
     try:
         tpl = json.loads(p.read_text())
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{key}: DeepSpeed config {p} is not valid JSON: {exc}") from exc
-    owned = [k for k in OWNED_DS_KEYS if k in tpl]
-    if owned:
-        raise ConfigError(
-            f"{key}: DeepSpeed config {p} sets {', '.join(owned)}; megadmd's config owns these "
-            f"(train.micro_batch_size, train.grad_accum_steps, model.precision, "
-            f"train.max_grad_norm), remove them from the template"
-        )
-    stage = tpl.get("zero_optimization", {}).get("stage")
+    if not isinstance(tpl, dict):
+        raise ConfigError(f"{key}: DeepSpeed config {p} must hold a JSON object")
+    zero = tpl.get("zero_optimization")
+    stage = zero.get("stage") if isinstance(zero, dict) else zero
     if stage != 3:
-        raise ConfigError(f"{key}: DeepSpeed config {p} must use ZeRO stage 3, got {stage}")
-    if tpl["zero_optimization"].get("reduce_scatter", True) is False:
+        raise ConfigError(f"{key}: DeepSpeed config {p} must use ZeRO stage 3 (zero_optimization.stage), got {stage}")
+    if zero.get("reduce_scatter", True) is False:
         # Without reduce-scatter DeepSpeed scales gradients by sp (DeepSpeed #5248).
         raise ConfigError(f"{key}: DeepSpeed config {p} sets reduce_scatter false, which gives "
                           f"wrong gradient scale with sequence parallelism; remove it")
@@ -72,39 +68,118 @@ def load_ds_template(name_or_path: str, key: str) -> dict:
 
 
 def fill_ds_config(template: dict, train: TrainConfig, dp_size: int, bf16: bool, trainable: bool,
-                   load_universal: bool = False) -> dict:
-    cfg = json.loads(json.dumps(template))
+                   load_universal: bool = False, optim: Optional[OptimConfig] = None,
+                   key: str = "deepspeed", source: str = "template", role: str = "") -> dict:
+    """The JSON ``deepspeed.initialize`` gets: the template with megadmd's batch sizes, precision,
+    clipping (and, for a trainable role, its optimizer settings) checked and filled in."""
+    cfg = merge_ds_config(json.loads(json.dumps(template)), source=source, key=key,
+                          micro_batch=train.micro_batch_size, grad_accum=train.grad_accum_steps,
+                          dp_size=dp_size, bf16=bf16, max_grad_norm=train.max_grad_norm, trainable=trainable,
+                          optim=optim if trainable else None, role=role)
     if load_universal:  # resuming a checkpoint saved at another world size
         cfg.setdefault("checkpoint", {})["load_universal"] = True
-    cfg["train_micro_batch_size_per_gpu"] = train.micro_batch_size
-    cfg["gradient_accumulation_steps"] = train.grad_accum_steps
-    cfg["train_batch_size"] = train.micro_batch_size * train.grad_accum_steps * dp_size
-    cfg["bf16"] = {"enabled": bool(bf16)}
-    if trainable and train.max_grad_norm > 0:
-        cfg["gradient_clipping"] = float(train.max_grad_norm)
     cfg.setdefault("steps_per_print", 1 << 30)
     cfg.setdefault("wall_clock_breakdown", False)
     return cfg
 
 
-def lr_lambda(opt: OptimConfig, total_steps: int):
-    """Multiplier of the base LR at optimizer step ``n``: linear warmup, then constant, cosine
-    or linear decay to ``min_lr_ratio`` at ``total_steps``."""
-    warm = opt.warmup_steps
-    floor = opt.min_lr_ratio
-    total = max(total_steps, 1)
+def role_ds_config(role: str, ds: DeepSpeedConfig, train: TrainConfig, optim: OptimTree, dp_size: int,
+                   bf16: bool, load_universal: bool = False) -> dict:
+    """Role ``role``'s DeepSpeed JSON, loaded from ``deepspeed.<role>`` and filled."""
+    name, key = getattr(ds, role), f"deepspeed.{role}"
+    trainable = role != "teacher"
+    return fill_ds_config(load_ds_template(name, key), train, dp_size, bf16, trainable,
+                          load_universal=load_universal and trainable,
+                          optim=getattr(optim, role) if trainable else None, key=key,
+                          source=str(ds_template_path(name)), role=role)
 
-    def f(n: int) -> float:
-        if warm > 0 and n < warm:
-            return (n + 1) / warm
-        if opt.scheduler == "constant":
-            return 1.0
-        progress = min(max(n - warm, 0) / max(total - warm, 1), 1.0)
-        if opt.scheduler == "cosine":
-            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-        return floor + (1 - floor) * (1 - progress)  # linear
 
-    return f
+# --- learning-rate schedules ----------------------------------------------------------------
+# Names are diffusers' ``get_scheduler`` names (whatever the installed diffusers offers), built by
+# diffusers itself; our own lambda only where diffusers has no equivalent:
+# - ``cosine_with_min_lr``: FastVideo's max(min_lr_ratio, cos) (diffusers has none; transformers'
+#   scheduler of that name is floor + (1 - floor) cos instead, our ``cosine`` with a floor);
+# - ``cosine`` with ``min_lr_ratio > 0``: floor + (1 - floor) cos, megadmd's ``cosine`` since its
+#   first version (with floor 0 it is diffusers' cosine exactly, and built by it).
+# ``constant`` with ``warmup_steps > 0`` is ``constant_with_warmup``, as megadmd's ``constant``
+# always was (diffusers' ``constant`` ignores a warm-up). Every schedule counts *iterations*, as
+# FastVideo's legacy trainer does (it steps both schedulers every iteration): the generator,
+# updated every ``generator_update_interval``-th iteration, takes the value of the iteration it
+# updates in, so warm-up and decay lengths are iterations (``train.max_steps``) for both roles.
+OWN_SCHEDULES = ("cosine_with_min_lr",)
+FLOOR_SCHEDULES = ("cosine", "linear", "cosine_with_min_lr")  # the ones min_lr_ratio shapes
+
+
+def scheduler_names() -> tuple:
+    from diffusers.optimization import SchedulerType
+
+    return tuple(sorted({t.value for t in SchedulerType} | set(OWN_SCHEDULES)))
+
+
+def check_schedule(o: OptimConfig, key: str) -> None:
+    """One line naming what to fix in ``optim.<role>``'s schedule settings."""
+    names = scheduler_names()
+    if o.scheduler not in names:
+        raise ConfigError(f"{key}.scheduler must be one of {', '.join(names)}; got '{o.scheduler}'")
+    if o.warmup_steps < 0 or not 0 <= o.min_lr_ratio <= 1:
+        raise ConfigError(f"{key}: warmup_steps must be >= 0 and min_lr_ratio in [0, 1]")
+    if o.min_lr_ratio > 0 and o.scheduler not in FLOOR_SCHEDULES:
+        raise ConfigError(f"{key}.min_lr_ratio={o.min_lr_ratio} has no effect with scheduler '{o.scheduler}' "
+                          f"(only {', '.join(FLOOR_SCHEDULES)} use it); remove it")
+    if o.scheduler == "piecewise_constant":
+        if not o.step_rules:
+            raise ConfigError(f"{key}.step_rules is required by scheduler 'piecewise_constant' "
+                              f"(diffusers' form, in iterations: e.g. '1:1000,0.1:2000,0.01')")
+        if o.warmup_steps:
+            raise ConfigError(f"{key}.warmup_steps has no effect with scheduler 'piecewise_constant'; remove it")
+    elif o.step_rules:
+        raise ConfigError(f"{key}.step_rules is used by scheduler 'piecewise_constant' only; remove it")
+    if o.num_cycles <= 0 or o.power <= 0:
+        raise ConfigError(f"{key}: num_cycles and power must be positive")
+
+
+def schedule_fn(o: OptimConfig, total_iterations: int):
+    """The LR multiplier ``f(i)`` of 0-based iteration ``i`` (``i = step - 1``), as diffusers'
+    schedulers define it over ``total_iterations``."""
+    warm, floor, total = o.warmup_steps, o.min_lr_ratio, max(total_iterations, 1)
+    if o.scheduler == "cosine_with_min_lr":
+        def f(i: int) -> float:  # FastVideo's: linear warm-up from 0, then max(floor, half cosine)
+            if i < warm:
+                return i / max(1, warm)
+            progress = (i - warm) / max(1, total - warm)
+            return max(floor, 0.5 * (1.0 + math.cos(math.pi * progress)))
+        return f
+    if o.scheduler == "cosine" and floor > 0:
+        def g(i: int) -> float:  # megadmd's cosine with a floor: floor + (1 - floor) * half cosine
+            if i < warm:
+                return i / max(1, warm)
+            progress = min((i - warm) / max(1, total - warm), 1.0)
+            return floor + (1 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return g
+    from diffusers.optimization import get_linear_schedule_with_warmup, get_scheduler
+
+    dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=o.lr)  # polynomial reads the base lr
+    if o.scheduler == "linear":  # diffusers' linear decays to f_min; get_scheduler does not pass it
+        sched = get_linear_schedule_with_warmup(dummy, warm, total, f_min=floor)
+    else:
+        name = "constant_with_warmup" if o.scheduler == "constant" and warm > 0 else o.scheduler
+        sched = get_scheduler(name, dummy, step_rules=o.step_rules or None, num_warmup_steps=warm,
+                              num_training_steps=total, num_cycles=int(o.num_cycles), power=o.power)
+    return sched.lr_lambdas[0]
+
+
+def update_iteration(n: int, update_interval: int) -> int:
+    """The 0-based iteration of a role's 0-based optimizer update ``n``: the generator updates at
+    iterations I, 2I, ... (``step % I == 0``), the fake score (I = 1) at every iteration."""
+    return (n + 1) * update_interval - 1
+
+
+def lr_scheduler(optimizer, o: OptimConfig, max_steps: int, update_interval: int):
+    """A LambdaLR that DeepSpeed steps once per optimizer update, valued by the iteration the
+    update happens in. A checkpoint's scheduler state is its update count, so runs saved before
+    schedules counted iterations resume at the right place (the warm-up now counts iterations)."""
+    f = schedule_fn(o, max_steps)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda n: f(update_iteration(n, update_interval)))
 
 
 @dataclass
@@ -119,13 +194,6 @@ class Models:
 
     def engine(self, role: str):
         return getattr(self, role)
-
-
-def optimizer_steps_total(role: str, max_steps: int, generator_update_interval: int) -> int:
-    """How many times a role's optimizer steps in a run (the LR schedule's length)."""
-    if role == "generator":
-        return max_steps // generator_update_interval
-    return max_steps
 
 
 def param_groups(module: torch.nn.Module, own_groups: Optional[dict] = None) -> list[dict]:
@@ -153,15 +221,37 @@ def param_groups(module: torch.nn.Module, own_groups: Optional[dict] = None) -> 
 def restrict_step_to_used_experts(engine) -> None:
     """Before an engine step: give the expert that did not run in this update a zero learning
     rate, so its parameters (and, through AdamW's decoupled decay, its weights) stay exactly as
-    they are. Its Adam moments still decay by beta that step. The LR scheduler restores every
-    group's rate when it steps. A no-op for one-expert models and between accumulation steps."""
+    they are, and a zero gradient: ZeRO-3 would otherwise step it with its last gradient, which
+    would count in the global norm (the clipping of the expert that ran) and in its Adam moments.
+    Its moments only decay by beta that step. The LR scheduler restores every group's rate when
+    it steps. A no-op for one-expert models and between accumulation steps."""
+    from .zero import zero_gradient_partitions
+
     module = engine.module
     if not isinstance(module, WanExperts) or not engine.is_gradient_accumulation_boundary():
         return
+    idle = [name for name in ("high", "low") if name not in module.used]
     for group in engine.optimizer.param_groups:
-        if group.get("name") in ("high", "low") and group["name"] not in module.used:
+        if group.get("name") in idle:
             group["lr"] = 0.0
+    for name in idle:
+        zero_gradient_partitions(engine, getattr(module, name).parameters())
     module.used.clear()
+
+
+def recover_from_skipped_step(engine) -> None:
+    """After a step DeepSpeed skipped (non-finite gradients), undo what the skip leaves behind:
+    the non-finite gradient partitions of parameters the next update may not touch (zero.py),
+    and the rates ``restrict_step_to_used_experts`` zeroed, which the LR scheduler's step would
+    have restored but a skipped step does not step it (an expert would stay frozen)."""
+    from .zero import zero_gradient_partitions
+
+    zero_gradient_partitions(engine)
+    sched = engine.lr_scheduler
+    if sched is None:
+        return
+    for group, lr in zip(engine.optimizer.param_groups, sched.get_last_lr()):
+        group["lr"] = lr
 
 
 def build_models(paths: dict, optim: OptimTree, train: TrainConfig, ds: DeepSpeedConfig,
@@ -186,9 +276,8 @@ def build_models(paths: dict, optim: OptimTree, train: TrainConfig, ds: DeepSpee
         module = load_role_model(path, dtype, boundary_ratio, what=f"{role} model")
         if prepare_module is not None:
             prepare_module(role, module)
-        ds_cfg = fill_ds_config(load_ds_template(getattr(ds, role), f"deepspeed.{role}"), train,
-                                pstate.dp_size, bf16=dtype == torch.bfloat16, trainable=trainable,
-                                load_universal=load_universal and trainable)
+        ds_cfg = role_ds_config(role, ds, train, optim, pstate.dp_size, bf16=dtype == torch.bfloat16,
+                                load_universal=load_universal)
         for sub in module.modules():  # buffers (RoPE tables) go to the device; zero.Init places the params
             for key, buf in sub._buffers.items():
                 if buf is not None:
@@ -205,10 +294,10 @@ def build_models(paths: dict, optim: OptimTree, train: TrainConfig, ds: DeepSpee
         if trainable:
             module.train()
             o: OptimConfig = getattr(optim, role)
-            opt = torch.optim.AdamW(param_groups(module, (own_groups or {}).get(role)), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay,
-                                    eps=o.eps)
-            sched = torch.optim.lr_scheduler.LambdaLR(
-                opt, lr_lambda(o, optimizer_steps_total(role, train.max_steps, generator_update_interval)))
+            opt = torch.optim.AdamW(param_groups(module, (own_groups or {}).get(role)), lr=o.lr, betas=tuple(o.betas),
+                                    weight_decay=o.weight_decay, eps=o.eps)
+            interval = generator_update_interval if role == "generator" else 1
+            sched = lr_scheduler(opt, o, train.max_steps, interval)
             engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, lr_scheduler=sched,
                                                    config=ds_cfg, mpu=pstate)
         else:

@@ -7,19 +7,21 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .checkpoint import Checkpointer, step_name
-from .config import RunConfig, save_resolved
-from .data.format import LatentDataset
+from .checkpoint import Checkpointer, read_state
+from .config import RunConfig, save_resolved, to_dict
+from .data.format import open_dataset
 from .data.loader import BatchSource
 from .dmd.trainer import DMDTrainer
 from .ema import PartitionEMA
-from .metrics import MetricsWriter, setup_logging
+from .metrics import MetricsWriter
+from .monitoring.console import setup_logging
 from .parallel.init import env_world_size, init_distributed
 from .parallel.state import ParallelState
 from .preemption import PreemptionFlag
 from .preflight import TrainPlan, preflight_train
 from .rng import SampleRNG
 from .roles import build_models
+from .safety.runfolder import lock_output_dir, settle_resume
 from .validation import build_validator
 
 log = logging.getLogger("megadmd")
@@ -34,11 +36,9 @@ def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
 
 
 def prepare_outputs(cfg: RunConfig, plan: TrainPlan, pstate: ParallelState) -> None:
-    """Rank 0 creates the output folder, saves the resolved config, writes built-in data."""
+    """Rank 0 writes the built-in data (the output folder exists: the run lock is in it). The
+    resolved config.json is written only once every check has passed (``build_trainer``)."""
     if pstate.rank == 0:
-        out = Path(cfg.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        save_resolved(cfg, out / "config.json")
         if plan.builtin_data and not (Path(plan.data_path) / "index.json").is_file():
             from .toy.builtin import write_toy_dataset
 
@@ -52,6 +52,13 @@ def prepare_outputs(cfg: RunConfig, plan: TrainPlan, pstate: ParallelState) -> N
                      TOY_PAIRS, TOY_PAIR_ODE_STEPS, plan.regression_path)
             write_toy_pairs(plan.regression_path, plan.model_paths["teacher"], TOY_PAIRS, TOY_PAIR_ODE_STEPS,
                             d.guidance_scale, d.cfg_form, d.flow_shift, seed=cfg.train.seed)
+        if plan.data_format == "fastvideo":  # the parquet footers are read once, here, for all ranks
+            from .interop.fastvideo_data import describe_index, write_index
+
+            idx = write_index(plan.data_path, plan.data_options["index_cache"])
+            log.info("FastVideo dataset %s: %s", plan.data_path, describe_index(idx))
+            if plan.data_options.get("latent_stats_source"):
+                log.info("FastVideo latents normalized with %s", plan.data_options["latent_stats_source"])
     dist.barrier()
 
 
@@ -88,14 +95,42 @@ def own_param_groups(cfg: RunConfig) -> dict:
     return {"fake_score": {f"{HEAD_ATTR}.": {"lr": lr, "betas": tuple(g.head_betas)}}}
 
 
-def build_trainer(cfg: RunConfig, local_rank: int | None = None) -> DMDTrainer:
-    """Everything before the first iteration: checks, processes, outputs, engines, data, and the
-    state of the checkpoint being resumed."""
-    plan = preflight_train(cfg, env_world_size())  # raises ConfigError before anything is written
+def log_run_info(cfg: RunConfig, plan: TrainPlan, pstate: ParallelState, writer: MetricsWriter,
+                 toy_quality: bool) -> None:
+    """The resolved config and the main hyperparameters, once per start, to the tracking backends."""
+    from .monitoring.hparams import main_hparams, result_metrics
+
+    config = to_dict(cfg)
+    step = 0
+    if plan.resume_from is not None:
+        step = int(read_state(plan.resume_from).get("step", 0))
+    writer.run_info(config, main_hparams(config, pstate.world_size, pstate.dp_size), result_metrics(toy_quality), step)
+
+
+def build_trainer(cfg: RunConfig, local_rank: int | None = None, overwrite: bool = False) -> DMDTrainer:
+    """Everything before the first iteration: checks, processes, the run lock, outputs, engines,
+    data, and the state of the checkpoint being resumed. The lock is held (``trainer.run_lock``)
+    until ``run_train`` ends; on an error here it is released."""
+    plan = preflight_train(cfg, env_world_size(), overwrite)  # raises ConfigError before anything is written
     proc = init_distributed(cfg.parallel.backend, local_rank)
     setup_logging(proc.rank)
     pstate = ParallelState.build(cfg.parallel.sp_size)
     log.info("layout: %s, device %s", pstate.describe(), proc.device)
+    lock = lock_output_dir(cfg.output_dir, pstate)
+    try:
+        trainer = _build_locked(cfg, plan, proc, pstate, overwrite)
+    except BaseException:
+        lock.release()
+        raise
+    trainer.run_lock = lock
+    return trainer
+
+
+def _build_locked(cfg: RunConfig, plan: TrainPlan, proc, pstate: ParallelState, overwrite: bool) -> DMDTrainer:
+    checkpointer = Checkpointer(cfg, pstate, plan.role_configs)
+    plan.resume_from = settle_resume(cfg, pstate, checkpointer, overwrite)
+    plan.resume_universal = plan.resume_from is not None and \
+        read_state(plan.resume_from)["world_size"] != pstate.world_size
     prepare_outputs(cfg, plan, pstate)
     dtype = compute_dtype(cfg.model.precision, proc.device)
     vsa = None
@@ -109,7 +144,8 @@ def build_trainer(cfg: RunConfig, local_rank: int | None = None) -> DMDTrainer:
         cfg.dmd.generator_update_interval, load_universal=plan.resume_universal,
         boundary_ratio=cfg.model.boundary_ratio, own_groups=own_param_groups(cfg),
         prepare_module=lambda role, module: prepare_module(cfg, pstate, vsa, plan.model_paths, role, module))
-    data = BatchSource(LatentDataset(plan.data_path), micro_batch=cfg.train.micro_batch_size,
+    data = BatchSource(open_dataset(plan.data_path, plan.data_format, **plan.data_options),
+                       micro_batch=cfg.train.micro_batch_size,
                        dp_rank=pstate.dp_rank, dp_size=pstate.dp_size, seed=cfg.train.seed,
                        text_len=plan.text_len, device=proc.device)
     regression_data = None
@@ -118,7 +154,8 @@ def build_trainer(cfg: RunConfig, local_rank: int | None = None) -> DMDTrainer:
         regression_data = BatchSource(pairs, micro_batch=cfg.dmd.regression.batch_size or cfg.train.micro_batch_size,
                                       dp_rank=pstate.dp_rank, dp_size=pstate.dp_size, seed=cfg.train.seed + 1,
                                       text_len=plan.text_len or data.text_len, device=proc.device)
-    writer = MetricsWriter(cfg.output_dir, enabled=pstate.rank == 0 and cfg.logging.tensorboard)
+    writer = MetricsWriter(cfg.output_dir, enabled=pstate.rank == 0, logging_cfg=cfg.logging,
+                           resuming=plan.resume_from is not None)
     ema = PartitionEMA(models.generator.module, cfg.ema.decay, cfg.ema.start_step) if cfg.ema.decay else None
     trainer = DMDTrainer(cfg, models, data, pstate, SampleRNG(cfg.train.seed, proc.device), writer,
                          proc.device, vsa=vsa, ema=ema, sample_shape=plan.latent_shape,
@@ -126,30 +163,41 @@ def build_trainer(cfg: RunConfig, local_rank: int | None = None) -> DMDTrainer:
     validator = build_validator(cfg, plan, data.dataset, trainer.steps, pstate.rank)
     if validator is not None:
         trainer.hooks.append(validator.maybe_run)
-    trainer.checkpointer = Checkpointer(cfg, pstate, plan.role_configs)
-    trainer.hooks.append(trainer.checkpointer.maybe_save)
+    trainer.checkpointer = checkpointer
+    trainer.hooks.append(checkpointer.maybe_save)
     if plan.resume_from is not None:
-        trainer.checkpointer.load(trainer, plan.resume_from)
+        checkpointer.load(trainer, plan.resume_from)
+    # after the checks of the resumed state: a refused resume leaves no event file behind
+    log_run_info(cfg, plan, pstate, writer, toy_quality=validator is not None and plan.builtin_data)
+    if pstate.rank == 0:
+        save_resolved(cfg, Path(cfg.output_dir) / "config.json")
+    dist.barrier()
     return trainer
 
 
-def run_train(cfg: RunConfig, local_rank: int | None = None) -> DMDTrainer:
+def run_train(cfg: RunConfig, local_rank: int | None = None, overwrite: bool = False) -> DMDTrainer:
     """``megadmd train``: build, run the iterations, save a last checkpoint, close.
 
     SIGTERM or SIGUSR1 on any rank stops all ranks after the current iteration; they save and
     return normally (exit status 0), ready to be resumed with ``checkpoint.resume=auto``.
     """
-    trainer = build_trainer(cfg, local_rank)
+    trainer = build_trainer(cfg, local_rank, overwrite)
     trainer.preemption = PreemptionFlag().install()
     try:
         trainer.train()
         ckpt = trainer.checkpointer
-        if trainer.state.step > 0 and not (ckpt.root / step_name(trainer.state.step)).is_dir():
+        ckpt.finish_pending()
+        if trainer.state.step > 0 and ckpt.state_step != trainer.state.step:
             ckpt.save(trainer)
     finally:
         trainer.preemption.uninstall()
         trainer.writer.close()
+        trainer.run_lock.release()
     what = "preempted" if trainer.preempted else "done"
-    log.info("%s: %d iterations (%d generator updates) in %s", what, trainer.state.step,
-             trainer.state.generator_updates, cfg.output_dir)
+    st = trainer.state
+    skipped = st.generator_skipped + st.fake_score_skipped
+    log.info("%s: %d iterations (%d generator updates, %d fake_score updates%s) in %s", what, st.step,
+             st.generator_updates, st.fake_score_updates,
+             f"; skipped for non-finite values: {st.generator_skipped} generator, {st.fake_score_skipped} "
+             f"fake_score" if skipped else "", cfg.output_dir)
     return trainer

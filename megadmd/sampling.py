@@ -5,6 +5,8 @@
 - ``sample_generator``: the few-step inference sampler (denoise, re-noise with fresh noise).
 - ``sample_teacher``: N-step flow-matching Euler with CFG.
 
+The same few-step sampler inside diffusers' pipelines is ``megadmd.pipeline.DMDScheduler``.
+
 The velocity functions close over a model; the code here only does the schedule arithmetic.
 """
 from __future__ import annotations
@@ -99,21 +101,3 @@ def cfg_velocity(v_pair: Callable[[torch.Tensor, torch.Tensor], tuple], guidance
 
     return v
 
-
-def dmd_scheduler(steps: Sequence[float] = (1000, 757, 522)):
-    """A diffusers scheduler that samples a distilled generator on its DMD schedule inside
-    diffusers pipelines (``WanPipeline(..., scheduler=dmd_scheduler())``, ``guidance_scale=1``).
-
-    diffusers' ``FlowMatchEulerDiscreteScheduler`` with ``stochastic_sampling`` does exactly the
-    DMD step (x0 from the velocity, then fresh noise to the next sigma); this subclass pins its
-    sigmas to ``steps / 1000`` whatever ``num_inference_steps`` the pipeline asks for.
-    """
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    sigmas = [float(t) / 1000.0 for t in steps]
-
-    class DMDFlowMatchScheduler(FlowMatchEulerDiscreteScheduler):
-        def set_timesteps(self, num_inference_steps=None, device=None, **kwargs):
-            super().set_timesteps(sigmas=sigmas, device=device)
-
-    return DMDFlowMatchScheduler(shift=1.0, stochastic_sampling=True)

@@ -9,7 +9,7 @@ started, the EMA weights are sampled as well (``validation/ema/<i>``).
 
 Each prompt is sampled from ``validation.noises_per_prompt`` noises (the images show the first).
 For real runs, where no modes are known, two label-free statistics watch for DMD's failures
-(megadmd/monitor/diversity.py): ``validation/<model>/diversity``, the mean pairwise RMS distance
+(megadmd/monitoring/diversity.py): ``validation/<model>/diversity``, the mean pairwise RMS distance
 between one prompt's samples (it falls when the generator collapses onto fewer outputs), and
 ``validation/<model>/x0_std``, ``x0_abs_mean`` and ``x0_extreme_share`` (saturation), next to the
 same statistics of the training latents under ``validation/data/`` when the dataset has latents.
@@ -26,7 +26,7 @@ from .config import ValidationConfig
 from .data.format import LatentDataset
 from .data.loader import pad_text
 from .models import predict_velocity
-from .monitor.diversity import pairwise_diversity, x0_stats
+from .monitoring.diversity import pairwise_diversity, x0_stats
 from .rng import sample_seed
 from .sampling import sample_generator
 
@@ -126,7 +126,7 @@ class Validator:
             log.info("validation %s at step %d: %s", name, step, ", ".join(f"{k} {v:.4g}" for k, v in stats.items()))
             latents = samples[0]
             for i, lat in enumerate(latents):
-                trainer.writer.image(f"validation/{name}/{i}", latents_to_image(lat), step)
+                trainer.writer.image(f"validation/{name}/{i}", latents_to_image(lat), step, caption=self.captions[i])
             if self.cfg.vae_path:
                 self._log_decoded(trainer, name, latents, step)
         trainer.writer.scalars(scalars, step)
@@ -142,7 +142,8 @@ class Validator:
         out = self.output_dir / "validation" / f"step-{step:08d}"
         out.mkdir(parents=True, exist_ok=True)
         for i, v in enumerate(videos):
-            trainer.writer.image(f"validation/{name}_frames/{i}", frames_grid(v).permute(2, 0, 1).float() / 255, step)
+            trainer.writer.image(f"validation/{name}_frames/{i}", frames_grid(v).permute(2, 0, 1).float() / 255, step,
+                                 caption=self.captions[i])
             write_mp4(out / f"{name}_{i:02d}.mp4", v)
 
 

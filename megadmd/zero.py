@@ -1,5 +1,8 @@
-"""Small ZeRO-3 helpers: full (gathered) parameters of a partitioned module."""
+"""Small ZeRO-3 helpers: full (gathered) parameters of a partitioned module; clearing a ZeRO-3
+optimizer's gradient partitions."""
 from __future__ import annotations
+
+from typing import Iterable, Optional
 
 import torch
 
@@ -22,3 +25,33 @@ def full_state_dict(module: torch.nn.Module, dtype: torch.dtype | None = None) -
         if name in persistent:
             out[name] = b.detach().to("cpu").clone()
     return out
+
+
+def zero_gradient_partitions(engine, params: Optional[Iterable[torch.nn.Parameter]] = None) -> None:
+    """Zero this rank's ZeRO-3 gradient partitions of ``params`` (default: every parameter).
+
+    ZeRO-3 keeps each parameter's reduced gradient partition in a flat buffer that only the next
+    gradient of that parameter overwrites (with optimizer offload, also in the fp32 groups'
+    ``.grad``). A parameter that gets no gradient in an update -- the idle expert of a two-expert
+    model -- would step with its previous gradient: counted in the global norm, hence in the
+    clipping of the expert that did run, and in its own Adam moments. After a step DeepSpeed
+    skipped, that previous gradient is non-finite and would make every later step skip too (or,
+    with offload, whose norm skips it, turn the idle expert's moments and weights into NaN).
+    Local: no collective.
+    """
+    opt = engine.optimizer
+    wanted = None if params is None else {id(p) for p in params}
+    flat = opt.grad_partitions_flat_buffer  # one partition per parameter, in fp16_groups order
+    offset = 0
+    for group in opt.fp16_groups:
+        for p in group:
+            n = p.partition_numel()
+            if wanted is None or id(p) in wanted:
+                flat.narrow(0, offset, n).zero_()
+                position = opt.grad_position.get(opt.get_param_id(p)) if opt.offload_optimizer else None
+                if position is not None:
+                    i, start, count = position
+                    grad = opt.fp32_partitioned_groups_flat[i].grad
+                    if grad is not None:
+                        grad.narrow(0, start, count).zero_()
+            offset += n

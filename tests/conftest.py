@@ -27,3 +27,21 @@ def single_process_world():
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         os.environ.pop(k, None)
     return init_distributed("gloo")
+
+
+TRAINED_RUN_OVERRIDES = ["train.max_steps=4", "checkpoint.interval_steps=2", "checkpoint.keep_last=0",
+                         "dmd.generator_update_interval=2", "ema.decay=0.5", "train.micro_batch_size=2",
+                         "logging.tensorboard=false", "logging.interval_steps=2"]
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, test_model_dir, test_dataset_dir, single_process_world):
+    """A finished tiny run (checkpoints at steps 2 and 4, with an EMA) and the overrides that made
+    it; tests copy it before changing anything."""
+    from megadmd.config import resolve
+    from megadmd.runner import run_train
+
+    out = tmp_path_factory.mktemp("trained") / "run"
+    overrides = [f"model.teacher_path={test_model_dir}", f"data.path={test_dataset_dir}", *TRAINED_RUN_OVERRIDES]
+    run_train(resolve(overrides=[f"output_dir={out}", *overrides]))
+    return out, overrides

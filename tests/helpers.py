@@ -49,6 +49,9 @@ def _spawn_entry(rank: int, world: int, port: int, fn, args) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       LOCAL_RANK=str(rank), WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
+    from megadmd.monitoring.console import quiet_known_warnings
+
+    quiet_known_warnings()  # as the CLI does on every rank (pytest's filters stop at this process)
     fn(rank, world, *args)
     # An orderly exit: without it a rank can leave while gloo's threads still serve the other
     # one, and the C++ runtime aborts the process ("terminate called without an active exception").
@@ -118,9 +121,11 @@ def save_tiny_vae(path: Path, z_dim: int = 4) -> Path:
     return path
 
 
-def save_tiny_wan22_pipeline(path: Path, boundary_ratio: float = 0.875) -> Path:
-    """A diffusers Wan2.2 pipeline folder with two tiny experts, a tiny VAE, UMT5 and tokenizer."""
-    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
+def save_tiny_wan_pipeline(path: Path, boundary_ratio: float | None = None, scheduler=None) -> Path:
+    """A diffusers Wan pipeline folder: a tiny DiT, a tiny VAE, UMT5 and tokenizer, and (by
+    default) the UniPC scheduler Wan's pipelines ship with. With ``boundary_ratio``, a Wan2.2
+    pipeline with two tiny experts."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline
     from transformers import AutoTokenizer, UMT5EncoderModel
 
     from megadmd.models import build_wan
@@ -128,14 +133,23 @@ def save_tiny_wan22_pipeline(path: Path, boundary_ratio: float = 0.875) -> Path:
     parts = path.parent / f".{path.name}-parts"
     enc = save_tiny_text_encoder(parts / "umt5")
     vae = save_tiny_vae(parts / "vae")
+    experts = {} if boundary_ratio is None else {"transformer_2": build_wan(TEST_WAN_CONFIG, seed=1),
+                                                 "boundary_ratio": boundary_ratio}
     pipe = WanPipeline(tokenizer=AutoTokenizer.from_pretrained(str(enc)),
                        text_encoder=UMT5EncoderModel.from_pretrained(str(enc)),
                        vae=AutoencoderKLWan.from_pretrained(str(vae)),
-                       scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-                       transformer=build_wan(TEST_WAN_CONFIG, seed=0), transformer_2=build_wan(TEST_WAN_CONFIG, seed=1),
-                       boundary_ratio=boundary_ratio)
+                       scheduler=scheduler or UniPCMultistepScheduler(prediction_type="flow_prediction",
+                                                                      use_flow_sigmas=True, flow_shift=3.0),
+                       transformer=build_wan(TEST_WAN_CONFIG, seed=0), **experts)
     pipe.save_pretrained(str(path))
     return path
+
+
+def save_tiny_wan22_pipeline(path: Path, boundary_ratio: float = 0.875) -> Path:
+    """A diffusers Wan2.2 pipeline folder with two tiny experts, a tiny VAE, UMT5 and tokenizer."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return save_tiny_wan_pipeline(path, boundary_ratio, FlowMatchEulerDiscreteScheduler(shift=3.0))
 
 
 # A tiny Wan2.1-style image-to-video DiT: 4 noise + 4 mask + 4 image channels, CLIP embeddings of
@@ -166,3 +180,168 @@ def save_test_images(folder: Path, count: int) -> Path:
         names.append(f"img{i}.png")
     (folder / "images.txt").write_text("\n".join(names) + "\n")
     return folder / "images.txt"
+
+
+def invoke_cli(*args):
+    """``megadmd ARGS`` in this process with click's CliRunner (much faster than a subprocess).
+    Commands keep the test session's one-process gloo world (``shutdown_distributed`` is skipped),
+    and megadmd's log handler is reset so each command's log lines land in its own result."""
+    from unittest import mock
+
+    from click.testing import CliRunner
+
+    from megadmd.cli import main
+
+    reset_logging()
+    try:
+        with mock.patch("megadmd.cli.shutdown_distributed", lambda: None):
+            return CliRunner().invoke(main, [str(a) for a in args])
+    finally:
+        reset_logging()  # the command's handler wrote to the runner's stream, closed now
+
+
+def reset_logging() -> None:
+    """megadmd's logger as before any ``setup_logging``: no handler of its own, records propagate."""
+    import logging
+
+    logger = logging.getLogger("megadmd")
+    logger.handlers.clear()
+    logger.propagate = True
+    logger.setLevel(logging.NOTSET)
+
+
+def tree_digest(path: Path) -> dict:
+    """Every file under ``path`` (relative path -> SHA-256 of its bytes) and every folder (-> None):
+    equal digests mean the folder was left byte-identical."""
+    import hashlib
+
+    path = Path(path)
+    if not path.exists():
+        return {}
+    if path.is_file():
+        return {".": hashlib.sha256(path.read_bytes()).hexdigest()}
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None
+            for p in sorted(path.rglob("*"))}
+
+
+def error_lines(result) -> list:
+    """The ``megadmd: error:`` lines a CliRunner result printed on stderr."""
+    return [ln for ln in result.stderr.splitlines() if ln.startswith("megadmd: error:")]
+def save_poisoned_dataset(path: Path, source: Path, bad: dict) -> Path:
+    """A copy of the dataset at ``source`` with sample ``i``'s tensor ``bad[i] = (key, value)``
+    (``"latents"`` or ``"text_embeds"``) filled with ``value`` (NaN, infinity)."""
+    from megadmd.data.format import DatasetWriter, LatentDataset
+
+    src = LatentDataset(source)
+    w = DatasetWriter(path, text_dim=src.info.text_dim, max_text_len=src.info.max_text_len,
+                      latent_shape=src.info.latent_shape)
+    for i in range(len(src)):
+        s = src.get(i)
+        emb, lat = s["text_embeds"][: s["text_len"]].clone(), s.get("latents")
+        key, value = bad.get(i, (None, None))
+        if key == "latents":
+            lat = torch.full_like(lat, value)
+        elif key == "text_embeds":
+            emb = torch.full_like(emb, value)
+        w.add(emb, s["caption"], lat)
+    w.finish(src.negative()[0])
+    return path
+
+
+def tiny_zero3_engine(grad_accum_steps: int = 1, lr: float = 1e-2, seed: int = 0, module=None, groups=None):
+    """A small module (default: a two-layer MLP) under a real ZeRO-3 engine (fp32, AdamW without
+    weight decay, a LambdaLR schedule), its config filled in as megadmd fills its roles': for
+    tests of what an engine step does or skips."""
+    import deepspeed
+
+    from megadmd.config import TrainConfig
+    from megadmd.roles import fill_ds_config, load_ds_template
+
+    cfg = fill_ds_config(load_ds_template(str(Path(__file__).parent / "distributed" / "zero3_partition_all.json"),
+                                          "test"),
+                         TrainConfig(grad_accum_steps=grad_accum_steps), torch.distributed.get_world_size(),
+                         bf16=False, trainable=True)
+    torch.manual_seed(seed)
+    if module is None:
+        module = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    deepspeed.zero.Init(module=module, config_dict_or_path=cfg)
+    opt = torch.optim.AdamW(groups or module.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda n: 1.0 / (n + 1))
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, lr_scheduler=sched, config=cfg)
+    return engine
+
+
+def _rewrite_index(root: Path, **changes) -> None:
+    import json
+
+    idx = json.loads((root / "index.json").read_text())
+    idx.update(changes)
+    (root / "index.json").write_text(json.dumps(idx))
+
+
+def _rewrite_shard(root: Path, **tensors) -> None:
+    """Shard 0 with some tensors replaced (its metadata kept)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    f = root / "shard-000000.safetensors"
+    with safe_open(str(f), framework="pt") as h:
+        data = {k: h.get_tensor(k) for k in h.keys()}
+        meta = h.metadata()
+    data.update(tensors)
+    save_file(data, str(f), metadata=meta)
+
+
+# Ways to damage a dataset written by save_test_dataset, each with a fragment of the one error
+# line that must name it. Used by tests/unit/test_dataset_checks.py and tests/e2e/test_bad_inputs.py.
+DATASET_DAMAGE = {
+    "index says 8x8, latents are 4x4": (
+        lambda root: _rewrite_index(root, latent_shape=[4, 2, 8, 8]),
+        r"shard-000000.safetensors: 'latents' has shape \[\d+, 4, 2, 4, 4\], index.json says \[\d+, 4, 2, 8, 8\]"),
+    "int32 latents": (
+        lambda root: _rewrite_shard(root, latents=torch.zeros(16, 4, 2, 4, 4, dtype=torch.int32)),
+        r"shard-000000.safetensors: 'latents' is I32, index.json says F32"),
+    "fewer samples than the index": (
+        lambda root: _rewrite_shard(root, latents=torch.zeros(15, 4, 2, 4, 4)),
+        r"shard-000000.safetensors: 'latents' has shape \[15, 4, 2, 4, 4\], index.json says \[16, "),
+    "truncated shard": (
+        lambda root: _truncate(root / "shard-000000.safetensors", 100),
+        r"dataset shard .*shard-000000.safetensors is damaged or truncated"),
+    "overwritten shard header": (
+        lambda root: _overwrite(root / "shard-000000.safetensors", 8, b"\x00garbage\x00" * 4),
+        r"dataset shard .*shard-000000.safetensors is damaged or truncated"),
+    "missing shard": (
+        lambda root: (root / "shard-000000.safetensors").unlink(),
+        r"dataset shard .*shard-000000.safetensors is missing"),
+    "text dimension": (
+        lambda root: _rewrite_shard(root, text_embeds=torch.zeros(16, 6, 8)),
+        r"'text_embeds' has shape \[16, 6, 8\], index.json says \[16, \*, 32\]"),
+    "text_lens out of range": (
+        lambda root: _rewrite_shard(root, text_lens=torch.full((16,), 99, dtype=torch.int32)),
+        r"text_lens outside \[1, \d+\] \(damaged\)"),
+    "index without num_samples": (
+        lambda root: _drop_index_key(root, "num_samples"),
+        r"dataset index .*index.json is damaged: missing or bad entry 'num_samples'"),
+    "truncated negative prompt": (
+        lambda root: _truncate(root / "negative.safetensors", 50),
+        r"dataset negative-prompt file .*negative.safetensors is damaged or truncated"),
+}
+
+
+def _truncate(f: Path, drop_bytes: int) -> None:
+    data = f.read_bytes()
+    f.write_bytes(data[:-drop_bytes])
+
+
+def _overwrite(f: Path, offset: int, junk: bytes) -> None:
+    data = bytearray(f.read_bytes())
+    data[offset:offset + len(junk)] = junk
+    f.write_bytes(bytes(data))
+
+
+def _drop_index_key(root: Path, key: str) -> None:
+    import json
+
+    idx = json.loads((root / "index.json").read_text())
+    del idx[key]
+    (root / "index.json").write_text(json.dumps(idx))

@@ -35,8 +35,11 @@ def _rank_main(rank: int, world: int, port: int, model_dir: str, data_dir: str, 
                       WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     from megadmd.config import resolve
+    from megadmd.monitoring.console import setup_console
     from megadmd.parallel import ulysses
     from megadmd.runner import build_trainer
+
+    setup_console(rank)  # a spawned rank: the CLI's warning filters and log lines
 
     spent = {"a2a": 0.0}
     original = ulysses._a2a

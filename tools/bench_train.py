@@ -23,8 +23,10 @@ def _rank(rank: int, world: int, port: int, overrides: list, iters: int, warmup:
                       WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     from megadmd.config import resolve
+    from megadmd.monitoring.console import setup_console
     from megadmd.runner import build_trainer
 
+    setup_console(rank)  # a spawned rank: the CLI's warning filters and log lines
     t = build_trainer(resolve(overrides=overrides))
     rss_built = peak_rss_gib()
     times = timed_iterations(t, iters, warmup)

@@ -246,6 +246,9 @@ def markdown_trajectory(history: list) -> str:
 
 
 def main() -> None:
+    from megadmd.monitoring.console import setup_console
+
+    setup_console()  # the CLI's warning filters and log lines: this trains with run_train
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teacher", default=None, help="default: the toy teacher shipped in the package")
     ap.add_argument("--per-class", type=int, default=256, help="evaluation samples per class")

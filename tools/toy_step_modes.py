@@ -61,6 +61,9 @@ def step_report(model, per_class: int, seed: int) -> list[dict]:
 
 
 def main() -> None:
+    from megadmd.monitoring.console import setup_console
+
+    setup_console()  # the CLI's warning filters and log lines: this trains with run_train
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="a diffusers Wan folder (default: the shipped toy teacher)")
     ap.add_argument("--train-steps", type=int, default=0, help="distill this many iterations first (tiny preset)")

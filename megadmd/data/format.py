@@ -43,7 +43,7 @@ from safetensors import safe_open
 from safetensors.torch import save as st_save
 
 from ..config import ConfigError
-from ..io_utils import atomic_write_bytes, atomic_write_text
+from ..io_utils import atomic_write_bytes, atomic_write_text, open_safetensors
 
 FORMAT_NAME = "megadmd-synthetic-latents"
 FORMAT_VERSION = 1
@@ -117,27 +117,41 @@ def read_index(path: str | Path) -> DatasetInfo:
         raise ConfigError(f"{root} is not a megadmd dataset (no {INDEX_FILE}); write one with "
                           f"'megadmd make-dataset' or 'megadmd synth'")
     try:
-        d = json.loads(idx.read_text())
-    except json.JSONDecodeError as exc:
+        d = json.loads(idx.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"dataset index {idx} is not valid JSON: {exc}") from exc
-    if d.get("format") != FORMAT_NAME:
+    if not isinstance(d, dict) or d.get("format") != FORMAT_NAME:
         raise ConfigError(f"dataset index {idx} is not a {FORMAT_NAME} index")
     if d.get("version") != FORMAT_VERSION:
         raise ConfigError(f"dataset {root} has format version {d.get('version')}; "
                           f"this megadmd reads version {FORMAT_VERSION}")
-    info = DatasetInfo(
-        num_samples=int(d["num_samples"]), text_dim=int(d["text_dim"]),
-        max_text_len=int(d["max_text_len"]), shard_size=int(d["shard_size"]),
-        latent_shape=d.get("latent_shape"), latent_dtype=d.get("latent_dtype", "float32"),
-        text_dtype=d.get("text_dtype", "float32"), shards=list(d.get("shards", [])),
-        extra=dict(d.get("extra", {})), image_condition=d.get("image_condition"),
-        has_noise=bool(d.get("noise", False)),
-    )
+    try:
+        info = DatasetInfo(
+            num_samples=int(d["num_samples"]), text_dim=int(d["text_dim"]),
+            max_text_len=int(d["max_text_len"]), shard_size=int(d["shard_size"]),
+            latent_shape=d.get("latent_shape"), latent_dtype=d.get("latent_dtype", "float32"),
+            text_dtype=d.get("text_dtype", "float32"), shards=list(d.get("shards", [])),
+            extra=dict(d.get("extra", {})), image_condition=d.get("image_condition"),
+            has_noise=bool(d.get("noise", False)),
+        )
+        counts = [int(s["num_samples"]) for s in info.shards]
+        files = [str(s["file"]) for s in info.shards]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"dataset index {idx} is damaged: missing or bad entry {exc}; rewrite the dataset") from None
     if info.num_samples <= 0:
         raise ConfigError(f"dataset {root} is empty (0 samples)")
-    if sum(s["num_samples"] for s in info.shards) != info.num_samples:
+    if sum(counts) != info.num_samples:
         raise ConfigError(f"dataset index {idx} lists shards that do not add up to "
                           f"{info.num_samples} samples")
+    if any(Path(f).name != f for f in files):
+        raise ConfigError(f"dataset index {idx} names a shard outside its folder; rewrite the dataset")
+    shape = info.latent_shape
+    if shape is not None and not (isinstance(shape, list) and len(shape) == 4
+                                  and all(isinstance(x, int) and x > 0 for x in shape)):
+        raise ConfigError(f"dataset index {idx} has latent_shape {shape}, not [C, F, H, W]; rewrite the dataset")
+    if info.latent_dtype not in _DTYPES or info.text_dtype not in _DTYPES:
+        raise ConfigError(f"dataset index {idx} has dtypes {info.latent_dtype}/{info.text_dtype}; "
+                          f"expected one of {', '.join(_DTYPES)}")
     return info
 
 
@@ -207,7 +221,7 @@ def existing_shard(root: Path, k: int) -> Optional[dict]:
     f = Path(root) / shard_name(k)
     if not f.is_file():
         return None
-    with safe_open(str(f), framework="pt") as h:
+    with open_safetensors(f, "shard (from an earlier run)") as h:
         first = int(shard_meta(h)["first_index"])
         n = int(h.get_slice("text_lens").get_shape()[0])
     return {"file": shard_name(k), "first_index": first, "num_samples": n}
@@ -314,7 +328,7 @@ class LatentDataset:
     def _handle(self, k: int):
         h = self._handles.get(k)
         if h is None:
-            h = safe_open(str(self.root / self.info.shards[k]["file"]), framework="pt")
+            h = open_shard(self.root, self.info, self.info.shards[k])
             self._handles[k] = h
         return h
 
@@ -343,7 +357,104 @@ class LatentDataset:
 
     def negative(self) -> tuple[torch.Tensor, str]:
         """The negative prompt's embedding ``[L, D]`` (unpadded) and its text."""
+        check_negative(self.root, self.info)
         with safe_open(str(self.root / NEGATIVE_FILE), framework="pt") as f:
             emb = f.get_tensor("text_embeds").float()
             n = int(f.get_tensor("text_lens")[0])
             return emb[:n], (f.metadata() or {}).get("caption", "")
+
+
+def dataset_format(path: str | Path, fmt: str = "auto") -> str:
+    """``megadmd`` (a folder with index.json) or ``fastvideo`` (a folder of parquet files)."""
+    if fmt != "auto":
+        return fmt
+    root = Path(path)
+    if (root / INDEX_FILE).is_file():
+        return "megadmd"
+    from ..interop.fastvideo_data import is_fastvideo_dataset
+
+    return "fastvideo" if is_fastvideo_dataset(root) else "megadmd"  # read_index names what is missing
+
+
+def open_dataset(path: str | Path, fmt: str = "auto", **fastvideo_options):
+    """Random access to a dataset in our format, or to a FastVideo parquet dataset read in place
+    (``interop/fastvideo_data.py``; ``fastvideo_options`` go to it). Both have ``info``, ``len``,
+    ``get(i)`` and ``negative()``."""
+    if dataset_format(path, fmt) == "fastvideo":
+        from ..interop.fastvideo_data import FastVideoDataset
+
+        return FastVideoDataset(path, **fastvideo_options)
+    return LatentDataset(path)
+# ----------------------------------------------------------------------------------------------
+# Checks of a dataset's files against its index: every shard when training starts (preflight),
+# and each shard again when the loader opens it. Headers only (and the small text_lens tensor):
+# shapes, dtypes and sample counts, so a damaged or mismatched shard gives one line naming it
+# rather than a traceback or a silent run on the wrong data. Non-finite values inside tensors
+# are the training guard's job (dmd/guard.py): finding them here would read every byte.
+
+_ST_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+
+
+def _expect(path: Path, handle, key: str, shape: list, dtype: str) -> list:
+    """Check tensor ``key``'s shape (``None`` entries: any size) and dtype; return its shape."""
+    if key not in handle.keys():
+        raise ConfigError(f"dataset file {path} has no '{key}' tensor, which index.json implies; rewrite the dataset")
+    sl = handle.get_slice(key)
+    got, got_dtype = list(sl.get_shape()), sl.get_dtype()
+    if len(got) != len(shape) or any(e is not None and e != g for e, g in zip(shape, got)):
+        want = "[" + ", ".join("*" if e is None else str(e) for e in shape) + "]"
+        raise ConfigError(f"dataset file {path}: '{key}' has shape {got}, index.json says {want}; "
+                          f"rewrite the dataset or fix index.json")
+    if got_dtype != dtype:
+        raise ConfigError(f"dataset file {path}: '{key}' is {got_dtype}, index.json says {dtype}; "
+                          f"rewrite the dataset or fix index.json")
+    return got
+
+
+def check_shard(root: Path, info: DatasetInfo, entry: dict, handle) -> None:
+    """One open shard against its index entry and the dataset's index (one line on a mismatch)."""
+    path = Path(root) / entry["file"]
+    n = int(entry["num_samples"])
+    text = _expect(path, handle, "text_embeds", [n, None, info.text_dim], _ST_DTYPES[info.text_dtype])
+    if not 1 <= text[1] <= info.max_text_len:
+        raise ConfigError(f"dataset shard {path}: text embeddings of {text[1]} tokens, index.json allows "
+                          f"1 to {info.max_text_len}; rewrite the dataset")
+    _expect(path, handle, "text_lens", [n], "I32")
+    if info.has_latents:
+        _expect(path, handle, "latents", [n, *info.latent_shape], _ST_DTYPES[info.latent_dtype])
+    if info.image_condition is not None:
+        _expect(path, handle, "image_latents", [n, *info.image_condition["latent_shape"]], "F32")
+        _expect(path, handle, "image_embeds", [n, *info.image_condition["embed_shape"]], "F32")
+    try:
+        meta = shard_meta(handle)
+        captions, first = meta["captions"], int(meta["first_index"])
+    except (KeyError, TypeError, ValueError, json.JSONDecodeError):
+        raise ConfigError(f"dataset shard {path} has no readable megadmd metadata; rewrite the dataset") from None
+    if len(captions) != n or first != int(entry["first_index"]):
+        raise ConfigError(f"dataset shard {path} holds {len(captions)} captions from sample {first}, index.json "
+                          f"says {n} from sample {entry['first_index']}; rewrite the dataset or fix index.json")
+    lens = handle.get_tensor("text_lens")
+    if bool(((lens < 1) | (lens > text[1])).any()):
+        raise ConfigError(f"dataset shard {path}: text_lens outside [1, {text[1]}] (damaged); rewrite the dataset")
+
+
+def open_shard(root: Path, info: DatasetInfo, entry: dict):
+    """An open, checked shard (a safetensors handle)."""
+    handle = open_safetensors(Path(root) / entry["file"], "dataset shard")
+    check_shard(root, info, entry, handle)
+    return handle
+
+
+def check_negative(root: Path, info: DatasetInfo) -> None:
+    path = Path(root) / NEGATIVE_FILE
+    with open_safetensors(path, "dataset negative-prompt file") as h:
+        _expect(path, h, "text_embeds", [None, info.text_dim], "F32")
+        _expect(path, h, "text_lens", [1], "I32")
+
+
+def check_dataset_files(root: str | Path, info: DatasetInfo) -> None:
+    """Every shard and the negative-prompt file of a dataset against its index."""
+    for entry in info.shards:
+        with open_shard(Path(root), info, entry):
+            pass
+    check_negative(Path(root), info)

@@ -88,8 +88,13 @@ def read_image_list(path: str | Path, count: int) -> list[Path]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"images file not found: {p}")
-    lines = [ln for ln in p.read_text().splitlines() if ln.strip()]
-    paths = [Path(json.loads(ln)["image"] if p.suffix == ".jsonl" else ln.strip()) for ln in lines]
+    from ..io_utils import read_text_utf8
+
+    lines = [ln for ln in read_text_utf8(p, "images file").splitlines() if ln.strip()]
+    try:
+        paths = [Path(json.loads(ln)["image"] if p.suffix == ".jsonl" else ln.strip()) for ln in lines]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise ConfigError(f"{p}: every .jsonl line must be an object with an 'image' path") from None
     paths = [q if q.is_absolute() else p.parent / q for q in paths]
     if len(paths) != count:
         raise ConfigError(f"{p} lists {len(paths)} images but the text dataset has {count} samples; "
@@ -100,51 +105,71 @@ def read_image_list(path: str | Path, count: int) -> list[Path]:
     return paths
 
 
-def run_encode_images(text_data: str, images: str, out: str, image_encoder: str, vae: str,
-                      video_size: tuple, batch_size: int = 8, precision: str = "auto"):
-    """A copy of a text dataset with each sample's image condition added. Collective when
-    launched on several ranks (shard k goes to rank k % world); resumable shard by shard."""
+def _encode_shard(k: int, info, text_data: Path, root: Path, paths: list, encoders: tuple, video_size: tuple,
+                  batch_size: int, device, bar) -> None:
+    """Shard k of the text dataset with its image conditions, written to ``root``."""
     from PIL import Image
 
+    from .format import read_shard, write_shard
+
+    shard = read_shard(text_data, k)
+    first = info.shards[k]["first_index"]
+    lats, embs = [], []
+    n = shard["text_lens"].shape[0]
+    for i in range(0, n, batch_size):
+        imgs = [Image.open(paths[first + j]).convert("RGB") for j in range(i, min(i + batch_size, n))]
+        lat, emb = encode_images(imgs, *encoders, video_size, device)
+        lats.append(lat)
+        embs.append(emb)
+        bar.update(len(imgs))
+    lens = shard["text_lens"].tolist()
+    write_shard(root, k, text_embeds=[shard["text_embeds"][j, : lens[j]] for j in range(n)],
+                captions=shard["captions"], first_index=first, max_text_len=info.max_text_len,
+                text_dim=info.text_dim, latents=shard.get("latents"), image_latents=torch.cat(lats),
+                image_embeds=torch.cat(embs))
+
+
+def run_encode_images(text_data: str, images: str, out: str, image_encoder: str, vae: str,
+                      video_size: tuple, batch_size: int = 8, precision: str = "auto", overwrite: bool = False):
+    """A copy of a text dataset with each sample's image condition added. Collective when
+    launched on several ranks (shard k goes to rank k % world); resumable shard by shard."""
+    from ..monitoring.progress import progress
     from ..parallel.init import init_distributed
     from ..runner import compute_dtype
-    from .format import (DatasetInfo, LatentDataset, existing_shard, read_index, read_shard, write_index,
-                         write_negative, write_shard)
+    from .format import DatasetInfo, LatentDataset, existing_shard, read_index, read_shard, write_index, write_negative
     from .video import load_vae
+
+    from ..safety.folders import begin_output, check_output, content_sha256
 
     info = read_index(text_data)
     paths = read_image_list(images, info.num_samples)
+    settings = {"text_data": str(Path(text_data).resolve()), "images": str(Path(images).resolve()),
+                "images_sha256": content_sha256(images), "image_encoder": str(Path(image_encoder).resolve()),
+                "vae": str(Path(vae).resolve()), "video_size": list(video_size), "precision": precision}
+    target = check_output(out, "encode-images", overwrite, inputs=[text_data, images, image_encoder, vae],
+                          settings=settings)
     proc = init_distributed()
     dtype = compute_dtype(precision, proc.device)
     processor, encoder = load_image_encoder(image_encoder, proc.device, dtype)
     vae_model = load_vae(vae, proc.device)
     root = Path(out)
-    root.mkdir(parents=True, exist_ok=True)
-    shape = None
-    for k in range(proc.rank, len(info.shards), proc.world_size):
-        if existing_shard(root, k) is not None:
-            continue
-        shard = read_shard(Path(text_data), k)
-        first = info.shards[k]["first_index"]
-        lats, embs = [], []
-        n = shard["text_lens"].shape[0]
-        for i in range(0, n, batch_size):
-            imgs = [Image.open(paths[first + j]).convert("RGB") for j in range(i, min(i + batch_size, n))]
-            lat, emb = encode_images(imgs, processor, encoder, vae_model, video_size, proc.device)
-            lats.append(lat)
-            embs.append(emb)
-        lens = shard["text_lens"].tolist()
-        write_shard(root, k, text_embeds=[shard["text_embeds"][j, : lens[j]] for j in range(n)],
-                    captions=shard["captions"], first_index=first, max_text_len=info.max_text_len,
-                    text_dim=info.text_dim, latents=shard.get("latents"), image_latents=torch.cat(lats),
-                    image_embeds=torch.cat(embs))
+    if proc.rank == 0:
+        begin_output(target, "encode-images", settings)
+    dist.barrier()
+    mine = [k for k in range(proc.rank, len(info.shards), proc.world_size) if existing_shard(root, k) is None]
+    with progress(sum(info.shards[k]["num_samples"] for k in mine), "encode-images", unit="images",
+                  rank=proc.rank, world_size=proc.world_size) as bar:
+        for k in mine:
+            _encode_shard(k, info, Path(text_data), root, paths, (processor, encoder, vae_model), video_size,
+                          batch_size, proc.device, bar)
     dist.barrier()
     sample = read_shard(root, 0)
     shape = {"latent_shape": list(sample["image_latents"].shape[1:]), "embed_shape": list(sample["image_embeds"].shape[1:])}
     result = DatasetInfo(num_samples=info.num_samples, text_dim=info.text_dim, max_text_len=info.max_text_len,
                          shard_size=info.shard_size, latent_shape=info.latent_shape,
                          shards=[existing_shard(root, k) for k in range(len(info.shards))],
-                         extra=dict(info.extra, images=str(images)), image_condition=shape)
+                         extra=dict(info.extra, images=str(images), written_by="encode-images"),
+                         image_condition=shape)
     if proc.rank == 0:
         neg, caption = LatentDataset(text_data).negative()
         write_negative(root, neg, caption)

@@ -15,20 +15,21 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 
 from .. import flow
-from ..config import ConfigError
-from ..metrics import ProgressBar
-from ..models import load_wan, predict_velocity, read_model_config
+from ..config import ConfigError, check_number
+from ..models import check_weight_files, load_wan, predict_velocity, read_model_config
+from ..monitoring.progress import progress
 from ..rng import sample_seed
+from ..safety.folders import begin_output, check_output
 from ..sampling import cfg_velocity, sample_teacher
 from .image import condition_channels
-from .format import (DatasetInfo, LatentDataset, existing_shard, read_index, read_shard, shard_name,
-                     write_index, write_negative, write_shard)
+from .format import (DatasetInfo, LatentDataset, check_dataset_files, existing_shard, read_index, read_shard,
+                     shard_name, write_index, write_negative, write_shard)
 
 log = logging.getLogger("megadmd")
 SYNTH_PURPOSE = 101
@@ -50,6 +51,14 @@ class SynthOptions:
     vae: Optional[str] = None
     num_decode: int = 0
     save_noise: bool = False  # also store each latent's starting noise (for dmd.regression)
+    overwrite: bool = False  # replace an existing output (not one of the same settings: that is continued)
+
+    def settings(self) -> dict:
+        """What decides the dataset's content: a rerun with the same settings continues it."""
+        return {"teacher": str(Path(self.teacher).resolve()), "text_data": str(Path(self.text_data).resolve()),
+                "latent_shape": list(self.latent_shape), "steps": self.num_steps,
+                "guidance_scale": self.guidance_scale, "cfg_form": self.cfg_form, "flow_shift": self.flow_shift,
+                "seed": self.seed, "precision": self.precision, "save_noise": self.save_noise}
 
 
 def check_synth_inputs(o: SynthOptions) -> DatasetInfo:
@@ -75,6 +84,10 @@ def check_synth_inputs(o: SynthOptions) -> DatasetInfo:
         raise ConfigError("--steps and --batch-size must be positive")
     if o.cfg_form not in ("standard", "offset"):
         raise ConfigError(f"--cfg-form must be standard or offset, got {o.cfg_form}")
+    check_number("--guidance-scale", o.guidance_scale)
+    check_number("--flow-shift", o.flow_shift, positive=True)
+    check_dataset_files(o.text_data, info)
+    check_weight_files(o.teacher, what="teacher model")
     if o.vae is not None:
         from .video import load_vae  # noqa: F401  (import check only)
     if Path(o.out).is_dir():
@@ -105,8 +118,10 @@ def ode_sample(teacher, noise: torch.Tensor, text: torch.Tensor, uncond: torch.T
         return sample_teacher(cfg_velocity(v_pair, guidance_scale, cfg_form), None, noise, sigmas)
 
 
-def synth_shard(o: SynthOptions, teacher, src: LatentDataset, k: int, device, dtype) -> dict:
-    """Sample shard k's latents; return what ``write_shard`` needs."""
+def synth_shard(o: SynthOptions, teacher, src: LatentDataset, k: int, device, dtype,
+                on_batch: Optional[Callable[[int], None]] = None) -> dict:
+    """Sample shard k's latents; return what ``write_shard`` needs. ``on_batch(n)`` is called
+    after each batch of n samples (progress)."""
     shard = read_shard(Path(o.text_data), k)
     lens = shard["text_lens"].tolist()
     first = k * src.info.shard_size
@@ -136,6 +151,8 @@ def synth_shard(o: SynthOptions, teacher, src: LatentDataset, k: int, device, dt
         latents.append(ode_sample(teacher, noise, text, uncond, sigmas, o.guidance_scale, o.cfg_form, dtype,
                                   cond).cpu())
         noises.append(noise.cpu())
+        if on_batch is not None:
+            on_batch(len(idx))
     embeds = [shard["text_embeds"][j, : lens[j]] for j in range(n)]
     return dict(text_embeds=embeds, captions=shard["captions"], first_index=first, latents=torch.cat(latents),
                 image_latents=shard.get("image_latents"), image_embeds=shard.get("image_embeds"),
@@ -148,26 +165,30 @@ def run_synth(o: SynthOptions) -> DatasetInfo:
     from ..runner import compute_dtype
 
     src_info = check_synth_inputs(o)
+    target = check_output(o.out, "synth", o.overwrite, inputs=[o.teacher, o.text_data, o.vae], settings=o.settings())
     proc = init_distributed()
     dtype = compute_dtype(o.precision, proc.device)
     teacher = load_wan(o.teacher, dtype=dtype, what="teacher model").to(proc.device).eval()
     src = LatentDataset(o.text_data)
     root = Path(o.out)
-    root.mkdir(parents=True, exist_ok=True)
+    if proc.rank == 0:
+        begin_output(target, "synth", o.settings())
+    dist.barrier()
     num_shards = len(src_info.shards)
     mine = [k for k in range(proc.rank, num_shards, proc.world_size) if existing_shard(root, k) is None]
-    bar = ProgressBar(len(mine), f"synth rank {proc.rank}", enabled=proc.rank == 0)
-    for k in mine:
-        write_shard(root, k, max_text_len=src_info.max_text_len, text_dim=src_info.text_dim,
-                    **synth_shard(o, teacher, src, k, proc.device, dtype))
-        bar.update()
+    todo = sum(src_info.shards[k]["num_samples"] for k in mine)
+    with progress(todo, "synth", unit="samples", rank=proc.rank, world_size=proc.world_size) as bar:
+        for k in mine:
+            write_shard(root, k, max_text_len=src_info.max_text_len, text_dim=src_info.text_dim,
+                        **synth_shard(o, teacher, src, k, proc.device, dtype, on_batch=bar.update))
     dist.barrier()
     info = DatasetInfo(
         num_samples=src_info.num_samples, text_dim=src_info.text_dim, max_text_len=src_info.max_text_len,
         shard_size=src_info.shard_size, latent_shape=list(o.latent_shape), image_condition=src_info.image_condition,
         shards=[existing_shard(root, k) for k in range(num_shards)], has_noise=o.save_noise,
         extra={"synth": {"teacher": str(o.teacher), "steps": o.num_steps, "guidance_scale": o.guidance_scale,
-                         "cfg_form": o.cfg_form, "flow_shift": o.flow_shift, "seed": o.seed}})
+                         "cfg_form": o.cfg_form, "flow_shift": o.flow_shift, "seed": o.seed},
+               "written_by": "synth"})
     if proc.rank == 0:
         neg, caption = src.negative()
         write_negative(root, neg, caption)

@@ -81,12 +81,14 @@ def judge_timesteps(u: torch.Tensor, lo: float, hi: float, boundary_ratio: Optio
     uniform ``u``. With two experts (``boundary_ratio``), ``u_shared`` (one draw per global
     micro-step) puts the whole micro-batch on one side of the boundary, each side with the share
     of the range it covers, so the draws stay uniform and one forward runs on one expert."""
-    from ..flow import NUM_TRAIN_TIMESTEPS, stratified_u
+    from ..flow import NUM_TRAIN_TIMESTEPS, keep_side, stratified_u
 
-    if boundary_ratio is not None:
-        split = min(max((boundary_ratio - lo) / (hi - lo), 0.0), 1.0)
-        u = stratified_u(u, u_shared, split)
-    return (lo + (hi - lo) * u) * NUM_TRAIN_TIMESTEPS
+    if boundary_ratio is None:
+        return (lo + (hi - lo) * u) * NUM_TRAIN_TIMESTEPS
+    split = min(max((boundary_ratio - lo) / (hi - lo), 0.0), 1.0)
+    t = (lo + (hi - lo) * stratified_u(u, u_shared, split)) * NUM_TRAIN_TIMESTEPS
+    # float32 rounding near the split must not cross to the other expert (flow.expert_score_timesteps)
+    return keep_side(t, boundary_ratio * NUM_TRAIN_TIMESTEPS, high=u_shared >= split)
 
 
 def judge_inputs(real: torch.Tensor, fake: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -122,6 +124,9 @@ def head_logits(module: nn.Module, block_index: int) -> Iterator[dict]:
     seq_ctx = getattr(module, "megadmd_sequence_context", None)
 
     def hook(_mod, _inputs, output):
+        if "logits" in box:  # a second expert ran: its logits would silently replace the first's
+            raise RuntimeError("the GAN head ran on both experts of a two-expert fake score in one forward; "
+                               "the timesteps of a discriminator batch must share one expert")
         box["logits"] = head(output, seq_ctx)
 
     # one head on both experts of a two-expert fake score: it reads whichever expert runs

@@ -7,13 +7,19 @@ Read ``train_step`` top to bottom:
    (``generator_step``), with the teacher and fake score called as bare modules under no_grad;
 3. every iteration: the fake-score update on fresh generator samples (``fake_score_step``).
 
+Each update runs inside ``guarded_update``: an update with non-finite values is not applied, and
+only applied updates are counted and logged (guard.py).
+
 Each engine is called as ``engine(...)`` only in its own update (see roles.py for why).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Callable, Optional
 
 import torch
@@ -24,11 +30,13 @@ from ..config import RunConfig
 from ..data.image import condition_channels
 from ..data.loader import Batch, BatchSource
 from ..metrics import MetricsWriter, ScalarWindow, StepTimer, format_line, memory_stats
+from ..monitoring.progress import progress
 from ..models import predict_velocity
 from ..rng import Purpose, SampleRNG
 from ..roles import restrict_step_to_used_experts
 from ..sampling import generator_x0_from_data, simulate_generator, step_timesteps
 from . import gan, losses, regression
+from .guard import NonFiniteError, NonFiniteGuard, skip_counts
 
 log = logging.getLogger("megadmd")
 
@@ -39,15 +47,19 @@ PHASE_FAKE_SCORE = 1
 @dataclass
 class TrainState:
     step: int = 0  # iterations completed
-    generator_updates: int = 0
+    generator_updates: int = 0  # updates applied (a skipped one is not an update)
     fake_score_updates: int = 0
+    generator_skipped: int = 0  # updates dropped for non-finite values (guard.py)
+    fake_score_skipped: int = 0
 
     def state_dict(self) -> dict:
         return dict(self.__dict__)
 
     def load_state_dict(self, d: dict) -> None:
-        for k, v in d.items():
-            setattr(self, k, int(v))
+        """From a checkpoint's trainer state; counters it predates keep their value (0)."""
+        for f in dataclasses.fields(self):
+            if f.name in d:
+                setattr(self, f.name, int(d[f.name]))
 
 
 class DMDTrainer:
@@ -66,6 +78,9 @@ class DMDTrainer:
         self.state = TrainState()
         self.current_step = 0
         self.window = ScalarWindow()
+        # the last generator update's x0 and DMD direction (rank 0's share), for histograms at the
+        # next log line; kept only when logging.histograms is on and this rank writes
+        self.histograms: dict[str, torch.Tensor] = {}
         self.history: list[tuple[int, dict]] = []  # (step, logged values), for tests and summaries
         self.sample_shape = tuple(sample_shape)  # [C, F, H, W] of a generated latent
         self.vsa = vsa  # the generator's VSASettings (shared by its attention processors), or None
@@ -75,6 +90,7 @@ class DMDTrainer:
         self.hooks = hooks or []  # called after every iteration (checkpoints, validation, metrics)
         self.boundary_ratio = cfg.model.boundary_ratio  # Wan2.2 two-expert routing, or None
         self.regression_data = regression_data  # (noise, teacher latent) pairs of dmd.regression
+        self.guard = NonFiniteGuard(cfg.train.nonfinite, cfg.train.max_consecutive_skips, group=pstate.world_group)
         steps = list(self.dmd.denoising_steps)
         self.steps = flow.warp_steps(steps, self.dmd.flow_shift) if self.dmd.warp_denoising_step else steps
 
@@ -154,11 +170,11 @@ class DMDTrainer:
         without experts."""
         d = self.dmd
         u = self.rng.rand(batch.positions.tolist(), purpose, phase)
-        if self.boundary_ratio is not None:
-            split = flow.expert_split_u(self.boundary_ratio, d.flow_shift, d.min_timestep_ratio, d.max_timestep_ratio)
-            shared = float(self.rng.rand([batch.micro_step], purpose, phase, sub=1))
-            u = flow.stratified_u(u, shared, split)
-        return flow.sample_score_timesteps(u, d.flow_shift, d.min_timestep_ratio, d.max_timestep_ratio)
+        if self.boundary_ratio is None:
+            return flow.sample_score_timesteps(u, d.flow_shift, d.min_timestep_ratio, d.max_timestep_ratio)
+        shared = float(self.rng.rand([batch.micro_step], purpose, phase, sub=1))
+        return flow.expert_score_timesteps(u, shared, self.boundary_ratio, d.flow_shift, d.min_timestep_ratio,
+                                           d.max_timestep_ratio)
 
     def generator_step_indices(self, batch: Batch, phase: int) -> torch.Tensor:
         """Per-sample entries of the denoising-step list. With two experts, the expert is drawn once
@@ -192,6 +208,9 @@ class DMDTrainer:
                 # same expression holds for x0_fake = x_t / (1 - sigma)
                 x0_fake = losses.real_score_only_x0(x_t, sigma)
             x0_real = self.teacher_x0(x_t, t, batch)
+            # before dmd_grad's nan_to_num, which would hide them (guard.py)
+            self.guard.check("teacher x0", x0_real)
+            self.guard.check("fake_score x0", x0_fake)
             grad = losses.dmd_grad(x0_gen.detach(), x0_real, x0_fake, self.dmd.grad_norm_mean)
         loss = losses.dmd_loss(x0_gen, grad)
         return loss, grad, {"stats/dmd_timestep": t.mean(), "stats/dmd_grad_abs_mean": grad.abs().mean()}
@@ -249,32 +268,59 @@ class DMDTrainer:
         x0 = regression.chain_x0(self.velocity_fn(self.models.generator, rb), self.steps[:n], rb.noise, renoise)
         return regression.regression_loss(x0, rb.latents)
 
+    @contextmanager
+    def guarded_update(self, role: str):
+        """One role's update under the non-finite guard (guard.py). The scalars it logs are held
+        apart and kept only if the update is applied, so the logged means describe applied
+        updates (a dropped update's NaN loss would turn them into NaN); ``.applied`` says which."""
+        update = SimpleNamespace(applied=False)
+        self.guard.begin()
+        main, self.window = self.window, ScalarWindow()
+        try:
+            yield update
+        finally:
+            staged, self.window = self.window, main
+        update.applied = self.guard.finish(role, self.models.engine(role), self.current_step, self.state)
+        if update.applied:
+            self.window.merge(staged)
+
+    def backward_and_step(self, engine, role: str, loss: torch.Tensor) -> None:
+        """One micro-batch's backward and step, the loss passed through the guard's gate."""
+        engine.backward(self.guard.gate(loss, engine.is_gradient_accumulation_boundary(), role, self.current_step))
+        restrict_step_to_used_experts(engine)
+        engine.step()
+
     def generator_step(self, batches: list[Batch]) -> None:
         engine = self.models.generator
-        for batch in batches:
-            x0_gen = self.generator_x0(engine, batch, PHASE_GENERATOR)
-            loss, _, stats = self.dmd_loss(x0_gen, batch)
-            if self.dmd.gan.enabled or self.dmd.regression.weight:
-                self.window.add("loss/generator_dmd", loss.detach())
-            if self.dmd.gan.enabled:
-                g_loss = self.gan_generator_loss(x0_gen, batch)
-                loss = loss + self.dmd.gan.generator_weight * g_loss
-                self.window.add("loss/generator_gan", g_loss.detach())
-            if self.dmd.regression.weight:
-                r_loss = self.regression_loss(batch)
-                loss = loss + self.dmd.regression.weight * r_loss
-                self.window.add("loss/generator_regression", r_loss.detach())
-            engine.backward(loss)
-            restrict_step_to_used_experts(engine)
-            engine.step()
-            self.window.add("loss/generator", loss.detach())
-            for k, v in stats.items():
-                self.window.add(k, v)
-        self.state.generator_updates += 1
-        if self.ema is not None:
+        histograms = {}
+        with self.guarded_update("generator") as update:
+            for batch in batches:
+                self.guard.check_batch(batch)
+                x0_gen = self.generator_x0(engine, batch, PHASE_GENERATOR)
+                self.guard.check("generator output", x0_gen)
+                loss, grad, stats = self.dmd_loss(x0_gen, batch)
+                if self.cfg.logging.histograms and self.writer.enabled:
+                    histograms = {"stats/x0_generator": x0_gen.detach(), "stats/dmd_grad": grad}
+                if self.dmd.gan.enabled or self.dmd.regression.weight:
+                    self.window.add("loss/generator_dmd", loss.detach())
+                if self.dmd.gan.enabled:
+                    g_loss = self.gan_generator_loss(x0_gen, batch)
+                    loss = loss + self.dmd.gan.generator_weight * g_loss
+                    self.window.add("loss/generator_gan", g_loss.detach())
+                if self.dmd.regression.weight:
+                    r_loss = self.regression_loss(batch)
+                    loss = loss + self.dmd.regression.weight * r_loss
+                    self.window.add("loss/generator_regression", r_loss.detach())
+                self.backward_and_step(engine, "generator", loss)
+                self.window.add("loss/generator", loss.detach())
+                for k, v in stats.items():
+                    self.window.add(k, v)
+            self.window.add("grad_norm/generator", _grad_norm(engine))
+            self.window.add("lr/generator", engine.get_lr()[0])
+        if update.applied:
+            self.histograms.update(histograms)  # a dropped update's tensors may hold NaN
+        if update.applied and self.ema is not None:
             self.ema.update(self.current_step)
-        self.window.add("grad_norm/generator", _grad_norm(engine))
-        self.window.add("lr/generator", engine.get_lr()[0])
 
     def fake_score_loss(self, batch: Batch) -> torch.Tensor:
         """Flow matching on a fresh generator sample; with the GAN term, plus the discriminator's
@@ -283,6 +329,7 @@ class DMDTrainer:
         pos = batch.positions.tolist()
         with torch.no_grad():
             x0_gen = self.generator_x0(self.models.generator.module, batch, PHASE_FAKE_SCORE)
+        self.guard.check("generator output", x0_gen)
         t = self.score_timesteps(batch, Purpose.FAKE_TIMESTEP, PHASE_FAKE_SCORE)
         eps = self.rng.randn(pos, x0_gen.shape[1:], Purpose.FAKE_NOISE, PHASE_FAKE_SCORE)
         x_t = flow.add_noise(x0_gen, eps, flow.sigma_from_t(t))
@@ -300,15 +347,14 @@ class DMDTrainer:
 
     def fake_score_step(self, batches: list[Batch]) -> None:
         engine = self.models.fake_score
-        for batch in batches:
-            loss = self.fake_score_loss(batch)
-            engine.backward(loss)
-            restrict_step_to_used_experts(engine)
-            engine.step()
-            self.window.add("loss/fake_score", loss.detach())
-        self.state.fake_score_updates += 1
-        self.window.add("grad_norm/fake_score", _grad_norm(engine))
-        self.window.add("lr/fake_score", engine.get_lr()[0])
+        with self.guarded_update("fake_score"):
+            for batch in batches:
+                self.guard.check_batch(batch)
+                loss = self.fake_score_loss(batch)
+                self.backward_and_step(engine, "fake_score", loss)
+                self.window.add("loss/fake_score", loss.detach())
+            self.window.add("grad_norm/fake_score", _grad_norm(engine))
+            self.window.add("lr/fake_score", engine.get_lr()[0])
 
     # --- the loop ------------------------------------------------------------------------------
     def is_generator_iteration(self, step: int) -> bool:
@@ -332,13 +378,23 @@ class DMDTrainer:
         first = self.state.step + 1
         samples_per_step = (self.pstate.dp_size * self.cfg.train.micro_batch_size
                             * self.cfg.train.grad_accum_steps)
+        # a bar on a terminal only: in logs the line of every logging interval is the progress
+        bar = progress(max_steps, "train", unit="it", rank=self.pstate.rank, plain=False, initial=self.state.step)
         for step in range(first, max_steps + 1):
             timer.start()
-            self.train_step(step)
+            try:
+                self.train_step(step)
+            except NonFiniteError:
+                # every rank stops here together (the guard's decision is world-wide): log what
+                # the window holds, with the skip counts, before the error reaches the user
+                self.log_window(step, 0.0)
+                self.writer.flush()
+                raise
             dt = timer.stop(self.device)
             self.state.step = step
             self.window.add("time/step_s", dt)
             self.window.add("throughput/samples_per_s", samples_per_step / max(dt, 1e-9))
+            bar.update(1)
             if step % self.cfg.logging.interval_steps == 0 or step == max_steps:
                 self.log_window(step, (time.perf_counter() - t_start) / (step - first + 1) * (max_steps - step))
             for hook in self.hooks:
@@ -347,13 +403,18 @@ class DMDTrainer:
                 self.preempted = True
                 log.info("preemption signal received: stopping after iteration %d", step)
                 break
+        bar.close()
         self.writer.flush()
 
     def log_window(self, step: int, eta_s: float) -> None:
         values = self.window.reduce(self.pstate.world_group)
         values.update(memory_stats(self.device))
+        values.update(skip_counts(self.state))
         self.history.append((step, values))
         self.writer.scalars(values, step)
+        for tag, tensor in self.histograms.items():
+            self.writer.histogram(tag, tensor, step)
+        self.histograms = {}
         log.info(format_line(step, self.cfg.train.max_steps, values, eta_s))
 
 

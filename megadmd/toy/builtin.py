@@ -40,7 +40,7 @@ def write_toy_dataset(root: str | Path, num_samples: int, seed: int = 0, spec: T
     with atomic_dir(root) as tmp:
         w = DatasetWriter(tmp, text_dim=spec.text_dim, max_text_len=spec.text_len,
                           shard_size=shard_size, latent_shape=list(spec.latent_shape),
-                          extra={"toy": {"spec": spec.__dict__, "seed": seed}})
+                          extra={"toy": {"spec": spec.__dict__, "seed": seed}, "written_by": "train"})
         for i in range(num_samples):
             k = int(labels[i])
             w.add(emb[k], class_caption(k), latents[i])

@@ -14,11 +14,11 @@ import torch
 
 from .. import flow
 from ..models import predict_velocity
+from ..monitoring.diversity import grouped_diversity, x0_stats
 from ..sampling import cfg_velocity, sample_generator, sample_teacher
 from .distribution import ToySpec, class_embeddings, null_embedding
-from ..monitor.diversity import grouped_diversity, x0_stats
 from .metrics import evaluate
-from .render import render_grid
+from .render import add_legend, grid_caption, render_grid
 
 log = logging.getLogger("megadmd")
 STUDENT_STEPS = (1000, 757, 522)
@@ -93,8 +93,9 @@ class ToyQuality:
     """The ``tiny`` preset's validation: every ``interval_steps`` iterations the generator samples
     ``per_class`` latents per class (fixed noise), and rank 0 logs ``quality/<metric>`` (the toy
     metrics, and the diversity and x0 statistics that real runs log without known modes) and a grid
-    of samples beside their class's true modes (``quality/samples``); once the generator's EMA has
-    started, its weights are scored the same way under ``quality_ema/``."""
+    of samples beside their class's true modes (``quality/samples``, with a legend and a caption);
+    once the generator's EMA has started, its weights are scored the same way under
+    ``quality_ema/``."""
 
     def __init__(self, spec: ToySpec, interval_steps: int, per_class: int = 64, seed: int = 42):
         self.spec = spec
@@ -130,6 +131,7 @@ class ToyQuality:
         if trainer.pstate.rank == 0:
             step = trainer.state.step
             trainer.writer.scalars({f"{tag}/{k}": v for k, v in scores.items()}, step)
-            trainer.writer.image(f"{tag}/samples", render_grid(samples, labels, self.spec).float() / 255, step)
+            grid = add_legend(render_grid(samples, labels, self.spec), self.spec)
+            trainer.writer.image(f"{tag}/samples", grid.float() / 255, step, caption=grid_caption(self.spec))
             log.info("%s at step %d: %s", tag, step, ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
         return scores

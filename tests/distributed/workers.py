@@ -142,4 +142,45 @@ def train_save_and_probe(rank: int, world: int, overrides: list, out_file: str) 
         for role in ("generator", "fake_score"):
             outs[role] = t.models.engine(role).module(x, step, text, return_dict=False)[0]
     if rank == 0:
-        torch.save({"x": x, "t": step, "text": text, "outputs": outs, "checkpoint": str(path)}, out_file)
+        torch.save({"x": x, "t": step, "text": text, "outputs": outs, "checkpoint": str(path),
+                    "steps": [float(s) for s in t.steps]}, out_file)
+
+
+def guard_agreement(rank: int, world: int, out_file: str) -> None:
+    """Updates of a tiny ZeRO-3 engine where only rank 1 sees a non-finite batch: record, per
+    rank, whether each update applied and what the guard found (rank 0 saves them)."""
+    import torch.distributed as dist
+
+    from megadmd.dmd.guard import NonFiniteError, NonFiniteGuard
+    from megadmd.dmd.trainer import TrainState
+    from megadmd.parallel.init import init_distributed
+    from megadmd.zero import full_state_dict
+    from tests.helpers import tiny_zero3_engine
+
+    init_distributed("gloo")
+    engine = tiny_zero3_engine()
+    state = TrainState()
+
+    def update(guard, bad_rank: int) -> bool:
+        guard.begin()
+        if rank == bad_rank:
+            guard.check("batch", torch.tensor([float("nan")]))
+        loss = engine(torch.randn(4, 8) + rank).pow(2).mean()
+        engine.backward(guard.gate(loss, engine.is_gradient_accumulation_boundary(), "fake_score", 1))
+        engine.step()
+        return guard.finish("fake_score", engine, 1, state)
+
+    skip = NonFiniteGuard("skip", 5)
+    before = full_state_dict(engine.module)
+    out = {"skip": (update(skip, bad_rank=1), skip.found)}
+    out["unchanged"] = all(torch.equal(v, full_state_dict(engine.module)[k]) for k, v in before.items())
+    out["clean"] = (update(skip, bad_rank=-1), skip.found)
+    try:
+        update(NonFiniteGuard("stop", 5), bad_rank=1)
+        out["stop"] = "no error"
+    except NonFiniteError as exc:
+        out["stop"] = str(exc)
+    gathered = [None] * world
+    dist.all_gather_object(gathered, out)
+    if rank == 0:
+        torch.save(gathered, out_file)

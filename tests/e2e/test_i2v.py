@@ -25,7 +25,7 @@ def i2v(tmp_path_factory):
              "vae": save_tiny_vae(root / "vae"), "teacher": save_test_model(root / "teacher", config=TEST_I2V_CONFIG),
              "images": save_test_images(root / "images", len(PROMPTS)), "root": root}
     r = megadmd("encode-text", "--prompts", root / "prompts.txt", "-o", root / "text", "--text-encoder", parts["encoder"],
-                "--max-len", "16", "--shard-size", "2", "--negative-prompt", "blurry")
+                "--max-len", "16", "--shard-size", "2")  # the default negative prompt: Wan's
     assert r.returncode == 0, r.stderr[-2000:]
     r = megadmd("encode-images", "--text-data", root / "text", "--images", parts["images"], "-o", root / "cond",
                 "--image-encoder", parts["clip"], "--vae", parts["vae"], "--video-size", "5,32,32")
@@ -41,6 +41,20 @@ def _train(parts, data, out, *extra):
             f"model.teacher_path={parts['teacher']}", "--set", "dmd.generator_update_interval=2",
             "--set", "logging.interval_steps=4", "--set", "ema.decay=0.5", *extra]
     return megadmd(*args)
+
+
+def test_encode_text_wrote_wans_negative_prompt_by_default(i2v):
+    import json
+
+    from safetensors import safe_open
+
+    from megadmd.data.text import WAN_NEGATIVE_PROMPT
+
+    text = i2v["root"] / "text"
+    assert json.loads((text / "index.json").read_text())["extra"]["negative_prompt"] == WAN_NEGATIVE_PROMPT
+    with safe_open(str(text / "negative.safetensors"), "pt") as f:
+        assert f.metadata()["caption"] == WAN_NEGATIVE_PROMPT
+    assert WAN_NEGATIVE_PROMPT.startswith("Bright tones, overexposed, static, blurred details, subtitles")
 
 
 def test_image_conditions_are_stored_and_synth_keeps_them(i2v):
@@ -60,7 +74,9 @@ def test_synthetic_mode_and_export_in_the_i2v_pipeline(i2v, tmp_path):
 
     from megadmd.data.image import condition_channels, encode_images
     from megadmd.models import load_wan, predict_velocity
-    from megadmd.sampling import dmd_scheduler, sample_generator
+    from megadmd.pipeline import DMDScheduler
+    from megadmd.pipeline.scheduler import draw_renoise, renoise_generators
+    from megadmd.sampling import sample_generator
 
     r = _train(i2v, i2v["root"] / "latents", tmp_path / "run", "--set", "dmd.gan.enabled=true",
                "--set", "dmd.gan.hidden_dim=16")
@@ -74,7 +90,7 @@ def test_synthetic_mode_and_export_in_the_i2v_pipeline(i2v, tmp_path):
         image_encoder=CLIPVisionModel.from_pretrained(str(i2v["clip"])),
         image_processor=CLIPImageProcessor.from_pretrained(str(i2v["clip"])),
         vae=AutoencoderKLWan.from_pretrained(str(i2v["vae"])), transformer=load_wan(tmp_path / "ema"),
-        scheduler=dmd_scheduler([1000, 757, 522]))
+        scheduler=DMDScheduler(timesteps=[1000, 757, 522]))
     image = Image.open(i2v["images"].parent / "img0.png").convert("RGB").resize((32, 32))
     start = torch.randn(1, 4, 2, 4, 4, generator=torch.Generator().manual_seed(0))
     # the prompt's embedding as megadmd encodes it (diffusers' I2V prompt cleaning needs ftfy)
@@ -88,13 +104,12 @@ def test_synthetic_mode_and_export_in_the_i2v_pipeline(i2v, tmp_path):
 
     def pipeline_and_ours():
         """The pipeline's 3-step sample and megadmd's sampler with the same image condition and noise."""
-        torch.manual_seed(5)
         out = pipe(image=image, prompt_embeds=text, height=32, width=32, num_frames=5, num_inference_steps=3,
                    guidance_scale=1.0, latents=start.clone(), output_type="latent").frames
-        gen = torch.Generator().manual_seed(5)
+        gens = renoise_generators(start)  # DMDScheduler's re-noise: seeded by the starting latent
         with torch.no_grad():
             ours = sample_generator(lambda x, t: predict_velocity(pipe.transformer, x, t, text, torch.float32, **cond),
-                                    [1000, 757, 522], start, lambda i: torch.randn(start.shape, generator=gen))
+                                    [1000, 757, 522], start, lambda i: draw_renoise(gens, start.shape, "cpu"))
         return out, ours
 
     out, ours = pipeline_and_ours()

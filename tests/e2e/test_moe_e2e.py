@@ -24,7 +24,9 @@ def test_two_experts_round_trip(tmp_path):
     from diffusers import WanPipeline
 
     from megadmd.models import WanExperts, predict_velocity
-    from megadmd.sampling import dmd_scheduler, sample_generator
+    from megadmd.pipeline import DMDScheduler, use_dmd_scheduler
+    from megadmd.pipeline.scheduler import draw_renoise, renoise_generators
+    from megadmd.sampling import sample_generator
     from tests.distributed.workers import load_and_gather
 
     base = save_tiny_wan22_pipeline(tmp_path / "wan22")
@@ -47,17 +49,18 @@ def test_two_experts_round_trip(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     pipe = WanPipeline.from_pretrained(str(tmp_path / "shipped"))
     assert pipe.transformer_2 is not None and pipe.config.boundary_ratio == 0.875
-    pipe.scheduler = dmd_scheduler([1000, 500])
+    pipe.scheduler.set_timesteps(2)  # diffusers' own scheduler on the run's steps
+    assert pipe.scheduler.config.stochastic_sampling and pipe.scheduler.timesteps.tolist() == [1000.0, 500.0]
+    assert isinstance(use_dmd_scheduler(pipe), DMDScheduler)  # the seeded re-noise ours draws
     start = torch.randn(1, 4, 2, 4, 4, generator=torch.Generator().manual_seed(0))
-    torch.manual_seed(3)
     out = pipe(prompt="a dog runs", height=32, width=32, num_frames=5, num_inference_steps=2, guidance_scale=1.0,
                latents=start.clone(), output_type="latent", max_sequence_length=16).frames
     text, _ = pipe.encode_prompt("a dog runs", do_classifier_free_guidance=False, max_sequence_length=16)
     experts = WanExperts(pipe.transformer, pipe.transformer_2, 0.875)
-    gen = torch.Generator().manual_seed(3)
+    gens = renoise_generators(start)
     with torch.no_grad():
         ours = sample_generator(lambda x, t: predict_velocity(experts, x, t, text, torch.float32), [1000, 500], start,
-                                lambda i: torch.randn(start.shape, generator=gen))
+                                lambda i: draw_renoise(gens, start.shape, "cpu"))
     assert torch.allclose(out, ours, atol=1e-4)  # step 1000: high-noise expert, step 500: low-noise
     # the generator itself converts to transformer + transformer_2 as well
     r = megadmd("convert", "to-diffusers", ckpt, "-o", tmp_path / "gen")

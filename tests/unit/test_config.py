@@ -131,3 +131,72 @@ def test_gan_needs_real_latents_not_a_training_mode(tmp_path, test_model_dir, te
     for bad in ("validation.noises_per_prompt=1", "validation.extreme_threshold=0"):
         with pytest.raises(ConfigError, match="validation"):
             resolve(overrides=[bad])
+
+
+def _float_keys(obj, prefix="") -> list:
+    import dataclasses
+
+    keys = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            keys += _float_keys(value, f"{prefix}{f.name}.")
+        elif isinstance(value, float):
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+def test_nan_and_infinity_are_refused_in_every_number_of_the_tree():
+    """Every comparison with NaN is false, so range checks alone let NaN through: a NaN
+    guidance scale gave a zero loss and a zero gradient, a NaN learning rate NaN weights."""
+    keys = _float_keys(RunConfig()) + ["model.boundary_ratio"]
+    assert len(keys) >= 19 and "dmd.guidance_scale" in keys and "optim.generator.lr" in keys
+    for key in keys:
+        for bad in ("NaN", "Infinity", "-Infinity"):
+            with pytest.raises(ConfigError, match=f"config key '{key}' must be a finite number"):
+                resolve(overrides=[f"{key}={bad}"])
+    for key, bad in (("dmd.denoising_steps", "[1000,NaN]"), ("optim.fake_score.betas", "[0.9,Infinity]"),
+                     ("dmd.guidance_interval", "[0,NaN]")):
+        with pytest.raises(ConfigError, match=rf"config key '{key}\[\d\]' must be a finite number"):
+            resolve(overrides=[f"{key}={bad}"])
+
+
+def test_nan_in_a_yaml_file_is_refused(tmp_path):
+    f = tmp_path / "run.yaml"
+    f.write_text("dmd:\n  flow_shift: .inf\n")
+    with pytest.raises(ConfigError, match="'dmd.flow_shift' must be a finite number, got inf"):
+        resolve(str(f))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("dmd.guidance_scale=-5", "dmd.guidance_scale must be >= 0"),
+    ('optim.generator.betas=["a","b"]', r"optim.generator.betas must be two numbers in \[0, 1\)"),
+    ("optim.generator.betas=[0.9,true]", r"optim.generator.betas must be two numbers"),
+    ("dmd.denoising_steps=[1000,true]", r"dmd.denoising_steps entries must be numbers in \(0, 1000\], got True"),
+    ("dmd.denoising_steps=1000,abc", "dmd.denoising_steps entries must be numbers in .* got 'abc'"),
+    ("dmd.denoising_steps=[]", "dmd.denoising_steps must list at least one timestep"),
+    ("optim.fake_score.lr=0", "optim.fake_score.lr must be positive"),
+    ("optim.generator.eps=0", "optim.generator.eps must be positive"),
+    ("optim.generator.weight_decay=-0.1", "optim.generator.weight_decay must be >= 0"),
+    ("dmd.flow_shift=-1", "dmd.flow_shift must be positive"),
+    ("train.max_grad_norm=-1", "train.max_grad_norm must be >= 0"),
+    ("train.nonfinite=ignore", "train.nonfinite must be one of skip, stop"),
+    ("train.max_consecutive_skips=-1", "train.max_consecutive_skips must be >= 0"),
+    ('data.latent_shape=[4,"a",4,4]', r"data.latent_shape must be \[C, F, H, W\], four positive integers"),
+    ("data.latent_shape=[4,2,4]", r"data.latent_shape must be \[C, F, H, W\]"),
+])
+def test_out_of_range_values_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve(overrides=[override])
+
+
+def test_non_utf8_config_file_is_one_line(tmp_path):
+    f = tmp_path / "run.yaml"
+    f.write_bytes(b"dmd:\n  cfg_form: \xff\xfe\n")
+    with pytest.raises(ConfigError, match=r"config file .*run.yaml is not UTF-8 text \(byte 17\)"):
+        resolve(str(f))
+
+
+def test_nonfinite_defaults():
+    cfg = resolve()
+    assert cfg.train.nonfinite == "skip" and cfg.train.max_consecutive_skips == 10

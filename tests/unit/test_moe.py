@@ -5,8 +5,10 @@ import torch
 
 from megadmd import flow
 from megadmd.config import ConfigError, resolve
+from megadmd.dmd import gan
 from megadmd.dmd.trainer import PHASE_FAKE_SCORE, PHASE_GENERATOR
 from megadmd.models import WanExperts, build_wan
+from megadmd.rng import Purpose
 from megadmd.runner import build_trainer
 from megadmd.zero import full_state_dict
 from tests.helpers import TEST_WAN_CONFIG, save_test_dataset, save_tiny_wan22_pipeline
@@ -35,6 +37,26 @@ def test_expert_split_by_hand_and_stratified_draws_stay_uniform():
     assert torch.allclose(hist, torch.full((10,), 0.1), atol=0.01)  # still uniform
     batch = flow.stratified_u(torch.rand(8, generator=g), 0.9, 0.7)
     assert bool((batch >= 0.7).all())  # one expert for the whole batch
+
+
+def test_expert_draws_stay_on_their_side_of_the_boundary_in_float32():
+    """At A14B's shift 12 and boundary 0.875, float32 rounding puts a few low-side draws just
+    below the split at t >= 875 (the other expert); the clamp keeps every draw on its side."""
+    shift, boundary, lo, hi = 12.0, 0.875, 0.02, 0.98
+    split = flow.expert_split_u(boundary, shift, lo, hi)
+    top = (1 - torch.arange(1, 200001, dtype=torch.float64) * 2.0**-24).float()  # the low side's end
+    bottom = (torch.arange(0, 200000, dtype=torch.float64) * 2.0**-24).float()  # the high side's start
+    raw = flow.sample_score_timesteps(flow.stratified_u(top, 0.0, split), shift, lo, hi)
+    assert int((raw >= 875).sum()) > 0  # what the clamp is for
+    low = flow.expert_score_timesteps(top, 0.0, boundary, shift, lo, hi)
+    high = flow.expert_score_timesteps(bottom, split, boundary, shift, lo, hi)
+    assert low.dtype == torch.float32 and bool((low < 875).all()) and bool((high >= 875).all())
+    kept = raw < 875
+    assert torch.equal(low[kept], raw[kept])  # only the crossing draws move, by one float32 step
+    assert float((low - raw).abs().max()) < 1e-3
+    # and the experts route them that way (they compare the float32 timestep with the boundary)
+    experts = WanExperts(torch.nn.Identity(), torch.nn.Identity(), boundary)
+    assert not bool((low >= experts.boundary_t).any()) and bool((high >= experts.boundary_t).all())
 
 
 def _moe_trainer(tmp_path, *extra):
@@ -77,12 +99,14 @@ def test_each_expert_changes_only_when_its_range_was_trained(moe_trainer):
         assert _changed(before, full_state_dict(t.models.generator.module)) == expected
         seen["generator"] |= expected
         ts = t.score_timesteps(batch, __import__("megadmd.rng").rng.Purpose.FAKE_TIMESTEP, PHASE_FAKE_SCORE)
-        expected = {"high" if float(x) >= 875 else "low" for x in ts}
+        # the denoising forward's expert, and the discriminator's forward of its own (its judge
+        # timesteps, one expert per micro-batch: here always the low-noise one, below t = 500)
+        judge = t.gan_timesteps(batch, PHASE_FAKE_SCORE)
+        expected = {"high" if float(x) >= 875 else "low" for x in torch.cat([ts, judge])}
         before = full_state_dict(t.models.fake_score.module)
         t.fake_score_step([batch])
         changed = _changed(before, full_state_dict(t.models.fake_score.module))
-        # the GAN's real-latent half draws its own timesteps: it may bring in the other expert
-        assert expected <= changed
+        assert changed == expected
         seen["fake_score"] |= expected
     assert seen["generator"] == {"high", "low"} and seen["fake_score"] == {"high", "low"}
 
@@ -94,3 +118,95 @@ def test_a_missing_second_expert_fails_clearly(tmp_path, test_model_dir, test_da
 
     with pytest.raises(ConfigError, match="needs both transformer and transformer_2"):
         preflight_train(cfg, 1)
+
+
+def test_gan_halves_share_one_expert_and_the_head_sees_every_sample(moe_trainer, monkeypatch):
+    """The discriminator's real and generated halves run in one forward: were they on different
+    experts, the head would keep one expert's B logits instead of 2B and the loss became NaN
+    (main's bug, issue 23). Each pair shares its judge timestep, and the judge timesteps of a
+    micro-batch stay on one side of the boundary even when their range straddles it."""
+    t = moe_trainer
+    t.dmd.gan.timestep_range = [0.5, 0.98]  # straddles the boundary at 875
+    seen = []
+    real_loss = gan.discriminator_loss
+    monkeypatch.setattr(gan, "discriminator_loss", lambda r, f: seen.append((len(r), len(f))) or real_loss(r, f))
+    for _ in range(2):
+        t.fake_score_step([t.data.next()])
+    assert seen == [(2, 2), (2, 2)]
+    assert t.state.fake_score_updates == 2 and t.state.fake_score_skipped == 0
+    assert all(v == v for v in t.window.reduce().values())  # no NaN logged
+    sides = set()
+    for _ in range(16):
+        judge = t.gan_timesteps(t.data.next(), PHASE_FAKE_SCORE)
+        side = {bool(x >= 875) for x in judge}
+        assert len(side) == 1
+        sides |= side
+    assert sides == {True, False}
+
+
+def test_a_skipped_update_restores_the_rate_of_the_expert_that_did_not_run(moe_trainer):
+    """restrict_step_to_used_experts zeroes the idle expert's rate and relies on the LR
+    scheduler's step to restore it; a skipped step does not step the scheduler."""
+    t = moe_trainer
+    t.dmd.gan.enabled = False  # the GAN's own forward (on the low-noise expert) would run both experts
+
+    def side(batch):
+        return "high" if float(t.score_timesteps(batch, Purpose.FAKE_TIMESTEP, PHASE_FAKE_SCORE)[0]) >= 875 else "low"
+
+    bad = t.data.next()
+    bad.latents = torch.full_like(bad.latents, float("nan"))
+    t.fake_score_step([bad])
+    assert t.state.fake_score_skipped == 1 and t.state.fake_score_updates == 0
+    assert all(g["lr"] > 0 for g in t.models.fake_score.optimizer.param_groups)
+    batch = t.data.next()
+    while side(batch) == side(bad):
+        batch = t.data.next()
+    before = full_state_dict(t.models.fake_score.module)
+    t.fake_score_step([batch])
+    assert _changed(before, full_state_dict(t.models.fake_score.module)) == {side(batch)}
+
+
+class _TinyExpert(torch.nn.Module):
+    """Stands in for a Wan DiT inside WanExperts: one linear layer, the DiT's call signature."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 1)
+
+    def forward(self, hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image=None,
+                return_dict=False):
+        return (self.lin(hidden_states),)
+
+
+def test_the_idle_expert_steps_with_a_zero_gradient_not_its_last_one(single_process_world):
+    """ZeRO-3 keeps a parameter's last gradient until a new one overwrites it: the idle expert
+    stepped with its stale gradient (counted in the global norm, pushed into its Adam moments),
+    and after a skipped step with a NaN one, which made every later step skip as well."""
+    from megadmd.roles import param_groups, restrict_step_to_used_experts
+    from tests.helpers import tiny_zero3_engine
+
+    module = WanExperts(_TinyExpert(), _TinyExpert(), boundary_ratio=0.875)
+    engine = tiny_zero3_engine(module=module, groups=param_groups(module))
+    opt = engine.optimizer
+
+    def exp_avg(group: int) -> torch.Tensor:
+        return opt.optimizer.state[opt.fp32_partitioned_groups_flat[group]]["exp_avg"].clone()
+
+    def update(t: float, scale: float = 1.0) -> None:
+        out = engine(torch.randn(3, 4), torch.full((3,), t), None)[0]
+        engine.backward(out.pow(2).mean() * scale)
+        restrict_step_to_used_experts(engine)
+        engine.step()
+
+    update(900.0)  # the high expert (group 0)
+    high = exp_avg(0)
+    update(100.0)  # the low expert only
+    assert torch.allclose(exp_avg(0), high * 0.9, rtol=1e-6, atol=0)  # moments only decay (beta1 0.9)
+    update(900.0, scale=float("nan"))  # DeepSpeed skips it
+    assert not engine.was_step_applied()
+    from megadmd.roles import recover_from_skipped_step
+
+    recover_from_skipped_step(engine)
+    update(100.0)
+    assert engine.was_step_applied()  # no stale NaN from the high expert in the norm
+    assert bool(torch.isfinite(exp_avg(0)).all())

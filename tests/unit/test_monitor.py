@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from megadmd.monitor.diversity import grouped_diversity, pairwise_diversity, x0_stats
+from megadmd.monitoring.diversity import grouped_diversity, pairwise_diversity, x0_stats
 
 
 def test_pairwise_diversity_by_hand():

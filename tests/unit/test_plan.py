@@ -328,7 +328,8 @@ def test_cli_prints_the_table_and_exits_3_when_it_does_not_fit():
     from megadmd.cli import main
 
     runner = CliRunner()
-    ok = runner.invoke(main, ["plan", "--preset", "wan2.1-t2v-14b", "--nodes", "8", "--sp", "4"])
+    ok = runner.invoke(main, ["plan", "--preset", "wan2.1-t2v-14b", "--nodes", "8", "--sp", "4", "--no-ema",
+                              "--gpu-memory-gib", "80"])
     assert ok.exit_code == 0 and "fits: needs 18.7 of 80 GiB" in ok.output
     too_big = runner.invoke(main, ["plan", "--preset", "wan2.1-t2v-1.3b", "--no-activation-checkpointing"])
     assert too_big.exit_code == 3 and "does not fit" in too_big.output

@@ -186,7 +186,7 @@ def test_quality_hook_scores_the_ema_weights_under_their_own_tag():
 
     logged = {}
     writer = SimpleNamespace(scalars=lambda d, step: logged.update({(k, step): v for k, v in d.items()}),
-                             image=lambda tag, img, step: logged.update({(tag, step): img.shape}))
+                             image=lambda tag, img, step, caption=None: logged.update({(tag, step): img.shape}))
     trainer = SimpleNamespace(models=SimpleNamespace(generator=SimpleNamespace(module=module), dtype=torch.float32),
                               ema=SimpleNamespace(started=True, applied=applied), writer=writer,
                               state=SimpleNamespace(step=5), pstate=SimpleNamespace(rank=0),

@@ -1,4 +1,4 @@
-"""``megadmd plan``: per-rank memory of a DMD2 run on paper, before a queue slot is spent.
+"""Per-rank memory of a DMD2 run on paper, before a queue slot is spent (`megadmd plan`).
 
 Owns the arithmetic only: parameter counts from a Wan architecture (closed form, per tensor),
 the bytes each role keeps under ZeRO-3, the transient buffers of ZeRO-3, activation memory of
@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional, Union
 
-from .config import TRAINABLE_ROLES, ConfigError
+from ..config import TRAINABLE_ROLES, ConfigError
 
 GIB = 1024 ** 3
 OFFLOAD_CHOICES = ("none", "optimizer", "all")
@@ -143,14 +143,26 @@ class ZeroSettings:
         )
 
 
-def default_zero_settings() -> dict:
-    """ZeroSettings per role from the default templates (``deepspeed.<role>`` config defaults)."""
-    from .config import DeepSpeedConfig
-    from .roles import load_ds_template
+def default_zero_settings(ds=None) -> dict:
+    """ZeroSettings per role from a run's templates (``ds``: its config.DeepSpeedConfig; None: the
+    defaults)."""
+    from ..config import DeepSpeedConfig
+    from ..roles import load_ds_template
 
-    ds = DeepSpeedConfig()
+    ds = ds or DeepSpeedConfig()
     return {role: ZeroSettings.from_template(load_ds_template(getattr(ds, role), f"deepspeed.{role}"))
             for role in ("generator", "fake_score", "teacher")}
+
+
+def template_offload(ds) -> str:
+    """The offload a run's trainable-role templates ask for: none | optimizer | all (parameters
+    too), as ``plan_memory``'s ``offload`` takes it; the generator's template decides."""
+    from ..roles import load_ds_template
+
+    z = load_ds_template(ds.generator, "deepspeed.generator").get("zero_optimization", {})
+    if z.get("offload_param", {}).get("device", "none") == "cpu":
+        return "all"
+    return "optimizer" if z.get("offload_optimizer", {}).get("device", "none") == "cpu" else "none"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,7 +235,7 @@ def vsa_extra_bytes(a: ActivationShape, sparsity: float) -> float:
     SDPA would keep are not kept. Only the last term depends on the sparsity (K shrinks with it),
     and it is at most a few percent of the block.
     """
-    from .attention.vsa_tiling import vsa_topk
+    from ..attention.vsa_tiling import vsa_topk
 
     cubes = a.num_cubes
     pad_ratio = cubes * 64 / a.tokens
@@ -308,6 +320,8 @@ class MemoryPlan:
     video_size: Optional[tuple] = None
     fits: bool = False
     reason: str = ""
+    wan_config: Optional[dict] = None  # the architecture planned
+    text_len: int = 512
 
     @property
     def world_size(self) -> int:
@@ -328,7 +342,7 @@ class MemoryPlan:
 
 def _resolve_model(model: Union[str, dict], video_size, latent_shape, text_len, vae_scale):
     """(name, wan_config, video_size, latent_shape, text_len) from a preset name or a config dict."""
-    from .presets import get_preset
+    from ..presets import get_preset
 
     if isinstance(model, str):
         preset = get_preset(model)
@@ -338,7 +352,7 @@ def _resolve_model(model: Union[str, dict], video_size, latent_shape, text_len, 
         if video_size is None and latent_shape is None:
             video_size = preset.video_size
         if preset.builtin:
-            from .toy.distribution import ToySpec  # the built-in toy dataset's latents and text
+            from ..toy.distribution import ToySpec  # the built-in toy dataset's latents and text
 
             text_len = text_len or ToySpec().text_len
             if video_size is None and latent_shape is None:
@@ -540,7 +554,7 @@ def plan_memory(model: Union[str, dict] = "wan2.1-t2v-1.3b", *, video_size: Opti
     for the generator; ``zero`` maps roles to ZeroSettings (default: the ds_configs templates);
     ``device`` "cpu" models PyTorch's CPU kernels (composite RMSNorm), for comparisons on CPU.
     """
-    from .parallel.state import check_layout
+    from ..parallel.state import check_layout
 
     _check_numbers(nodes, gpus_per_node, micro_batch, offload, precision, device, vsa_sparsity, gpu_memory_gib)
     name, wan_config, video_size, latent_shape, text_len = _resolve_model(
@@ -572,7 +586,7 @@ def plan_memory(model: Union[str, dict] = "wan2.1-t2v-1.3b", *, video_size: Opti
         micro_batch=micro_batch, offload=offload, precision=precision, checkpointing=checkpointing,
         vsa_sparsity=vsa_sparsity, ema=ema, items=items, phases=gpu_phase, peak_phase=peak,
         activations_other_gib=other_acts.get(peak, 0.0), gpu_total_gib=gpu_total, cpu_total_gib=cpu_total,
-        gpu_memory_gib=gpu_memory_gib)
+        gpu_memory_gib=gpu_memory_gib, wan_config=wan_config, text_len=text_len)
     plan.fits = gpu_total <= gpu_memory_gib
     plan.reason = _reason(plan)
     return plan

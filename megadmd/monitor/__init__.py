@@ -1,1 +1,0 @@
-"""Sample monitoring for real runs, where no modes are known: diversity and saturation statistics."""
