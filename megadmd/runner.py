@@ -9,7 +9,7 @@ import torch.distributed as dist
 
 from .checkpoint import Checkpointer, read_state
 from .config import RunConfig, save_resolved, to_dict
-from .data.format import open_dataset
+from .data.format import LatentDataset, open_dataset
 from .data.loader import BatchSource
 from .dmd.trainer import DMDTrainer
 from .ema import PartitionEMA

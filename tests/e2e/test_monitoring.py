@@ -5,13 +5,11 @@ import json
 import math
 import re
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import (TEST_WAN_CONFIG, cli_env, save_test_dataset, save_test_images, save_test_model,
+from tests.helpers import (TEST_WAN_CONFIG, save_test_dataset, save_test_images, save_test_model,
                            save_tiny_clip, save_tiny_text_encoder, save_tiny_vae)
 
 PROMPTS = ["a cat runs on the beach", "a dog in snow", "red bird flies over the sea", "city at night",
