@@ -189,10 +189,12 @@ def encode_text(prompts, out, text_encoder, tokenizer, negative_prompt, max_len,
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True)
 @click.option("--vae", default=None, type=click.Path(), help="AutoencoderKLWan folder: decode a few samples to mp4/png")
 @click.option("--decode", "num_decode", type=int, default=4, show_default=True, help="samples to decode with --vae")
+@click.option("--save-noise", is_flag=True,
+              help="also store each latent's starting noise: (noise, latent) pairs for dmd.regression")
 @overwrite_option
 @user_errors
 def synth(teacher, text_data, out, latent_shape, video_size, steps, guidance_scale, cfg_form, flow_shift,
-          seed, batch_size, precision, vae, num_decode, overwrite):
+          seed, batch_size, precision, vae, num_decode, save_noise, overwrite):
     """Sample clean teacher latents for every prompt (resumable; split across ranks)."""
     from .data.synth import SynthOptions, run_synth
 
@@ -201,7 +203,7 @@ def synth(teacher, text_data, out, latent_shape, video_size, steps, guidance_sca
         teacher=teacher, text_data=text_data, out=out, latent_shape=tuple(shape), num_steps=steps,
         guidance_scale=guidance_scale, cfg_form=cfg_form, flow_shift=flow_shift, seed=seed,
         batch_size=batch_size, precision=precision, vae=vae, num_decode=num_decode if vae else 0,
-        overwrite=overwrite))
+        save_noise=save_noise, overwrite=overwrite))
     shutdown_distributed()
     if os.environ.get("RANK", "0") == "0":
         click.echo(f"synthesized {info.num_samples} latents of shape {shape} into {out}")

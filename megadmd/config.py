@@ -86,13 +86,40 @@ class DataConfig:
 
 @dataclass
 class GANConfig:
-    """DMD2's GAN term (off by default; needs real latents, so not in data-free mode)."""
+    """DMD2's GAN term (off by default; needs a dataset with real latents, in either training mode)."""
 
     enabled: bool = False
     block_index: Optional[int] = None  # fake-score block whose output tokens feed the head; None: middle
     generator_weight: float = 1e-3  # the paper uses 3e-3 (ImageNet), 1e-3 (SD1.5), 5e-3 (SDXL)
     discriminator_weight: float = 1e-2
     hidden_dim: int = 256
+    pooling: str = "meanstd"  # head features pooled over tokens: mean | meanstd (mean and std, concatenated)
+    # [lo, hi] of t / 1000 where real and generated latents are judged (uniform; a pair shares its
+    # timestep and noise). At high noise the two look alike and the head learns nothing there
+    # (tools/gan_probe.py, docs/quality-benchmark.md)
+    timestep_range: list = field(default_factory=lambda: [0.02, 0.5])
+    # the head's own param group in the fake score's optimizer: lr = head_lr_scale * optim.fake_score.lr
+    # (same schedule), and its own Adam betas
+    head_lr_scale: float = 10.0
+    head_betas: list = field(default_factory=lambda: [0.9, 0.999])
+
+
+@dataclass
+class RegressionConfig:
+    """DMD v1's regression on teacher ODE pairs (off by default; docs/quality-benchmark.md).
+
+    The student's chain runs from each pair's stored starting noise, re-noising between its steps
+    with draws keyed by the pair's dataset index (the same every time), and the x0 it reaches is
+    pulled towards the teacher's latent by an MSE. Every step of that chain carries gradient."""
+
+    weight: float = 0.0
+    # dataset of (noise, teacher latent) pairs, from `megadmd synth --save-noise`; "" uses data.path
+    # (for the built-in toy preset: pairs sampled from the toy teacher's ODE at start-up)
+    data_path: str = ""
+    # how many of dmd.denoising_steps the chain runs from the noise; 0 = all of them. 1 is the
+    # one-step regression of DMD v1 on the first step, whose input is pure noise
+    num_steps: int = 0
+    batch_size: int = 0  # pairs per micro-batch (their own loader); 0 = train.micro_batch_size
 
 
 @dataclass
@@ -115,6 +142,7 @@ class DMDConfig:
     # pure-noise input makes its output one point per prompt (docs/quality-benchmark.md)
     train_first_step: bool = True
     gan: GANConfig = field(default_factory=GANConfig)
+    regression: RegressionConfig = field(default_factory=RegressionConfig)
     # ablation only: drop the fake score's term from the DMD direction (the generator then just
     # climbs the teacher's score and, as the DMD paper shows, collapses to the nearest mode)
     real_score_only: bool = False
@@ -194,6 +222,10 @@ class ValidationConfig:
     num_samples: int = 4
     seed: int = 42
     vae_path: str = ""  # an AutoencoderKLWan folder: log decoded frames and write mp4s
+    # samples per prompt from different noises: their mean pairwise distance is the logged sample
+    # diversity (validation/<model>/diversity); images and mp4s show the first noise only
+    noises_per_prompt: int = 2
+    extreme_threshold: float = 3.0  # |x0| beyond this counts as extreme (validation/<model>/x0_extreme_share)
 
 
 @dataclass
@@ -394,7 +426,10 @@ def resolve(file: Optional[str] = None, overrides: tuple[str, ...] | list[str] =
     if not isinstance(preset_name, str):
         raise ConfigError("config key 'preset' must be str")
     cfg = RunConfig()
-    apply_dict(cfg, get_preset(preset_name).config)
+    preset = get_preset(preset_name)
+    apply_dict(cfg, preset.config)
+    if not (user.get("data") or {}).get("path"):  # the preset's built-in data, if it has any
+        apply_dict(cfg, preset.builtin_data_config)
     apply_dict(cfg, user)
     validate(cfg)
     return cfg
@@ -438,11 +473,21 @@ def validate(cfg: RunConfig) -> None:
     _positive("dmd.generator_update_interval", d.generator_update_interval)
     _positive("dmd.flow_shift", d.flow_shift)
     if d.gan.enabled:
-        if d.simulate_generator_forward:
-            raise ConfigError("dmd.gan.enabled needs real latents, but dmd.simulate_generator_forward "
-                              "(data-free mode) has none; turn one of them off")
-        if d.gan.generator_weight < 0 or d.gan.discriminator_weight < 0 or d.gan.hidden_dim <= 0:
-            raise ConfigError("dmd.gan weights must be >= 0 and dmd.gan.hidden_dim positive")
+        # (that the data holds real latents is checked in preflight: data-free runs may have them)
+        g = d.gan
+        if g.generator_weight < 0 or g.discriminator_weight < 0 or g.hidden_dim <= 0 or g.head_lr_scale <= 0:
+            raise ConfigError("dmd.gan weights must be >= 0, and dmd.gan.hidden_dim and head_lr_scale positive")
+        _choice("dmd.gan.pooling", g.pooling, ("mean", "meanstd"))
+        tr = g.timestep_range
+        if not (len(tr) == 2 and all(isinstance(x, (int, float)) for x in tr) and 0 <= tr[0] < tr[1] <= 1):
+            raise ConfigError(f"dmd.gan.timestep_range must be [lo, hi] with 0 <= lo < hi <= 1 (timestep / 1000); got {tr}")
+        if len(g.head_betas) != 2 or not all(0 <= b < 1 for b in g.head_betas):
+            raise ConfigError(f"dmd.gan.head_betas must be two numbers in [0, 1), got {g.head_betas}")
+    r = d.regression
+    if r.weight < 0 or r.batch_size < 0 or not 0 <= r.num_steps <= len(d.denoising_steps):
+        raise ConfigError(f"dmd.regression.weight and batch_size must be >= 0 and dmd.regression.num_steps in "
+                          f"[0, {len(d.denoising_steps)}] (0: every denoising step); got {r.weight}, {r.batch_size}, "
+                          f"{r.num_steps}")
     _choice("model.precision", cfg.model.precision, ("auto", "fp32", "bf16"))
     if cfg.model.boundary_ratio is not None and not 0 < cfg.model.boundary_ratio < 1:
         raise ConfigError(f"model.boundary_ratio must be in (0, 1), got {cfg.model.boundary_ratio}")
@@ -483,6 +528,10 @@ def validate(cfg: RunConfig) -> None:
     v = cfg.validation
     if v.interval_steps < 0 or v.num_samples < 1:
         raise ConfigError("validation.interval_steps must be >= 0 and validation.num_samples >= 1")
+    if v.noises_per_prompt < 2 or v.extreme_threshold <= 0:
+        raise ConfigError(f"validation.noises_per_prompt must be >= 2 (the diversity is a distance between two "
+                          f"samples) and validation.extreme_threshold positive; got {v.noises_per_prompt}, "
+                          f"{v.extreme_threshold}")
     a = cfg.attention
     if not 0 <= a.vsa_sparsity < 1:
         raise ConfigError(f"attention.vsa_sparsity must be in [0, 1), got {a.vsa_sparsity}")

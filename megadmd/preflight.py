@@ -31,6 +31,9 @@ class TrainPlan:
     data_options: dict = field(default_factory=dict)  # FastVideoDataset's options (interop/fastvideo_data.py)
     resume_from: Optional[Path] = None  # the checkpoint to resume from (the newest whose sizes match)
     resume_universal: bool = False  # it was saved at another world size
+    # dmd.regression's (noise, latent) pairs (data_path when the training data holds them); None when off
+    regression_path: Optional[str] = None
+    builtin_regression: bool = False  # the toy teacher's ODE pairs are written at start-up
 
 
 def resolve_builtin_teacher(cfg: RunConfig) -> str:
@@ -114,6 +117,27 @@ def check_dataset(cfg: RunConfig, model_config: dict, teacher_path: str) -> tupl
         raise ConfigError(f"dataset {cfg.data.path} has text embeddings of dimension {info.text_dim} "
                           f"but the model's text_dim is {model_config.get('text_dim')}")
     return cfg.data.path, False, info, opened
+
+
+def check_regression_data(cfg: RunConfig, data_path: str, info: Optional[DatasetInfo],
+                          model_config: dict) -> tuple[Optional[str], bool]:
+    """Where dmd.regression's pairs come from: (their dataset, whether the run writes the toy
+    teacher's pairs itself); (None, False) when the regression is off."""
+    r = cfg.dmd.regression
+    if not r.weight:
+        return None, False
+    if not r.data_path and info is None:  # built-in toy data: the run samples the teacher's pairs
+        return str(Path(cfg.output_dir) / "regression_data"), True
+    path = r.data_path or data_path
+    pairs = read_index(path) if r.data_path else info
+    if not (pairs.has_latents and pairs.has_noise):
+        raise ConfigError(f"dmd.regression.weight > 0 needs (noise, latent) pairs, but dataset {path} holds no "
+                          f"starting noise; write one with 'megadmd synth --save-noise' and set dmd.regression.data_path")
+    if pairs.text_dim != model_config.get("text_dim"):
+        raise ConfigError(f"dmd.regression.data_path {path} has text embeddings of dimension {pairs.text_dim} "
+                          f"but the model's text_dim is {model_config.get('text_dim')}")
+    check_image_condition(path, pairs, model_config)
+    return path, False
 
 
 def check_image_condition(path: str, info: DatasetInfo, model_config: dict) -> None:
@@ -200,6 +224,9 @@ def preflight_train(cfg: RunConfig, world_size: int, overwrite: bool = False) ->
     paths, model_config, role_configs = check_models(cfg)
     dp = check_layout(world_size, cfg.parallel.sp_size, model_config.get("num_attention_heads"))
     data_path, builtin, info, opened = check_dataset(cfg, model_config, paths["teacher"])
+    if cfg.dmd.gan.enabled and info is not None and not info.has_latents:
+        raise ConfigError(f"dmd.gan.enabled needs real latents, but dataset {data_path} holds only text "
+                          f"embeddings; give a dataset with latents or turn the GAN term off")
     if cfg.dmd.gan.enabled and cfg.dmd.gan.block_index is not None:
         n = model_config.get("num_layers", 0)
         if not -n <= cfg.dmd.gan.block_index < n:
@@ -210,6 +237,10 @@ def preflight_train(cfg: RunConfig, world_size: int, overwrite: bool = False) ->
         from .lora.build import check_lora_targets
 
         check_lora_targets(cfg.model.lora, model_config, cfg.model.boundary_ratio)
+    regression_path, builtin_regression = check_regression_data(cfg, data_path, info, model_config)
+    if regression_path and cfg.dmd.regression.data_path and tuple(read_index(regression_path).latent_shape) != tuple(shape):
+        raise ConfigError(f"dmd.regression.data_path {regression_path} has latents of shape "
+                          f"{read_index(regression_path).latent_shape}, the generator makes {list(shape)}")
     import torch
 
     bf16 = cfg.model.precision == "bf16" or (cfg.model.precision == "auto" and torch.cuda.is_available())
@@ -229,4 +260,5 @@ def preflight_train(cfg: RunConfig, world_size: int, overwrite: bool = False) ->
         text_len = 512
     return TrainPlan(model_paths=paths, model_config=model_config, data_path=data_path, text_len=text_len,
                      builtin_data=builtin, latent_shape=shape, dp_size=dp, role_configs=role_configs,
-                     resume_from=resume, **opened)
+                     resume_from=resume, regression_path=regression_path, builtin_regression=builtin_regression,
+                     **opened)

@@ -36,6 +36,7 @@ class Purpose(IntEnum):
     GAN_TIMESTEP = 9
     GAN_NOISE = 10
     SIM_EXIT = 11  # the simulation's exit step: one per global micro-step, shared by all ranks
+    REG_RENOISE = 12  # the regression chain's re-noising, keyed by the pair's dataset index
 
 
 def _splitmix64(x: int) -> int:

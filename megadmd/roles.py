@@ -196,19 +196,26 @@ class Models:
         return getattr(self, role)
 
 
-def param_groups(module: torch.nn.Module) -> list[dict]:
+def param_groups(module: torch.nn.Module, own_groups: Optional[dict] = None) -> list[dict]:
     """Optimizer groups: one per expert of a two-expert model (so an update can skip the expert
-    that did not run), plus everything else (e.g. the GAN head)."""
+    that did not run), plus everything else; ``own_groups`` maps a parameter-name prefix to the
+    options of a group of its own, placed last (the GAN head: ``{"gan_head.": {"lr": ..., "betas":
+    ...}}``), so group 0 stays the model's and ``engine.get_lr()[0]`` its learning rate."""
     trainable = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    own = []
+    for prefix, options in (own_groups or {}).items():
+        mine = [p for n, p in trainable if n.startswith(prefix)]
+        if mine:
+            own.append({"params": mine, "name": prefix.rstrip("."), **options})
+        trainable = [(n, p) for n, p in trainable if not n.startswith(prefix)]
     if not is_two_expert(module):
-        return [{"params": [p for _, p in trainable], "name": "all"}]
-    groups = []
-    for name in ("high", "low"):
-        groups.append({"params": [p for n, p in trainable if n.startswith(f"{name}.")], "name": name})
+        return [{"params": [p for _, p in trainable], "name": "all"}] + own
+    groups = [{"params": [p for n, p in trainable if n.startswith(f"{name}.")], "name": name}
+              for name in ("high", "low")]
     rest = [p for n, p in trainable if not n.startswith(("high.", "low."))]
     if rest:
         groups.append({"params": rest, "name": "other"})
-    return groups
+    return groups + own
 
 
 def restrict_step_to_used_experts(engine) -> None:
@@ -250,12 +257,14 @@ def recover_from_skipped_step(engine) -> None:
 def build_models(paths: dict, optim: OptimTree, train: TrainConfig, ds: DeepSpeedConfig,
                  pstate, device: torch.device, dtype: torch.dtype, generator_update_interval: int,
                  prepare_module: Optional[Any] = None, load_universal: bool = False,
-                 boundary_ratio: Optional[float] = None, lora: Optional[LoRAConfig] = None) -> Models:
+                 boundary_ratio: Optional[float] = None, lora: Optional[LoRAConfig] = None,
+                 own_groups: Optional[dict] = None) -> Models:
     """Load and wrap all three roles from ``paths[role]``. Collective: every rank calls it.
 
     ``prepare_module(role, module)`` runs on each loaded module before DeepSpeed wraps it (to install
-    attention processors, activation checkpointing, extra parameters). With ``lora`` enabled, its
-    roles are adapters over the teacher's module (megadmd/lora), so the teacher is built first.
+    attention processors, activation checkpointing, extra parameters); ``own_groups[role]`` gives
+    parameters of that role optimizer groups of their own (``param_groups``). With ``lora`` enabled,
+    its roles are adapters over the teacher's module (megadmd/lora), so the teacher is built first.
     """
     import deepspeed
 
@@ -297,8 +306,8 @@ def build_models(paths: dict, optim: OptimTree, train: TrainConfig, ds: DeepSpee
         if trainable:
             module.train()
             o: OptimConfig = getattr(optim, role)
-            opt = torch.optim.AdamW(param_groups(module), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay,
-                                    eps=o.eps)
+            opt = torch.optim.AdamW(param_groups(module, (own_groups or {}).get(role)), lr=o.lr, betas=tuple(o.betas),
+                                    weight_decay=o.weight_decay, eps=o.eps)
             interval = generator_update_interval if role == "generator" else 1
             sched = lr_scheduler(opt, o, train.max_steps, interval)
             engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, lr_scheduler=sched,

@@ -9,7 +9,7 @@ import torch.distributed as dist
 
 from .checkpoint import Checkpointer, read_state
 from .config import RunConfig, save_resolved, to_dict
-from .data.format import open_dataset
+from .data.format import LatentDataset, open_dataset
 from .data.loader import BatchSource
 from .dmd.guard import NonFiniteError
 from .dmd.trainer import DMDTrainer
@@ -45,6 +45,14 @@ def prepare_outputs(cfg: RunConfig, plan: TrainPlan, pstate: ParallelState) -> N
 
             log.info("writing the toy dataset (%d samples) to %s", TOY_DATASET_SIZE, plan.data_path)
             write_toy_dataset(plan.data_path, TOY_DATASET_SIZE, seed=cfg.train.seed)
+        if plan.builtin_regression and not (Path(plan.regression_path) / "index.json").is_file():
+            from .toy.builtin import TOY_PAIR_ODE_STEPS, TOY_PAIRS, write_toy_pairs
+
+            d = cfg.dmd
+            log.info("sampling %d (noise, latent) pairs of the teacher's %d-step ODE for dmd.regression into %s",
+                     TOY_PAIRS, TOY_PAIR_ODE_STEPS, plan.regression_path)
+            write_toy_pairs(plan.regression_path, plan.model_paths["teacher"], TOY_PAIRS, TOY_PAIR_ODE_STEPS,
+                            d.guidance_scale, d.cfg_form, d.flow_shift, seed=cfg.train.seed)
         if plan.data_format == "fastvideo":  # the parquet footers are read once, here, for all ranks
             from .interop.fastvideo_data import describe_index, write_index
 
@@ -85,7 +93,18 @@ def prepare_module(cfg: RunConfig, pstate: ParallelState, vsa, paths: dict, role
     if role == "fake_score" and cfg.dmd.gan.enabled:
         from .dmd.gan import attach_gan_head
 
-        attach_gan_head(module, cfg.dmd.gan.hidden_dim, seed=cfg.train.seed)
+        attach_gan_head(module, cfg.dmd.gan.hidden_dim, seed=cfg.train.seed, pooling=cfg.dmd.gan.pooling)
+
+
+def own_param_groups(cfg: RunConfig) -> dict:
+    """Parameters that train in an optimizer group of their own: the GAN head, at its own rate."""
+    g = cfg.dmd.gan
+    if not g.enabled:
+        return {}
+    from .dmd.gan import HEAD_ATTR
+
+    lr = g.head_lr_scale * cfg.optim.fake_score.lr
+    return {"fake_score": {f"{HEAD_ATTR}.": {"lr": lr, "betas": tuple(g.head_betas)}}}
 
 
 def log_run_info(cfg: RunConfig, plan: TrainPlan, pstate: ParallelState, writer: MetricsWriter,
@@ -135,17 +154,24 @@ def _build_locked(cfg: RunConfig, plan: TrainPlan, proc, pstate: ParallelState, 
     models = build_models(
         plan.model_paths, cfg.optim, cfg.train, cfg.deepspeed, pstate, proc.device, dtype,
         cfg.dmd.generator_update_interval, load_universal=plan.resume_universal,
-        boundary_ratio=cfg.model.boundary_ratio, lora=cfg.model.lora,
+        boundary_ratio=cfg.model.boundary_ratio, lora=cfg.model.lora, own_groups=own_param_groups(cfg),
         prepare_module=lambda role, module: prepare_module(cfg, pstate, vsa, plan.model_paths, role, module))
     data = BatchSource(open_dataset(plan.data_path, plan.data_format, **plan.data_options),
                        micro_batch=cfg.train.micro_batch_size,
                        dp_rank=pstate.dp_rank, dp_size=pstate.dp_size, seed=cfg.train.seed,
                        text_len=plan.text_len, device=proc.device)
+    regression_data = None
+    if plan.regression_path is not None:  # dmd.regression's pairs: a stream of their own
+        pairs = LatentDataset(plan.regression_path) if plan.regression_path != plan.data_path else data.dataset
+        regression_data = BatchSource(pairs, micro_batch=cfg.dmd.regression.batch_size or cfg.train.micro_batch_size,
+                                      dp_rank=pstate.dp_rank, dp_size=pstate.dp_size, seed=cfg.train.seed + 1,
+                                      text_len=plan.text_len or data.text_len, device=proc.device)
     writer = MetricsWriter(cfg.output_dir, enabled=pstate.rank == 0, logging_cfg=cfg.logging,
                            resuming=plan.resume_from is not None)
     ema = PartitionEMA(models.generator.module, cfg.ema.decay, cfg.ema.start_step) if cfg.ema.decay else None
     trainer = DMDTrainer(cfg, models, data, pstate, SampleRNG(cfg.train.seed, proc.device), writer,
-                         proc.device, vsa=vsa, ema=ema, sample_shape=plan.latent_shape)
+                         proc.device, vsa=vsa, ema=ema, sample_shape=plan.latent_shape,
+                         regression_data=regression_data)
     validator = build_validator(cfg, plan, data.dataset, trainer.steps, pstate.rank)
     if validator is not None:
         trainer.hooks.append(validator.maybe_run)

@@ -6,12 +6,18 @@ each forward); rank 0 logs to TensorBoard under ``validation/<model>/<i>``: deco
 when ``validation.vae_path`` is set (and mp4 files in ``<output_dir>/validation/step-N``), otherwise
 the latents rendered as images (channels 0-2 as RGB, frames side by side). With an EMA that has
 started, the EMA weights are sampled as well (``validation/ema/<i>``).
+
+Each prompt is sampled from ``validation.noises_per_prompt`` noises (the images show the first).
+For real runs, where no modes are known, two label-free statistics watch for DMD's failures
+(megadmd/monitoring/diversity.py): ``validation/<model>/diversity``, the mean pairwise RMS distance
+between one prompt's samples (it falls when the generator collapses onto fewer outputs), and
+``validation/<model>/x0_std``, ``x0_abs_mean`` and ``x0_extreme_share`` (saturation), next to the
+same statistics of the training latents under ``validation/data/`` when the dataset has latents.
 """
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -19,6 +25,7 @@ from .config import ValidationConfig
 from .data.format import LatentDataset
 from .data.loader import pad_text
 from .models import predict_velocity
+from .monitoring.diversity import pairwise_diversity, x0_stats
 from .rng import sample_seed
 from .sampling import sample_generator
 
@@ -55,6 +62,10 @@ class Validator:
             self.conditioning = {"condition": condition_channels(torch.stack([s["image_latents"] for s in samples])),
                                  "image_embeds": torch.stack([s["image_embeds"] for s in samples])}
         self._vae = None
+        self.data_stats = None  # x0 statistics of the training latents, the reference for the generator's
+        if training_data.info.has_latents:
+            lat = torch.stack([training_data.get(i)["latents"] for i in range(min(64, len(training_data)))])
+            self.data_stats = x0_stats(lat, vcfg.extreme_threshold)
 
     def maybe_run(self, trainer) -> None:
         n = self.cfg.interval_steps
@@ -67,14 +78,23 @@ class Validator:
 
     @torch.no_grad()
     def sample(self, module, dtype, device) -> torch.Tensor:
+        """``[R, P, C, F, H, W]``: every prompt from each of R noises (noise r of prompt i is keyed by
+        (seed, i, r), so noise 0 is the same as before there were several)."""
+        out = []
+        for r in range(self.cfg.noises_per_prompt):
+            out.append(self._sample_one_noise(module, dtype, device, r))
+        return torch.stack(out)
+
+    def _sample_one_noise(self, module, dtype, device, r: int) -> torch.Tensor:
         n = self.text.shape[0]
         text = self.text.to(device)
-        noise = torch.stack([self._noise(i, PURPOSE_START, device) for i in range(n)])
+        # noise r of prompt i: start key sub=r, re-noising sub=step + 1000 r (r = 0: the keys of old)
+        noise = torch.stack([self._noise(i, PURPOSE_START, device, sub=r) for i in range(n)])
 
         def renoise(step):
-            return torch.stack([self._noise(i, PURPOSE_RENOISE, device, sub=step) for i in range(n)])
+            return torch.stack([self._noise(i, PURPOSE_RENOISE, device, sub=step + 1000 * r) for i in range(n)])
 
-        cond = {k: v.to(device) for k, v in self.conditioning.items()}
+        cond = {key: v.to(device) for key, v in self.conditioning.items()}
         vfn = lambda x, t: predict_velocity(module, x, t, text, dtype, **cond)  # noqa: E731
         return sample_generator(vfn, self.steps, noise, renoise).cpu()
 
@@ -90,15 +110,27 @@ class Validator:
             self._log(trainer, results)
         return results
 
+    def statistics(self, samples: torch.Tensor) -> dict[str, float]:
+        """Diversity and x0 statistics of ``sample``'s output ``[R, P, ...]``."""
+        stats = {"diversity": pairwise_diversity(samples.transpose(0, 1))}
+        stats.update({f"x0_{k}": v for k, v in x0_stats(samples, self.cfg.extreme_threshold).items()})
+        return stats
+
     def _log(self, trainer, results: dict) -> None:
         step = trainer.state.step
-        for name, latents in results.items():
+        scalars = {f"validation/data/x0_{k}": v for k, v in (self.data_stats or {}).items()}
+        for name, samples in results.items():
+            stats = self.statistics(samples)
+            scalars.update({f"validation/{name}/{k}": v for k, v in stats.items()})
+            log.info("validation %s at step %d: %s", name, step, ", ".join(f"{k} {v:.4g}" for k, v in stats.items()))
+            latents = samples[0]
             for i, lat in enumerate(latents):
                 trainer.writer.image(f"validation/{name}/{i}", latents_to_image(lat), step, caption=self.captions[i])
             if self.cfg.vae_path:
                 self._log_decoded(trainer, name, latents, step)
+        trainer.writer.scalars(scalars, step)
         trainer.writer.text("validation/prompts", "\n\n".join(self.captions), step)
-        log.info("validation at step %d: %d samples logged", step, sum(len(v) for v in results.values()))
+        log.info("validation at step %d: %d samples logged", step, sum(v[0].shape[0] for v in results.values()))
 
     def _log_decoded(self, trainer, name: str, latents: torch.Tensor, step: int) -> None:
         from .data.video import decode_latents, frames_grid, load_vae, write_mp4

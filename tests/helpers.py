@@ -29,12 +29,13 @@ def save_test_model(path: Path, seed: int = 0, config: dict | None = None) -> Pa
 
 
 def save_test_dataset(path: Path, num_samples: int = 16, seed: int = 0, text_only: bool = False,
-                      latent_shape=None) -> Path:
+                      latent_shape=None, with_noise: bool = False) -> Path:
+    """``with_noise``: each latent also stores a "starting noise" (dmd.regression's pairs)."""
     from megadmd.data.make import write_random_dataset
 
     write_random_dataset(path, num_samples=num_samples,
                          latent_shape=None if text_only else list(latent_shape or TEST_LATENT_SHAPE),
-                         text_len=TEST_TEXT_LEN, text_dim=TEST_TEXT_DIM, seed=seed)
+                         text_len=TEST_TEXT_LEN, text_dim=TEST_TEXT_DIM, seed=seed, with_noise=with_noise)
     return path
 
 

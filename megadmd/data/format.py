@@ -16,6 +16,9 @@ Each shard holds stacked tensors for its samples:
     image_embeds [n, N, D]         image-to-video only: CLIP image embedding (penultimate layer)
     text_embeds  [n, L, D]         text embeddings, zero-padded to the shard's longest (<= L_max)
     text_lens    [n]               int32, the unpadded length of each embedding (its mask)
+    noise        [n, C, F, H, W]   optional (``megadmd synth --save-noise``): the starting noise each
+                                   latent was sampled from by the teacher's ODE (index: "noise": true);
+                                   ``dmd.regression`` trains on these (noise, latent) pairs
 
 and, in the safetensors metadata under the single key ``megadmd``, a JSON object with ``captions``
 (the prompts) and ``first_index``. (One key, because safetensors stores metadata as an unordered
@@ -77,6 +80,9 @@ class DatasetInfo:
     extra: dict = field(default_factory=dict)
     # image-to-video: {"latent_shape": [C, F, H, W], "embed_shape": [N, D]}, else None
     image_condition: Optional[dict] = None
+    # shards also hold each latent's starting noise (an optional key: version 1 readers ignore it,
+    # and datasets written before it read as without noise)
+    has_noise: bool = False
 
     @property
     def has_latents(self) -> bool:
@@ -96,6 +102,7 @@ class DatasetInfo:
             "negative": NEGATIVE_FILE,
             "shards": self.shards,
             "image_condition": self.image_condition,
+            "noise": self.has_noise,
             "extra": self.extra,
         }
 
@@ -125,6 +132,7 @@ def read_index(path: str | Path) -> DatasetInfo:
             latent_shape=d.get("latent_shape"), latent_dtype=d.get("latent_dtype", "float32"),
             text_dtype=d.get("text_dtype", "float32"), shards=list(d.get("shards", [])),
             extra=dict(d.get("extra", {})), image_condition=d.get("image_condition"),
+            has_noise=bool(d.get("noise", False)),
         )
         counts = [int(s["num_samples"]) for s in info.shards]
         files = [str(s["file"]) for s in info.shards]
@@ -186,7 +194,7 @@ def write_index(root: Path, info: DatasetInfo) -> None:
 def write_shard(root: Path, k: int, *, text_embeds: list, captions: list, first_index: int,
                 max_text_len: int, text_dim: int, latents: Optional[torch.Tensor] = None,
                 latent_dtype: torch.dtype = torch.float32, image_latents: Optional[torch.Tensor] = None,
-                image_embeds: Optional[torch.Tensor] = None) -> dict:
+                image_embeds: Optional[torch.Tensor] = None, noise: Optional[torch.Tensor] = None) -> dict:
     """Write shard ``k`` atomically from per-sample embeddings ``[L_i, D]``; return its index entry."""
     n = len(text_embeds)
     width = max(e.shape[0] for e in text_embeds)  # pad to the shard's longest, not the dataset's
@@ -201,6 +209,8 @@ def write_shard(root: Path, k: int, *, text_embeds: list, captions: list, first_
     extra = {}
     if image_latents is not None:  # image-to-video condition (data/image.py)
         extra = {"image_latents": image_latents.float(), "image_embeds": image_embeds.float()}
+    if noise is not None:  # the teacher's starting noise of each latent, at the latents' dtype
+        extra["noise"] = noise.to(latent_dtype)
     atomic_write_bytes(Path(root) / shard_name(k),
                        encode_shard(emb, lens, list(captions), first_index, latents=lat, extra_tensors=extra))
     return {"file": shard_name(k), "first_index": first_index, "num_samples": n}
@@ -234,18 +244,21 @@ class DatasetWriter:
 
     def __init__(self, root: str | Path, *, text_dim: int, max_text_len: int, shard_size: int = 256,
                  latent_shape: Optional[list] = None, latent_dtype: torch.dtype = torch.float32,
-                 extra: Optional[dict] = None):
+                 extra: Optional[dict] = None, with_noise: bool = False):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.info = DatasetInfo(
             num_samples=0, text_dim=text_dim, max_text_len=max_text_len, shard_size=shard_size,
             latent_shape=list(latent_shape) if latent_shape is not None else None,
-            latent_dtype=dtype_name(latent_dtype), extra=dict(extra or {}),
+            latent_dtype=dtype_name(latent_dtype), extra=dict(extra or {}), has_noise=with_noise,
         )
+        if with_noise and latent_shape is None:
+            raise ValueError("a dataset with starting noise needs latents (noise has their shape)")
         self._latent_dtype = latent_dtype
         self._buf: list[tuple] = []
 
-    def add(self, text_embed: torch.Tensor, caption: str = "", latents: Optional[torch.Tensor] = None) -> None:
+    def add(self, text_embed: torch.Tensor, caption: str = "", latents: Optional[torch.Tensor] = None,
+            noise: Optional[torch.Tensor] = None) -> None:
         if text_embed.ndim != 2 or text_embed.shape[1] != self.info.text_dim:
             raise ValueError(f"text embedding must be [L, {self.info.text_dim}], got {list(text_embed.shape)}")
         if text_embed.shape[0] > self.info.max_text_len:
@@ -255,7 +268,9 @@ class DatasetWriter:
             if latents is None or list(latents.shape) != self.info.latent_shape:
                 raise ValueError(f"latents must be {self.info.latent_shape}, got "
                                  f"{None if latents is None else list(latents.shape)}")
-        self._buf.append((text_embed, caption, latents))
+        if self.info.has_noise and (noise is None or list(noise.shape) != self.info.latent_shape):
+            raise ValueError(f"a dataset with noise needs noise of shape {self.info.latent_shape} with each latent")
+        self._buf.append((text_embed, caption, latents, noise))
         if len(self._buf) == self.info.shard_size:
             self._flush()
 
@@ -264,10 +279,11 @@ class DatasetWriter:
             return
         first = self.info.num_samples
         lat = torch.stack([b[2] for b in self._buf]) if self.info.has_latents else None
+        noise = torch.stack([b[3] for b in self._buf]) if self.info.has_noise else None
         entry = write_shard(self.root, first // self.info.shard_size, text_embeds=[b[0] for b in self._buf],
                             captions=[b[1] for b in self._buf], first_index=first,
                             max_text_len=self.info.max_text_len, text_dim=self.info.text_dim, latents=lat,
-                            latent_dtype=self._latent_dtype)
+                            latent_dtype=self._latent_dtype, noise=noise)
         self.info.shards.append(entry)
         self.info.num_samples += entry["num_samples"]
         self._buf = []
@@ -332,6 +348,8 @@ class LatentDataset:
         }
         if self.info.has_latents:
             out["latents"] = h.get_slice("latents")[j : j + 1][0].float()
+        if self.info.has_noise:
+            out["noise"] = h.get_slice("noise")[j : j + 1][0].float()
         if self.info.image_condition is not None:
             out["image_latents"] = h.get_slice("image_latents")[j : j + 1][0].float()
             out["image_embeds"] = h.get_slice("image_embeds")[j : j + 1][0].float()

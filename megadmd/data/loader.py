@@ -30,6 +30,8 @@ class Batch:
     micro_step: int = 0  # the global micro-step: the same on every rank (keys draws all ranks share)
     image_latents: Optional[torch.Tensor] = None  # [B, C, F, H, W]: image-to-video condition
     image_embeds: Optional[torch.Tensor] = None  # [B, N, D]: CLIP image embedding
+    noise: Optional[torch.Tensor] = None  # [B, C, F, H, W]: the teacher's starting noise of each latent
+    indices: Optional[torch.Tensor] = None  # [B] int64: dataset indices (key the regression's draws)
 
     @property
     def size(self) -> int:
@@ -83,9 +85,12 @@ class BatchSource:
         return batch
 
     def collate(self, positions: list[int], micro_step: int = 0) -> Batch:
-        embeds, masks, lats, caps, img_lats, img_embs = [], [], [], [], [], []
+        embeds, masks, lats, caps, img_lats, img_embs, noises, indices = [], [], [], [], [], [], [], []
         for p in positions:
-            s = self.dataset.get(self._index_at(p))
+            indices.append(self._index_at(p))
+            s = self.dataset.get(indices[-1])
+            if "noise" in s:
+                noises.append(s["noise"])
             if "image_latents" in s:
                 img_lats.append(s["image_latents"])
                 img_embs.append(s["image_embeds"])
@@ -105,6 +110,8 @@ class BatchSource:
             micro_step=micro_step,
             image_latents=torch.stack(img_lats).to(dev) if img_lats else None,
             image_embeds=torch.stack(img_embs).to(dev) if img_embs else None,
+            noise=torch.stack(noises).to(dev) if noises else None,
+            indices=torch.tensor(indices, dtype=torch.int64),
         )
 
     # --- the unconditional input --------------------------------------------------------------

@@ -29,7 +29,7 @@ from ..safety.folders import begin_output, check_output
 from ..sampling import cfg_velocity, sample_teacher
 from .image import condition_channels
 from .format import (DatasetInfo, LatentDataset, check_dataset_files, existing_shard, read_index, read_shard,
-                     write_index, write_negative, write_shard)
+                     shard_name, write_index, write_negative, write_shard)
 
 log = logging.getLogger("megadmd")
 SYNTH_PURPOSE = 101
@@ -50,6 +50,7 @@ class SynthOptions:
     precision: str = "auto"
     vae: Optional[str] = None
     num_decode: int = 0
+    save_noise: bool = False  # also store each latent's starting noise (for dmd.regression)
     overwrite: bool = False  # replace an existing output (not one of the same settings: that is continued)
 
     def settings(self) -> dict:
@@ -57,7 +58,7 @@ class SynthOptions:
         return {"teacher": str(Path(self.teacher).resolve()), "text_data": str(Path(self.text_data).resolve()),
                 "latent_shape": list(self.latent_shape), "steps": self.num_steps,
                 "guidance_scale": self.guidance_scale, "cfg_form": self.cfg_form, "flow_shift": self.flow_shift,
-                "seed": self.seed, "precision": self.precision}
+                "seed": self.seed, "precision": self.precision, "save_noise": self.save_noise}
 
 
 def check_synth_inputs(o: SynthOptions) -> DatasetInfo:
@@ -89,6 +90,8 @@ def check_synth_inputs(o: SynthOptions) -> DatasetInfo:
     check_weight_files(o.teacher, what="teacher model")
     if o.vae is not None:
         from .video import load_vae  # noqa: F401  (import check only)
+    if Path(o.out).is_dir():
+        check_resumed_noise(Path(o.out), len(info.shards), o.save_noise)
     return info
 
 
@@ -98,6 +101,21 @@ def _noise(o: SynthOptions, indices: list[int], device) -> torch.Tensor:
         g = torch.Generator(device=device).manual_seed(sample_seed(o.seed, i, SYNTH_PURPOSE))
         out.append(torch.randn(tuple(o.latent_shape), generator=g, device=device))
     return torch.stack(out)
+
+
+def ode_sample(teacher, noise: torch.Tensor, text: torch.Tensor, uncond: torch.Tensor, sigmas: list,
+               guidance_scale: float, cfg_form: str, dtype, cond: Optional[dict] = None) -> torch.Tensor:
+    """The teacher's Euler ODE with CFG from ``noise`` over ``sigmas``; cond and uncond share one
+    forward of batch 2B (``cond``: image-to-video inputs, already doubled)."""
+    b = noise.shape[0]
+    both = torch.cat([text, uncond])
+
+    def v_pair(x, t):
+        v = predict_velocity(teacher, torch.cat([x, x]), torch.cat([t, t]), both, dtype, **(cond or {}))
+        return v[:b], v[b:]
+
+    with torch.no_grad():
+        return sample_teacher(cfg_velocity(v_pair, guidance_scale, cfg_form), None, noise, sigmas)
 
 
 def synth_shard(o: SynthOptions, teacher, src: LatentDataset, k: int, device, dtype,
@@ -119,31 +137,26 @@ def synth_shard(o: SynthOptions, teacher, src: LatentDataset, k: int, device, dt
     text_all[:, : shard["text_embeds"].shape[1]] = shard["text_embeds"]
     neg = torch.zeros(width, negative.shape[1])
     neg[: min(width, negative.shape[0])] = negative[:width]
-    latents = []
+    latents, noises = [], []
     for i in range(0, n, o.batch_size):
         idx = list(range(i, min(i + o.batch_size, n)))
         text = text_all[idx].to(device)
         uncond = neg.to(device).unsqueeze(0).expand(len(idx), -1, -1)
-        both = torch.cat([text, uncond])
         cond = {}
         if i2v:  # CFG drops the text, keeps the image
             c = condition_channels(shard["image_latents"][idx]).to(device)
             e = shard["image_embeds"][idx].to(device)
             cond = {"condition": torch.cat([c, c]), "image_embeds": torch.cat([e, e])}
-
-        def v_pair(x, t, both=both, b=len(idx), cond=cond):  # cond and uncond in one forward of batch 2B
-            v = predict_velocity(teacher, torch.cat([x, x]), torch.cat([t, t]), both, dtype, **cond)
-            return v[:b], v[b:]
-
         noise = _noise(o, [first + j for j in idx], device)
-        with torch.no_grad():
-            guided = cfg_velocity(v_pair, o.guidance_scale, o.cfg_form)
-            latents.append(sample_teacher(guided, None, noise, sigmas).cpu())
+        latents.append(ode_sample(teacher, noise, text, uncond, sigmas, o.guidance_scale, o.cfg_form, dtype,
+                                  cond).cpu())
+        noises.append(noise.cpu())
         if on_batch is not None:
             on_batch(len(idx))
     embeds = [shard["text_embeds"][j, : lens[j]] for j in range(n)]
     return dict(text_embeds=embeds, captions=shard["captions"], first_index=first, latents=torch.cat(latents),
-                image_latents=shard.get("image_latents"), image_embeds=shard.get("image_embeds"))
+                image_latents=shard.get("image_latents"), image_embeds=shard.get("image_embeds"),
+                noise=torch.cat(noises) if o.save_noise else None)
 
 
 def run_synth(o: SynthOptions) -> DatasetInfo:
@@ -172,7 +185,7 @@ def run_synth(o: SynthOptions) -> DatasetInfo:
     info = DatasetInfo(
         num_samples=src_info.num_samples, text_dim=src_info.text_dim, max_text_len=src_info.max_text_len,
         shard_size=src_info.shard_size, latent_shape=list(o.latent_shape), image_condition=src_info.image_condition,
-        shards=[existing_shard(root, k) for k in range(num_shards)],
+        shards=[existing_shard(root, k) for k in range(num_shards)], has_noise=o.save_noise,
         extra={"synth": {"teacher": str(o.teacher), "steps": o.num_steps, "guidance_scale": o.guidance_scale,
                          "cfg_form": o.cfg_form, "flow_shift": o.flow_shift, "seed": o.seed},
                "written_by": "synth"})
@@ -184,6 +197,20 @@ def run_synth(o: SynthOptions) -> DatasetInfo:
             decode_previews(o, root, proc.device)
     dist.barrier()
     return info
+
+
+def check_resumed_noise(root: Path, num_shards: int, save_noise: bool) -> None:
+    """A resumed synth must store noise in every shard or in none (the index has one flag)."""
+    from safetensors import safe_open
+
+    for k in range(num_shards):
+        if existing_shard(root, k) is None:
+            continue
+        with safe_open(str(root / shard_name(k)), framework="pt") as h:
+            has = "noise" in h.keys()
+        if has != save_noise:
+            raise ConfigError(f"{root / shard_name(k)} was written {'with' if has else 'without'} --save-noise; "
+                              f"resume with the same setting or write to a new folder")
 
 
 def decode_previews(o: SynthOptions, root: Path, device) -> None:

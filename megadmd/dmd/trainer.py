@@ -35,7 +35,7 @@ from ..models import predict_velocity
 from ..rng import Purpose, SampleRNG
 from ..roles import restrict_step_to_used_experts
 from ..sampling import generator_x0_from_data, simulate_generator, step_timesteps
-from . import gan, losses
+from . import gan, losses, regression
 from .guard import NonFiniteError, NonFiniteGuard, skip_counts
 
 log = logging.getLogger("megadmd")
@@ -65,7 +65,8 @@ class TrainState:
 class DMDTrainer:
     def __init__(self, cfg: RunConfig, models, data: BatchSource, pstate, rng: SampleRNG,
                  writer: MetricsWriter, device: torch.device, vsa=None, ema=None, preemption=None,
-                 hooks: Optional[list[Callable[["DMDTrainer"], None]]] = None, sample_shape: tuple = ()):
+                 hooks: Optional[list[Callable[["DMDTrainer"], None]]] = None, sample_shape: tuple = (),
+                 regression_data: Optional[BatchSource] = None):
         self.cfg = cfg
         self.dmd = cfg.dmd
         self.models = models
@@ -88,6 +89,7 @@ class DMDTrainer:
         self.preempted = False
         self.hooks = hooks or []  # called after every iteration (checkpoints, validation, metrics)
         self.boundary_ratio = cfg.model.boundary_ratio  # Wan2.2 two-expert routing, or None
+        self.regression_data = regression_data  # (noise, teacher latent) pairs of dmd.regression
         self.guard = NonFiniteGuard(cfg.train.nonfinite, cfg.train.max_consecutive_skips, group=pstate.world_group)
         steps = list(self.dmd.denoising_steps)
         self.steps = flow.warp_steps(steps, self.dmd.flow_shift) if self.dmd.warp_denoising_step else steps
@@ -161,18 +163,16 @@ class DMDTrainer:
         guided = losses.cfg_combine(x0_cond, x0_uncond, self.dmd.guidance_scale, self.dmd.cfg_form)
         return losses.limit_guidance(guided, x0_cond, t, self.dmd.guidance_interval)
 
-    def score_timesteps(self, batch: Batch, purpose: Purpose, phase: int,
-                        expert_purpose: Optional[Purpose] = None) -> torch.Tensor:
+    def score_timesteps(self, batch: Batch, purpose: Purpose, phase: int) -> torch.Tensor:
         """Per-sample teacher / fake-score timesteps. With two experts, one shared draw per global
         micro-step picks the expert for the whole micro-batch on every rank (ZeRO-3 gathers are
         collective), and the samples spread over that expert's range: t stays distributed as
-        without experts. Draws of ``expert_purpose`` (default ``purpose``) pick the expert, so
-        timesteps of two purposes that share one forward can share the expert too."""
+        without experts."""
         d = self.dmd
         u = self.rng.rand(batch.positions.tolist(), purpose, phase)
         if self.boundary_ratio is None:
             return flow.sample_score_timesteps(u, d.flow_shift, d.min_timestep_ratio, d.max_timestep_ratio)
-        shared = float(self.rng.rand([batch.micro_step], expert_purpose or purpose, phase, sub=1))
+        shared = float(self.rng.rand([batch.micro_step], purpose, phase, sub=1))
         return flow.expert_score_timesteps(u, shared, self.boundary_ratio, d.flow_shift, d.min_timestep_ratio,
                                            d.max_timestep_ratio)
 
@@ -219,15 +219,54 @@ class DMDTrainer:
         b = self.dmd.gan.block_index
         return self.models.fake_score.module.config.num_layers // 2 if b is None else b
 
+    def gan_timesteps(self, batch: Batch, phase: int) -> torch.Tensor:
+        """Per-sample timesteps where the GAN head judges (gan.judge_timesteps: dmd.gan.timestep_range;
+        with two experts, one shared draw per global micro-step picks the expert)."""
+        lo, hi = self.dmd.gan.timestep_range
+        u = self.rng.rand(batch.positions.tolist(), Purpose.GAN_TIMESTEP, phase)
+        shared = 0.0
+        if self.boundary_ratio is not None:
+            shared = float(self.rng.rand([batch.micro_step], Purpose.GAN_TIMESTEP, phase, sub=1))
+        return gan.judge_timesteps(u, lo, hi, self.boundary_ratio, shared)
+
+    def discriminator_loss(self, batch: Batch, x0_gen: torch.Tensor) -> torch.Tensor:
+        """The head's loss on the batch's real latents against the generated samples of the same
+        prompts (gan.judge_inputs: one timestep and noise per pair), in a fake-score forward of
+        its own; the head's accuracy and logits go to the window."""
+        engine = self.models.fake_score
+        t = self.gan_timesteps(batch, PHASE_FAKE_SCORE)
+        eps = self.rng.randn(batch.positions.tolist(), x0_gen.shape[1:], Purpose.GAN_NOISE, PHASE_FAKE_SCORE)
+        with gan.head_logits(engine.module, self.gan_block()) as out:
+            predict_velocity(engine, gan.judge_inputs(batch.latents, x0_gen, eps, t), torch.cat([t, t]),
+                             torch.cat([batch.text_embeds, batch.text_embeds]), self.models.dtype,
+                             **self.conditioning(batch, repeat=2))
+        real, fake = out["logits"].chunk(2)
+        for k, v in gan.discriminator_stats(real, fake).items():
+            self.window.add(k, v)
+        return gan.discriminator_loss(real, fake)
+
     def gan_generator_loss(self, x0_gen: torch.Tensor, batch: Batch) -> torch.Tensor:
         """The generator's non-saturating GAN loss on its noised samples (gan.generator_gan_loss
         freezes the fake score, so the gradient reaches the generator through x0_gen only)."""
         pos = batch.positions.tolist()
-        t = self.score_timesteps(batch, Purpose.GAN_TIMESTEP, PHASE_GENERATOR)
+        t = self.gan_timesteps(batch, PHASE_GENERATOR)
         eps = self.rng.randn(pos, x0_gen.shape[1:], Purpose.GAN_NOISE, PHASE_GENERATOR)
         x_t = flow.add_noise(x0_gen, eps, flow.sigma_from_t(t))
         return gan.generator_gan_loss(self.models.fake_score.module, self.gan_block(), x_t, t,
                                       batch.text_embeds, self.models.dtype, **self.conditioning(batch))
+
+    def regression_loss(self, batch: Batch) -> torch.Tensor:
+        """DMD v1's regression (dmd/regression.py): the generator's chain from each pair's stored
+        noise, re-noised with draws keyed by the pair's dataset index, against the teacher's latent.
+        The pairs of micro-step m are the m-th micro-batch of their own stream (its own permutation,
+        even over the training data), so resuming needs no extra state."""
+        src = self.regression_data
+        rb = src.collate(src.positions_for(batch.micro_step), batch.micro_step)
+        keys, shape = rb.indices.tolist(), rb.latents.shape[1:]
+        renoise = lambda i: self.rng.randn(keys, shape, Purpose.REG_RENOISE, sub=i)  # noqa: E731
+        n = self.dmd.regression.num_steps or len(self.steps)
+        x0 = regression.chain_x0(self.velocity_fn(self.models.generator, rb), self.steps[:n], rb.noise, renoise)
+        return regression.regression_loss(x0, rb.latents)
 
     @contextmanager
     def guarded_update(self, role: str):
@@ -262,11 +301,16 @@ class DMDTrainer:
                 loss, grad, stats = self.dmd_loss(x0_gen, batch)
                 if self.cfg.logging.histograms and self.writer.enabled:
                     histograms = {"stats/x0_generator": x0_gen.detach(), "stats/dmd_grad": grad}
-                if self.dmd.gan.enabled:
+                if self.dmd.gan.enabled or self.dmd.regression.weight:
                     self.window.add("loss/generator_dmd", loss.detach())
+                if self.dmd.gan.enabled:
                     g_loss = self.gan_generator_loss(x0_gen, batch)
                     loss = loss + self.dmd.gan.generator_weight * g_loss
                     self.window.add("loss/generator_gan", g_loss.detach())
+                if self.dmd.regression.weight:
+                    r_loss = self.regression_loss(batch)
+                    loss = loss + self.dmd.regression.weight * r_loss
+                    self.window.add("loss/generator_regression", r_loss.detach())
                 self.backward_and_step(engine, "generator", loss)
                 self.window.add("loss/generator", loss.detach())
                 for k, v in stats.items():
@@ -279,8 +323,8 @@ class DMDTrainer:
             self.ema.update(self.current_step)
 
     def fake_score_loss(self, batch: Batch) -> torch.Tensor:
-        """Flow matching on a fresh generator sample; with the GAN term, the discriminator loss on
-        the same forward, which also carries the noised real latents (one batch of 2B)."""
+        """Flow matching on a fresh generator sample; with the GAN term, plus the discriminator's
+        loss on the same samples against the batch's real latents."""
         engine = self.models.fake_score
         pos = batch.positions.tolist()
         with torch.no_grad():
@@ -291,28 +335,14 @@ class DMDTrainer:
         x_t = flow.add_noise(x0_gen, eps, flow.sigma_from_t(t))
         self.window.add("stats/x0_generator_mean", x0_gen.mean())
         self.window.add("stats/x0_generator_std", x0_gen.std())
+        v_pred = predict_velocity(engine, x_t, t, batch.text_embeds, self.models.dtype, **self.conditioning(batch))
+        denoise = losses.fake_score_loss(v_pred, eps, x0_gen)
         if not self.dmd.gan.enabled:
-            v_pred = predict_velocity(engine, x_t, t, batch.text_embeds, self.models.dtype,
-                                      **self.conditioning(batch))
-            return losses.fake_score_loss(v_pred, eps, x0_gen)
-        b = x_t.shape[0]
-        # the real half shares the generated half's expert draw: both halves run in one forward,
-        # which must stay on one expert (the head hook reads a single expert's tokens)
-        t_real = self.score_timesteps(batch, Purpose.GAN_TIMESTEP, PHASE_FAKE_SCORE,
-                                      expert_purpose=Purpose.FAKE_TIMESTEP)
-        eps_real = self.rng.randn(pos, x0_gen.shape[1:], Purpose.GAN_NOISE, PHASE_FAKE_SCORE)
-        x_real = flow.add_noise(batch.latents.float(), eps_real, flow.sigma_from_t(t_real))
-        with gan.head_logits(engine.module, self.gan_block()) as out:
-            v_pred = predict_velocity(engine, torch.cat([x_t, x_real]), torch.cat([t, t_real]),
-                                      torch.cat([batch.text_embeds, batch.text_embeds]), self.models.dtype,
-                                      **self.conditioning(batch, repeat=2))
-        logits = out["logits"]
-        d_loss = gan.discriminator_loss(logits[b:], logits[:b])
-        denoise = losses.fake_score_loss(v_pred[:b], eps, x0_gen)
+            return denoise
+        # the GAN head judges in a forward of its own, at its own timesteps (discriminator_loss)
+        d_loss = self.discriminator_loss(batch, x0_gen)
         self.window.add("loss/fake_score_denoise", denoise.detach())
         self.window.add("loss/discriminator", d_loss.detach())
-        self.window.add("stats/d_real_logit", logits[b:].mean().detach())
-        self.window.add("stats/d_fake_logit", logits[:b].mean().detach())
         return denoise + self.dmd.gan.discriminator_weight * d_loss
 
     def fake_score_step(self, batches: list[Batch]) -> None:

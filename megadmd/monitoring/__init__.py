@@ -1,2 +1,3 @@
 """What an operator sees: the console (log lines, known third-party warnings filtered, progress
-bars) and the tracking backends behind ``metrics.MetricsWriter`` (TensorBoard, Weights & Biases)."""
+bars), the tracking backends behind ``metrics.MetricsWriter`` (TensorBoard, Weights & Biases), and
+the label-free sample statistics (diversity.py: spread and saturation where no modes are known)."""

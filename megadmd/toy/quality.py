@@ -14,6 +14,7 @@ import torch
 
 from .. import flow
 from ..models import predict_velocity
+from ..monitoring.diversity import grouped_diversity, x0_stats
 from ..sampling import cfg_velocity, sample_generator, sample_teacher
 from .distribution import ToySpec, class_embeddings, null_embedding
 from .metrics import evaluate
@@ -70,6 +71,15 @@ def sample(model, kind: str, spec: ToySpec, labels: torch.Tensor, noise: torch.T
     return torch.cat(out).float()
 
 
+def score(samples: torch.Tensor, labels: torch.Tensor, spec: ToySpec) -> dict:
+    """The toy metrics (``evaluate``) plus the label-free statistics a real run logs: ``diversity``
+    (mean pairwise RMS distance within a class, i.e. one prompt) and the x0 statistics."""
+    out = evaluate(samples, labels, spec)
+    out["diversity"] = grouped_diversity(samples.cpu(), labels.cpu())
+    out.update({f"x0_{k}": v for k, v in x0_stats(samples).items()})
+    return out
+
+
 def _velocity(model, text: torch.Tensor, dtype) -> Callable:
     return lambda x, t: predict_velocity(model, x, t, text, dtype)
 
@@ -81,9 +91,10 @@ def _pair(model, x, t, both, n, dtype):
 
 class ToyQuality:
     """The ``tiny`` preset's validation: every ``interval_steps`` iterations the generator samples
-    ``per_class`` latents per class (fixed noise), and rank 0 logs ``quality/<metric>`` and a grid
-    of samples beside their class's true modes (``quality/samples``, with a legend and a
-    caption); once the generator's EMA has started, its weights are scored the same way under
+    ``per_class`` latents per class (fixed noise), and rank 0 logs ``quality/<metric>`` (the toy
+    metrics, and the diversity and x0 statistics that real runs log without known modes) and a grid
+    of samples beside their class's true modes (``quality/samples``, with a legend and a caption);
+    once the generator's EMA has started, its weights are scored the same way under
     ``quality_ema/``."""
 
     def __init__(self, spec: ToySpec, interval_steps: int, per_class: int = 64, seed: int = 42):
@@ -116,7 +127,7 @@ class ToyQuality:
     def _score(self, trainer, module, tag: str) -> dict:
         labels, noise, renoise = self._inputs
         samples = sample(module, "student", self.spec, labels, noise, renoise, trainer.models.dtype).cpu()
-        scores = evaluate(samples, labels, self.spec)
+        scores = score(samples, labels, self.spec)
         if trainer.pstate.rank == 0:
             step = trainer.state.step
             trainer.writer.scalars({f"{tag}/{k}": v for k, v in scores.items()}, step)

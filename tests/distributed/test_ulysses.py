@@ -30,8 +30,11 @@ def _train_overrides(tmp, model_dir, data_dir, name, sp, mode):
               "train.micro_batch_size=2", "train.max_steps=4", "logging.interval_steps=1",
               "logging.tensorboard=false", "dmd.generator_update_interval=2", f"parallel.sp_size={sp}",
               "optim.generator.lr=1e-3", "optim.fake_score.lr=1e-3"]
-    if mode == "data_free":  # backward simulation: the sp ranks must draw the same noise
-        return common + ["dmd.simulate_generator_forward=true", "data.latent_shape=[4,3,6,2]"]
+    if mode == "data_free":  # backward simulation: the sp ranks must draw the same noise; with the
+        # regression's chain from stored noise and the GAN head judging at its own timesteps
+        return common + ["dmd.simulate_generator_forward=true", "data.latent_shape=[4,3,6,2]",
+                         "dmd.regression.weight=1.0", "dmd.gan.enabled=true", "dmd.gan.hidden_dim=16",
+                         "dmd.gan.generator_weight=0.1", "dmd.gan.discriminator_weight=0.1"]
     # both phases, and the GAN head pooling tokens that are sharded over the sp group
     return common + ["dmd.gan.enabled=true", "dmd.gan.hidden_dim=16", "dmd.gan.generator_weight=0.1",
                      "dmd.gan.discriminator_weight=0.1"]
@@ -41,17 +44,19 @@ def _train_overrides(tmp, model_dir, data_dir, name, sp, mode):
 def test_sp2_training_matches_sp1_on_the_same_data(tmp_path, test_model_dir, mode):
     from tests.helpers import save_test_dataset
 
-    data = save_test_dataset(tmp_path / "data", num_samples=8, latent_shape=[4, 3, 6, 2])  # 9 tokens
+    data = save_test_dataset(tmp_path / "data", num_samples=8, latent_shape=[4, 3, 6, 2],  # 9 tokens
+                             with_noise=mode == "data_free")
     one, two = tmp_path / "one.pt", tmp_path / "two.pt"
     spawn(train_and_record, 1, _train_overrides(tmp_path, test_model_dir, data, "sp1", 1, mode), str(one))
     spawn(train_and_record, 2, _train_overrides(tmp_path, test_model_dir, data, "sp2", 2, mode), str(two))
     a, b = torch.load(one, weights_only=False), torch.load(two, weights_only=False)
-    gan = ("loss/discriminator",) if mode == "synthetic_gan" else ()
+    gan = ("loss/discriminator", "gan/accuracy_real", "gan/logit_fake")
     assert [s for s, _ in a["history"]] == [s for s, _ in b["history"]] and a["history"]
     for (_, va), (_, vb) in zip(a["history"], b["history"]):
         keys = ("loss/fake_score", "grad_norm/fake_score") + gan
         if "loss/generator" in va:
-            keys += ("loss/generator", "grad_norm/generator") + (("loss/generator_gan",) if gan else ())
+            keys += ("loss/generator", "grad_norm/generator", "loss/generator_gan")
+            keys += ("loss/generator_regression",) if mode == "data_free" else ()
         for k in keys:
             assert va[k] == pytest.approx(vb[k], rel=1e-4, abs=1e-6), k
     assert sum("loss/generator" in v for _, v in a["history"]) == 2

@@ -52,19 +52,42 @@ def test_synth_then_train_end_to_end_with_previews(assets, text_data, tmp_path):
     out = tmp_path / "latents"
     r = megadmd("synth", "--teacher", assets["teacher"], "--text-data", text_data, "-o", out,
                 "--latent-shape", ",".join(map(str, TEST_LATENT_SHAPE)), "--steps", "4",
-                "--vae", assets["vae"], "--decode", "2")
+                "--vae", assets["vae"], "--decode", "2", "--save-noise")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "synth: 8/8 samples (100%)" in r.stdout  # progress: plain lines when not on a terminal
+    import torch
+
+    from megadmd import flow
     from megadmd.data.format import LatentDataset
+    from megadmd.data.synth import ode_sample
+    from megadmd.models import load_wan
 
     ds = LatentDataset(out)
     assert ds.info.has_latents and len(ds) == 8 and ds.get(7)["caption"] == PROMPTS[7]
     for name in ("sample_00000.mp4", "sample_00000.png", "sample_00001.mp4"):
         assert (out / "previews" / name).stat().st_size > 0
+    # --save-noise: each latent is the teacher's 4-step ODE (CFG 5, standard form) from its stored noise
+    assert ds.info.has_noise
+    src = LatentDataset(text_data)
+    s, neg, width = ds.get(2), src.negative()[0], src.info.max_text_len
+    text = torch.zeros(1, width, 32)
+    text[0, : s["text_len"]] = s["text_embeds"][: s["text_len"]]
+    uncond = torch.zeros(1, width, 32)
+    uncond[0, : neg.shape[0]] = neg[:width]
+    again = ode_sample(load_wan(assets["teacher"]).eval(), s["noise"][None], text, uncond, flow.euler_sigmas(4, 3.0),
+                       5.0, "standard", torch.float32)
+    assert torch.allclose(again[0], s["latents"], atol=1e-5)
+    # trained with the regression on those pairs (and without it, the same dataset trains as before)
     r = megadmd("train", "-o", tmp_path / "run", "--max-steps", "5", "--set", f"data.path={out}",
-                "--set", f"model.teacher_path={assets['teacher']}", "--set", "logging.interval_steps=5")
+                "--set", f"model.teacher_path={assets['teacher']}", "--set", "logging.interval_steps=5",
+                "--set", "dmd.regression.weight=1.0")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "step 5/5 | loss/generator" in r.stdout
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert acc.Scalars("loss/generator_regression")[0].value > 0
 
 
 def test_data_free_training_runs_on_text_only_data(assets, text_data, tmp_path):

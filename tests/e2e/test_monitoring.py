@@ -5,13 +5,11 @@ import json
 import math
 import re
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import (TEST_WAN_CONFIG, cli_env, save_test_dataset, save_test_images, save_test_model,
+from tests.helpers import (TEST_WAN_CONFIG, save_test_dataset, save_test_images, save_test_model,
                            save_tiny_clip, save_tiny_text_encoder, save_tiny_vae)
 
 PROMPTS = ["a cat runs on the beach", "a dog in snow", "red bird flies over the sea", "city at night",
@@ -23,21 +21,17 @@ PROMPTS = ["a cat runs on the beach", "a dog in snow", "red bird flies over the 
 
 
 @pytest.fixture(scope="module")
-def default_run(tmp_path_factory):
-    cwd = tmp_path_factory.mktemp("default-job")
-    r = subprocess.run([sys.executable, "-m", "megadmd", "train"], cwd=cwd, env=cli_env(), capture_output=True,
-                       text=True, timeout=1500)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return r, cwd / "runs" / "megadmd-tiny"
+def default_run(default_job):
+    return default_job  # tests/e2e/conftest.py: one run for this file and test_quality.py
 
 
 def test_default_job_prints_no_warning_and_shows_its_progress(default_run):
     r, _ = default_run
     assert r.stderr.splitlines() == [], r.stderr[-3000:]  # was 302 lines of torch FutureWarnings
     assert not re.search(r"warning|deprecat", r.stdout, re.IGNORECASE), r.stdout
-    steps = re.findall(r"\] step (\d+)/125 \|", r.stdout)
-    assert steps == [str(s) for s in range(10, 130, 10)] + ["125"]
-    assert "done: 125 iterations (25 generator updates, 125 fake_score updates)" in r.stdout
+    steps = re.findall(r"\] step (\d+)/300 \|", r.stdout)
+    assert steps == [str(s) for s in range(10, 310, 10)]
+    assert "done: 300 iterations (60 generator updates, 300 fake_score updates)" in r.stdout
 
 
 def _events(tb_dir: Path):
@@ -68,8 +62,8 @@ def test_tensorboard_holds_the_config_hparams_histograms_and_a_captioned_grid(de
                        "quality/entropy", "quality/frechet"}
     assert metrics <= set(acc.Tags()["scalars"])  # the plugin reads their final values from the run
     start = plugin["_hparams_/session_start_info"].session_start_info.hparams
-    assert start["preset"].string_value == "tiny" and start["train.max_steps"].number_value == 125
-    assert start["optim.generator.lr"].number_value == pytest.approx(5e-5)
+    assert start["preset"].string_value == "tiny" and start["train.max_steps"].number_value == 300
+    assert start["optim.generator.lr"].number_value == pytest.approx(2e-4)
     logged = [e.step for e in acc.Scalars("loss/fake_score")]
     for tag in ("stats/x0_generator", "stats/dmd_grad"):
         hist = acc.Histograms(tag)

@@ -19,8 +19,16 @@ def test_validation_logs_generator_and_ema_samples(tmp_path):
                         "--set", f"validation.vae_path={vae}"], env=cli_env(), capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"images": 0})
+    acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
     acc.Reload()
+    # the label-free statistics: two noises per prompt by default, the data's x0 as the reference
+    scalars = set(acc.Tags()["scalars"])
+    for name in ("generator", "ema"):
+        for stat in ("diversity", "x0_std", "x0_abs_mean", "x0_extreme_share"):
+            assert f"validation/{name}/{stat}" in scalars, (name, stat, scalars)
+    assert [e.step for e in acc.Scalars("validation/generator/diversity")] == [2, 4]
+    assert acc.Scalars("validation/generator/diversity")[0].value > 0
+    assert "validation/data/x0_std" in scalars
     images = set(acc.Tags()["images"])
     for tag in ("validation/generator/0", "validation/generator/1", "validation/ema/0",
                 "validation/generator_frames/0", "validation/ema_frames/1"):

@@ -13,6 +13,21 @@ def test_default_is_the_tiny_preset():
     assert cfg.dmd.cfg_form == "offset" and cfg.dmd.guidance_scale == 3.5
 
 
+def test_the_toy_recipe_applies_on_the_built_in_data_only():
+    """The tiny preset's recipe tuned on the toy (its regression needs the toy teacher's pairs)
+    applies when the run trains on the built-in data; a dataset of one's own gets plain DMD2."""
+    toy = resolve()
+    assert toy.dmd.regression.weight == 1.0 and toy.dmd.regression.num_steps == 1
+    assert toy.dmd.simulate_generator_forward and not toy.dmd.train_first_step
+    assert toy.dmd.guidance_interval == [0.0, 0.75] and toy.train.max_steps == 300
+    own = resolve(overrides=["data.path=/somewhere"])
+    assert own.dmd.regression.weight == 0.0 and not own.dmd.simulate_generator_forward
+    assert own.dmd.train_first_step and own.train.max_steps == 125 and own.optim.generator.lr == 5e-5
+    # the user's file and overrides still come last
+    assert resolve(overrides=["dmd.regression.weight=0", "train.max_steps=7"]).dmd.regression.weight == 0.0
+    assert resolve(overrides=["data.path=/x", "dmd.regression.weight=2"]).dmd.regression.weight == 2.0
+
+
 def test_spec_defaults_without_a_preset_recipe():
     cfg = RunConfig()
     assert cfg.dmd.min_timestep_ratio == 0.2 and cfg.dmd.max_timestep_ratio == 0.98
@@ -113,9 +128,24 @@ def test_generator_and_fake_score_default_to_the_teacher_path(tmp_path, test_mod
     assert paths["generator"] != paths["teacher"] == paths["fake_score"]
 
 
-def test_gan_is_refused_in_data_free_mode():
+def test_gan_needs_real_latents_not_a_training_mode(tmp_path, test_model_dir, test_dataset_dir):
+    from megadmd.preflight import preflight_train
+    from tests.helpers import save_test_dataset
+
+    text = save_test_dataset(tmp_path / "text", num_samples=4, text_only=True)
+    base = [f"model.teacher_path={test_model_dir}", f"output_dir={tmp_path / 'o'}", "dmd.gan.enabled=true",
+            "dmd.simulate_generator_forward=true", "data.latent_shape=[4,2,4,4]"]
     with pytest.raises(ConfigError, match="dmd.gan.enabled needs real latents"):
-        resolve(overrides=["dmd.gan.enabled=true", "dmd.simulate_generator_forward=true"])
+        preflight_train(resolve(overrides=[*base, f"data.path={text}"]), 1)
+    # data-free mode with a dataset that has latents: the GAN reads them as the real side
+    preflight_train(resolve(overrides=[*base, f"data.path={test_dataset_dir}"]), 1)
+    for bad in ("dmd.gan.timestep_range=[0.5,0.2]", "dmd.gan.pooling=max", "dmd.gan.head_lr_scale=0",
+                "dmd.gan.head_betas=[0.9]"):
+        with pytest.raises(ConfigError, match="dmd.gan"):
+            resolve(overrides=["dmd.gan.enabled=true", bad])
+    for bad in ("validation.noises_per_prompt=1", "validation.extreme_threshold=0"):
+        with pytest.raises(ConfigError, match="validation"):
+            resolve(overrides=[bad])
 
 
 def _float_keys(obj, prefix="") -> list:

@@ -83,7 +83,8 @@ def test_head_separates_real_from_fake_after_a_few_discriminator_steps(gan_train
     t.window.reduce()  # drop the training window
     t.fake_score_step([t.data.next()])
     v = t.window.reduce()
-    assert v["stats/d_real_logit"] > v["stats/d_fake_logit"] + 1.0, v
+    assert v["gan/logit_real"] > v["gan/logit_fake"] + 1.0, v
+    assert v["gan/accuracy_real"] == 1.0 and v["gan/accuracy_fake"] == 1.0, v
     assert v["loss/discriminator"] < 2 * math.log(2) * 0.5, v
 
 
@@ -139,3 +140,46 @@ def test_fake_score_gradient_is_clean_after_a_generator_gan_step(gan_trainer):
     got = t.window.reduce()
     assert got["loss/fake_score"] == pytest.approx(ref_loss.item(), rel=1e-5)
     assert got["grad_norm/fake_score"] == pytest.approx(ref_norm.item(), rel=1e-4)
+
+
+def test_judge_timesteps_are_uniform_in_the_range_and_one_expert_per_batch():
+    g = torch.Generator().manual_seed(0)
+    t = gan.judge_timesteps(torch.rand(20000, generator=g), 0.02, 0.5)
+    assert float(t.min()) >= 20 and float(t.max()) <= 500
+    hist = torch.histc(t, bins=8, min=20, max=500) / t.numel()
+    assert torch.allclose(hist, torch.full((8,), 1 / 8), atol=0.01)
+    # a two-expert boundary inside the range: every micro-batch on one side, still uniform overall
+    batches = [gan.judge_timesteps(torch.rand(8, generator=g), 0.02, 0.5, 0.3, float(torch.rand(1, generator=g)))
+               for _ in range(3000)]
+    assert all(bool((b >= 300).all()) or bool((b < 300).all()) for b in batches)
+    hist = torch.histc(torch.cat(batches), bins=8, min=20, max=500) / (8 * 3000)
+    assert torch.allclose(hist, torch.full((8,), 1 / 8), atol=0.01)
+
+
+def test_judge_inputs_share_noise_and_timestep_within_a_pair():
+    real, fake = torch.zeros(2, 3), torch.ones(2, 3)
+    eps = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]])
+    x = gan.judge_inputs(real, fake, eps, torch.tensor([500.0, 250.0]))
+    # real: 0.5 * 0 + 0.5 * eps, 0.75 * 0 + 0.25 * eps; fake: the same plus (1 - sigma) * 1
+    assert torch.allclose(x[:2], torch.tensor([[0.5, 1.0, 1.5], [0.0, 0.0, 0.0]]))
+    assert torch.allclose(x[2:] - x[:2], torch.tensor([[0.5] * 3, [0.75] * 3]))
+
+
+def test_head_pooling_mean_and_std_by_hand():
+    head = gan.GANHead(4, 3, pooling="meanstd")
+    tokens = torch.randn(2, 5, 4)
+    h = head.token_features(tokens).float()
+    pooled = torch.cat([h.mean(1), h.std(1, unbiased=False)], dim=-1)
+    assert torch.allclose(head(tokens), head.out(pooled).squeeze(-1), atol=1e-5)
+    with pytest.raises(ValueError, match="pooling"):
+        gan.GANHead(4, 3, pooling="max")
+
+
+def test_head_trains_in_its_own_param_group(gan_trainer):
+    """ZeRO-3 keeps the groups (flattened) with their own rate and betas."""
+    groups = {g["name"]: g for g in gan_trainer.models.fake_score.optimizer.param_groups}
+    assert set(groups) == {"all", "gan_head"}
+    assert groups["gan_head"]["lr"] == pytest.approx(10 * 3e-3) and tuple(groups["gan_head"]["betas"]) == (0.9, 0.999)
+    # the fake score keeps the preset's betas (tiny: beta1 = 0); the head has momentum of its own
+    assert groups["all"]["lr"] == pytest.approx(3e-3) and tuple(groups["all"]["betas"]) == (0.0, 0.999)
+    assert gan_trainer.models.fake_score.get_lr()[0] == pytest.approx(3e-3)

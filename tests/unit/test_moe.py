@@ -99,11 +99,13 @@ def test_each_expert_changes_only_when_its_range_was_trained(moe_trainer):
         assert _changed(before, full_state_dict(t.models.generator.module)) == expected
         seen["generator"] |= expected
         ts = t.score_timesteps(batch, __import__("megadmd.rng").rng.Purpose.FAKE_TIMESTEP, PHASE_FAKE_SCORE)
-        expected = {"high" if float(x) >= 875 else "low" for x in ts}
+        # the denoising forward's expert, and the discriminator's forward of its own (its judge
+        # timesteps, one expert per micro-batch: here always the low-noise one, below t = 500)
+        judge = t.gan_timesteps(batch, PHASE_FAKE_SCORE)
+        expected = {"high" if float(x) >= 875 else "low" for x in torch.cat([ts, judge])}
         before = full_state_dict(t.models.fake_score.module)
         t.fake_score_step([batch])
         changed = _changed(before, full_state_dict(t.models.fake_score.module))
-        # the GAN's real-latent half shares the generated half's expert
         assert changed == expected
         seen["fake_score"] |= expected
     assert seen["generator"] == {"high", "low"} and seen["fake_score"] == {"high", "low"}
@@ -119,10 +121,12 @@ def test_a_missing_second_expert_fails_clearly(tmp_path, test_model_dir, test_da
 
 
 def test_gan_halves_share_one_expert_and_the_head_sees_every_sample(moe_trainer, monkeypatch):
-    """The discriminator's generated and real halves run in one forward: with separate expert
-    draws they landed on different experts (micro-step 0 of this seed), the head kept one
-    expert's B logits instead of 2B, and the loss became NaN."""
+    """The discriminator's real and generated halves run in one forward: were they on different
+    experts, the head would keep one expert's B logits instead of 2B and the loss became NaN
+    (main's bug, issue 23). Each pair shares its judge timestep, and the judge timesteps of a
+    micro-batch stay on one side of the boundary even when their range straddles it."""
     t = moe_trainer
+    t.dmd.gan.timestep_range = [0.5, 0.98]  # straddles the boundary at 875
     seen = []
     real_loss = gan.discriminator_loss
     monkeypatch.setattr(gan, "discriminator_loss", lambda r, f: seen.append((len(r), len(f))) or real_loss(r, f))
@@ -131,17 +135,20 @@ def test_gan_halves_share_one_expert_and_the_head_sees_every_sample(moe_trainer,
     assert seen == [(2, 2), (2, 2)]
     assert t.state.fake_score_updates == 2 and t.state.fake_score_skipped == 0
     assert all(v == v for v in t.window.reduce().values())  # no NaN logged
+    sides = set()
     for _ in range(16):
-        batch = t.data.next()
-        fake = t.score_timesteps(batch, Purpose.FAKE_TIMESTEP, PHASE_FAKE_SCORE)
-        real = t.score_timesteps(batch, Purpose.GAN_TIMESTEP, PHASE_FAKE_SCORE, expert_purpose=Purpose.FAKE_TIMESTEP)
-        assert len({bool(x >= 875) for x in torch.cat([fake, real])}) == 1
+        judge = t.gan_timesteps(t.data.next(), PHASE_FAKE_SCORE)
+        side = {bool(x >= 875) for x in judge}
+        assert len(side) == 1
+        sides |= side
+    assert sides == {True, False}
 
 
 def test_a_skipped_update_restores_the_rate_of_the_expert_that_did_not_run(moe_trainer):
     """restrict_step_to_used_experts zeroes the idle expert's rate and relies on the LR
     scheduler's step to restore it; a skipped step does not step the scheduler."""
     t = moe_trainer
+    t.dmd.gan.enabled = False  # the GAN's own forward (on the low-noise expert) would run both experts
 
     def side(batch):
         return "high" if float(t.score_timesteps(batch, Purpose.FAKE_TIMESTEP, PHASE_FAKE_SCORE)[0]) >= 875 else "low"

@@ -169,7 +169,7 @@ def test_quality_hook_scores_the_ema_weights_under_their_own_tag():
 
     from megadmd.models import load_wan
     from megadmd.toy.builtin import TOY_SPEC, builtin_teacher_dir
-    from megadmd.toy.quality import ToyQuality, eval_inputs
+    from megadmd.toy.quality import ToyQuality, eval_inputs, score
     from megadmd.toy.quality import sample as toy_sample
 
     module = load_wan(str(builtin_teacher_dir())).eval()
@@ -198,11 +198,12 @@ def test_quality_hook_scores_the_ema_weights_under_their_own_tag():
 
     def expected(state):
         module.load_state_dict(state)
-        return metrics.evaluate(toy_sample(module, "student", TOY_SPEC, labels, noise, renoise), labels, TOY_SPEC)
+        return score(toy_sample(module, "student", TOY_SPEC, labels, noise, renoise), labels, TOY_SPEC)
 
     want_ema, want_live = expected(swapped), expected(live)
     assert scores == want_live and hook.history == [(5, want_live)]
     assert hook.ema_history == [(5, want_ema)] and want_ema != want_live
     assert logged[("quality/precision", 5)] == want_live["precision"]
+    assert logged[("quality/diversity", 5)] == want_live["diversity"]
     assert logged[("quality_ema/nearest_rms", 5)] == want_ema["nearest_rms"]
     assert ("quality_ema/samples", 5) in logged and ("quality/samples", 5) in logged
