@@ -261,6 +261,8 @@ def tree_digest(path: Path) -> dict:
 def error_lines(result) -> list:
     """The ``megadmd: error:`` lines a CliRunner result printed on stderr."""
     return [ln for ln in result.stderr.splitlines() if ln.startswith("megadmd: error:")]
+
+
 def save_poisoned_dataset(path: Path, source: Path, bad: dict) -> Path:
     """A copy of the dataset at ``source`` with sample ``i``'s tensor ``bad[i] = (key, value)``
     (``"latents"`` or ``"text_embeds"``) filled with ``value`` (NaN, infinity)."""
@@ -379,3 +381,12 @@ def _drop_index_key(root: Path, key: str) -> None:
     idx = json.loads((root / "index.json").read_text())
     del idx[key]
     (root / "index.json").write_text(json.dumps(idx))
+
+
+def tb_events(tb_dir):
+    """A run's TensorBoard events read back in full (scalars, histograms, tensors, images)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tb_dir), size_guidance={"histograms": 0, "tensors": 0, "images": 0, "scalars": 0})
+    acc.Reload()
+    return acc

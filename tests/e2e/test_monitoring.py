@@ -1,78 +1,18 @@
-"""What an operator sees: the default job's console, its TensorBoard events (config, hparams,
-histograms, a captioned sample grid), progress lines of every long command, and an offline
-Weights & Biases run that logs the same scalars as TensorBoard."""
+"""What an operator sees: progress lines of every long command, and an offline Weights & Biases
+run that logs the same scalars as TensorBoard (the default job's console and TensorBoard events
+are checked in test_quality.py, which runs that job)."""
 import json
-import math
 import re
 import struct
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import (TEST_WAN_CONFIG, save_test_dataset, save_test_images, save_test_model,
-                           save_tiny_clip, save_tiny_text_encoder, save_tiny_vae)
+from tests.helpers import (TEST_WAN_CONFIG, save_test_dataset, save_test_images, save_test_model, save_tiny_clip,
+                           save_tiny_text_encoder, save_tiny_vae, tb_events)
 
 PROMPTS = ["a cat runs on the beach", "a dog in snow", "red bird flies over the sea", "city at night",
            "slow motion video of a cat", "close up of a blue bird"]
-
-
-# ---------------------------------------------------------------------------------------------
-# The default job: `megadmd train` with no arguments, as the README's first command runs it.
-
-
-@pytest.fixture(scope="module")
-def default_run(default_job):
-    return default_job  # tests/e2e/conftest.py: one run for this file and test_quality.py
-
-
-def test_default_job_prints_no_warning_and_shows_its_progress(default_run):
-    r, _ = default_run
-    assert r.stderr.splitlines() == [], r.stderr[-3000:]  # was 302 lines of torch FutureWarnings
-    assert not re.search(r"warning|deprecat", r.stdout, re.IGNORECASE), r.stdout
-    steps = re.findall(r"\] step (\d+)/300 \|", r.stdout)
-    assert steps == [str(s) for s in range(10, 310, 10)]
-    assert "done: 300 iterations (60 generator updates, 300 fake_score updates)" in r.stdout
-
-
-def _events(tb_dir: Path):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(tb_dir), size_guidance={"histograms": 0, "tensors": 0, "images": 0, "scalars": 0})
-    acc.Reload()
-    return acc
-
-
-def test_tensorboard_holds_the_config_hparams_histograms_and_a_captioned_grid(default_run):
-    from tensorboard.plugins.hparams import plugin_data_pb2
-
-    from megadmd.toy.builtin import TOY_SPEC
-
-    _, out = default_run
-    acc = _events(out / "tensorboard")
-    config_text = acc.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
-    assert json.loads("\n".join(ln[4:] for ln in config_text.splitlines())) == json.loads(
-        (out / "config.json").read_text())
-    plugin = {tag: plugin_data_pb2.HParamsPluginData.FromString(content)
-              for tag, content in acc.PluginTagToContent("hparams").items()}
-    experiment = plugin["_hparams_/experiment"].experiment
-    assert {"optim.generator.lr", "dmd.guidance_scale", "dmd.generator_update_interval", "ema.decay",
-            "attention.vsa_sparsity", "global_batch"} <= {h.name for h in experiment.hparam_infos}
-    metrics = {m.name.tag for m in experiment.metric_infos}
-    assert metrics == {"loss/generator", "loss/fake_score", "quality/precision", "quality/coverage",
-                       "quality/entropy", "quality/frechet"}
-    assert metrics <= set(acc.Tags()["scalars"])  # the plugin reads their final values from the run
-    start = plugin["_hparams_/session_start_info"].session_start_info.hparams
-    assert start["preset"].string_value == "tiny" and start["train.max_steps"].number_value == 300
-    assert start["optim.generator.lr"].number_value == pytest.approx(2e-4)
-    logged = [e.step for e in acc.Scalars("loss/fake_score")]
-    for tag in ("stats/x0_generator", "stats/dmd_grad"):
-        hist = acc.Histograms(tag)
-        assert [h.step for h in hist] == logged  # every window holds a generator update
-        assert hist[-1].histogram_value.num == 8 * math.prod(TOY_SPEC.latent_shape)  # rank 0's micro batch of 8
-    grid = acc.Images("quality/samples")[-1]
-    assert grid.height == 184 and grid.width == 1428  # the legend adds a header and a label column
-    caption = acc.Tensors("quality/samples/caption/text_summary")[-1].tensor_proto.string_val[0].decode()
-    assert caption.startswith("One row per class (0-3). Left: the class's 3 true modes; right: the first 6")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,7 +116,7 @@ def _history_row(items) -> dict:
 
 
 def test_wandb_offline_run_logs_the_same_scalars_as_tensorboard(small_run):
-    acc = _events(small_run / "out" / "tensorboard")
+    acc = tb_events(small_run / "out" / "tensorboard")
     run_file = next((small_run / "wandb").glob("offline-run-*/run-*.wandb"))
     records = read_wandb_records(run_file)
     history = [_history_row(r.history.item) for r in records if r.WhichOneof("record_type") == "history"]

@@ -1,4 +1,8 @@
-"""The quality benchmark, CI-sized: `megadmd train` on its built-in default (the shipped toy
+"""The default job, `megadmd train` with no arguments as the README's first command runs it, run
+once for this file (one xdist worker runs a whole file): its console, its TensorBoard events
+(config, hparams, histograms, a captioned sample grid), and its quality.
+
+The quality benchmark, CI-sized: `megadmd train` on its built-in default (the shipped toy
 teacher, the tiny preset's recipe, 300 iterations) must produce a 3-step student that keeps the
 teacher's spread and stays close to its distribution, measured by the same metric code that the
 training run logs to TensorBoard (tools/quality_benchmark.py is the full version, 256 samples per
@@ -11,7 +15,14 @@ The issue-17 targets at this scale:
   teacher@16 with CFG (512 samples), which at 256 per class is within 0.005 of teacher@50 on
   precision and Frechet (BENCHMARKS.md); teacher@3 without CFG is 3 network calls.
 """
+import json
+import math
+import re
+
+import pytest
 import torch
+
+from tests.helpers import tb_events
 
 
 def teacher_at_3_steps_no_cfg(per_class: int, seed: int) -> dict:
@@ -38,11 +49,11 @@ def teacher_pairs(path) -> dict:
     return evaluate(latents, torch.arange(len(ds)) % TOY_SPEC.num_classes, TOY_SPEC)
 
 
-def test_default_train_keeps_the_teachers_spread_and_distance(default_job):
-    """`megadmd train` with no arguments at all (tests/e2e/conftest.py runs it once)."""
+def test_default_train_keeps_the_teachers_spread_and_distance(default_run):
+    """`megadmd train` with no arguments at all."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    _, out = default_job
+    _, out = default_run
     assert (out / "checkpoints" / "latest").read_text().strip() == "step-00000300"
     acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
     acc.Reload()
@@ -60,3 +71,54 @@ def test_default_train_keeps_the_teachers_spread_and_distance(default_job):
     assert student["frechet"] < no_cfg["frechet"], (student, no_cfg)
     # and distillation is what sharpens it: well above the generator's first sample
     assert student["precision"] > curve["precision"][1] + 0.2, curve["precision"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The default job: `megadmd train` with no arguments, as the README's first command runs it.
+
+
+@pytest.fixture(scope="module")
+def default_run(default_job):
+    return default_job  # tests/e2e/conftest.py
+
+
+def test_default_job_prints_no_warning_and_shows_its_progress(default_run):
+    r, _ = default_run
+    assert r.stderr.splitlines() == [], r.stderr[-3000:]  # was 302 lines of torch FutureWarnings
+    assert not re.search(r"warning|deprecat", r.stdout, re.IGNORECASE), r.stdout
+    steps = re.findall(r"\] step (\d+)/300 \|", r.stdout)
+    assert steps == [str(s) for s in range(10, 310, 10)]
+    assert "done: 300 iterations (60 generator updates, 300 fake_score updates)" in r.stdout
+
+
+def test_tensorboard_holds_the_config_hparams_histograms_and_a_captioned_grid(default_run):
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    from megadmd.toy.builtin import TOY_SPEC
+
+    _, out = default_run
+    acc = tb_events(out / "tensorboard")
+    config_text = acc.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert json.loads("\n".join(ln[4:] for ln in config_text.splitlines())) == json.loads(
+        (out / "config.json").read_text())
+    plugin = {tag: plugin_data_pb2.HParamsPluginData.FromString(content)
+              for tag, content in acc.PluginTagToContent("hparams").items()}
+    experiment = plugin["_hparams_/experiment"].experiment
+    assert {"optim.generator.lr", "dmd.guidance_scale", "dmd.generator_update_interval", "ema.decay",
+            "attention.vsa_sparsity", "global_batch"} <= {h.name for h in experiment.hparam_infos}
+    metrics = {m.name.tag for m in experiment.metric_infos}
+    assert metrics == {"loss/generator", "loss/fake_score", "quality/precision", "quality/coverage",
+                       "quality/entropy", "quality/frechet"}
+    assert metrics <= set(acc.Tags()["scalars"])  # the plugin reads their final values from the run
+    start = plugin["_hparams_/session_start_info"].session_start_info.hparams
+    assert start["preset"].string_value == "tiny" and start["train.max_steps"].number_value == 300
+    assert start["optim.generator.lr"].number_value == pytest.approx(2e-4)
+    logged = [e.step for e in acc.Scalars("loss/fake_score")]
+    for tag in ("stats/x0_generator", "stats/dmd_grad"):
+        hist = acc.Histograms(tag)
+        assert [h.step for h in hist] == logged  # every window holds a generator update
+        assert hist[-1].histogram_value.num == 8 * math.prod(TOY_SPEC.latent_shape)  # rank 0's micro batch of 8
+    grid = acc.Images("quality/samples")[-1]
+    assert grid.height == 184 and grid.width == 1428  # the legend adds a header and a label column
+    caption = acc.Tensors("quality/samples/caption/text_summary")[-1].tensor_proto.string_val[0].decode()
+    assert caption.startswith("One row per class (0-3). Left: the class's 3 true modes; right: the first 6")
