@@ -3,7 +3,7 @@ sp=2 outputs and gradients of every role against peft on the diffusers model, dp
 against one rank, and the 2-rank checkpoint resumed on one rank through `convert to-universal`."""
 import torch
 
-from tests.distributed.workers import load_and_gather, lora_forward_backward, train_and_record
+from tests.distributed.workers import lora_forward_backward, train_and_record
 from tests.helpers import assert_same_training, save_test_dataset, spawn
 
 PARTITION_ALL = "tests/distributed/zero3_partition_all.json"
@@ -79,17 +79,23 @@ def _train_overrides(tmp, model_dir, data, name, micro_batch):
             "checkpoint.interval_steps=4", *LORA]
 
 
-def test_dp2_training_matches_one_rank_and_resumes_on_one_rank(tmp_path, test_model_dir):
+def test_dp2_training_matches_one_rank_and_resumes_on_one_rank(tmp_path, test_model_dir, single_process_world):
+    """Two ranks spawned; the one-rank run and the one-rank resume in this process (a spawn each
+    cost more than the runs: the one-process world is what a one-GPU `megadmd train` gets)."""
     from click.testing import CliRunner
     from safetensors.torch import load_file
 
     from megadmd.cli import main
+    from megadmd.config import resolve
+    from megadmd.runner import build_trainer, run_train
+    from megadmd.zero import full_state_dict
 
     data = save_test_dataset(tmp_path / "data", num_samples=8)
-    one, two = tmp_path / "one.pt", tmp_path / "two.pt"
-    spawn(train_and_record, 1, _train_overrides(tmp_path, test_model_dir, data, "one", 2), str(one))
+    two = tmp_path / "two.pt"
     spawn(train_and_record, 2, _train_overrides(tmp_path, test_model_dir, data, "two", 1), str(two))
-    a, b = torch.load(one, weights_only=False), torch.load(two, weights_only=False)
+    t = run_train(resolve(overrides=_train_overrides(tmp_path, test_model_dir, data, "one", 2)))
+    a = {"history": t.history, "states": {r: full_state_dict(t.models.engine(r).module) for r in ("generator", "fake_score")}}
+    b = torch.load(two, weights_only=False)
     assert [s for s, _ in a["history"]] == [1, 2, 3, 4]
     assert_same_training(a, b, keys=("loss/discriminator",))
     for role in ("generator", "fake_score"):
@@ -100,13 +106,18 @@ def test_dp2_training_matches_one_rank_and_resumes_on_one_rank(tmp_path, test_mo
     r = CliRunner().invoke(main, ["convert", "to-universal", str(ckpt)])
     assert r.exit_code == 0, r.output
     assert (ckpt / "generator" / "zero_universal" / "done").is_file()
-    resumed = tmp_path / "resumed.pt"
     # one rank, micro batch 2: the same global batch (a resume refuses another without --allow-config-change)
-    spawn(load_and_gather, 1, _train_overrides(tmp_path, test_model_dir, data, "two", 2)
-          + ["checkpoint.resume=auto", "train.max_steps=5"], str(resumed))
-    got = torch.load(resumed, weights_only=False)
-    assert got["step"] == 4
-    for role in ("generator", "fake_score"):
-        assert all(torch.equal(got[role][k], v) for k, v in b["states"][role].items()), role
+    resumed = build_trainer(resolve(overrides=_train_overrides(tmp_path, test_model_dir, data, "two", 2)
+                                    + ["checkpoint.resume=auto", "train.max_steps=5"]))
+    try:
+        assert resumed.state.step == 4
+        for role in ("generator", "fake_score"):
+            got = full_state_dict(resumed.models.engine(role).module)
+            assert got.keys() == b["states"][role].keys(), role
+            assert all(torch.equal(got[k], v) for k, v in b["states"][role].items()), role
+        got_ema = resumed.ema.full_state_dict()
+    finally:
+        resumed.writer.close()
+        resumed.run_lock.release()
     ema = load_file(str(ckpt / "ema" / "ema.safetensors"))
-    assert ema.keys() == got["ema"].keys() and all(torch.equal(got["ema"][k], v) for k, v in ema.items())
+    assert ema.keys() == got_ema.keys() and all(torch.equal(got_ema[k], v) for k, v in ema.items())
