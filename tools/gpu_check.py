@@ -270,9 +270,14 @@ def run_part(name: str, args, deadline: float, logs: Path) -> dict:
     remaining = deadline - time.monotonic()
     if remaining < 10:
         return {"status": "skipped", "error": f"the {args.budget_s:.0f} s budget was spent before this part"}
-    # Toy sizes on a CPU are thousands of tiny ops; with several threads each one ends in an
-    # OpenMP barrier, which on a shared machine waits out other processes' time slices.
-    env = {**os.environ, "OMP_NUM_THREADS": "1"} if args.dry_run else None
+    # Each part is a one-rank world of its own: launcher variables of an enclosing job (a Slurm
+    # step, a test process that already holds a process group and its port) must not leak in.
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    if args.dry_run:
+        # Toy sizes on a CPU are thousands of tiny ops; with several threads each one ends in an
+        # OpenMP barrier, which on a shared machine waits out other processes' time slices.
+        env["OMP_NUM_THREADS"] = "1"
     start = time.monotonic()
     with open(logs / f"{name}.log", "w") as log:
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)

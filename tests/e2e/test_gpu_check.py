@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import cli_env
+
 REPO = Path(__file__).resolve().parents[2]
 
 ROW_FIELDS = {"grid", "tokens", "mode", "backend", "sparsity", "topk", "num_cubes", "best_s", "first_s", "speedup"}
@@ -25,8 +27,10 @@ def dry_run(tmp_path_factory):
         pytest.skip("triton is not installed (it comes with pip install -e '.[test]' on Linux)")
     out = tmp_path_factory.mktemp("gpu-check")
     # A generous budget: the CI machine is shared, and this run checks the code, not the speed.
+    # the test process's own one-rank world (MASTER_PORT etc.) set by other tests on this worker
+    # stays out: gpu_check also drops it for its parts, this checks the script as users run it
     proc = subprocess.run(["bash", "tools/gpu_check.sh", "--out", str(out), "--dry-run", "--budget-s", "1800"],
-                          cwd=REPO, capture_output=True, text=True, timeout=2400)
+                          cwd=REPO, capture_output=True, text=True, timeout=2400, env=cli_env())
     logs = "\n".join(f"--- {p.name}\n{p.read_text()[-2000:]}" for p in sorted((out / "logs").glob("*.log")))
     assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}\n{logs}"
     return out, json.loads((out / "gpu_check.json").read_text())

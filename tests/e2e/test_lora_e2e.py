@@ -94,7 +94,8 @@ def test_validation_samples_the_adapter_and_its_ema_and_puts_the_weights_back(re
     gen = ref.models.generator.module
     before = full_state_dict(gen)
     out = validator.run(ref)  # what the hook ran at step 3
-    assert set(out) == {"generator", "ema"} and out["generator"].shape == (2, 4, 4, 16, 16)
+    # [noises per prompt, prompts, C, F, H, W]: validation.noises_per_prompt (default 2) noises
+    assert set(out) == {"generator", "ema"} and out["generator"].shape == (2, 2, 4, 4, 16, 16)
     assert not torch.allclose(out["generator"], out["ema"], atol=1e-4)  # the EMA adapter was applied
     after = full_state_dict(gen)
     assert all(torch.equal(before[k], after[k]) for k in before)  # and taken off again
