@@ -155,6 +155,6 @@ def build_validator(cfg, plan, data: LatentDataset, steps: list, rank: int):
         from .toy.builtin import TOY_SPEC
         from .toy.quality import ToyQuality
 
-        return ToyQuality(TOY_SPEC, cfg.validation.interval_steps, seed=cfg.validation.seed)
+        return ToyQuality(TOY_SPEC, cfg.validation.interval_steps, seed=cfg.validation.seed, student_steps=steps)
     return Validator(cfg.validation, steps, plan.latent_shape, plan.text_len or data.info.max_text_len,
                      data, cfg.output_dir, rank)

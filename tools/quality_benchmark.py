@@ -62,13 +62,13 @@ def _worker_init() -> None:
     torch.set_num_threads(1)
 
 
-def _inputs(args: dict):
+def _inputs(args: dict, num_steps: int = 3):
     import torch
 
     from megadmd.toy.builtin import TOY_SPEC
     from megadmd.toy.quality import eval_inputs
 
-    return eval_inputs(TOY_SPEC, args["per_class"], args["seed"], torch.device("cpu"))
+    return eval_inputs(TOY_SPEC, args["per_class"], args["seed"], torch.device("cpu"), num_steps)
 
 
 def _score(samples, labels) -> dict:
@@ -112,8 +112,10 @@ def distill_row(args: dict, out: str, overrides: list) -> dict:
     seconds = time.perf_counter() - t0
     hooks = [getattr(h, "__self__", None) for h in trainer.hooks]
     history = next((q.history for q in hooks if hasattr(q, "history")), [])
-    labels, noise, renoise = _inputs(args)
-    x = sample(trainer.models.generator.module, "student", TOY_SPEC, labels, noise, renoise, trainer.models.dtype)
+    # scored on the schedule it was trained for (a row may override dmd.denoising_steps)
+    labels, noise, renoise = _inputs(args, len(trainer.steps))
+    x = sample(trainer.models.generator.module, "student", TOY_SPEC, labels, noise, renoise, trainer.models.dtype,
+               student_steps=trainer.steps)
     return {**_score(x, labels), "train_s": seconds, "trajectory": history}
 
 

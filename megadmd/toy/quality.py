@@ -21,15 +21,20 @@ from .metrics import evaluate
 from .render import add_legend, grid_caption, render_grid
 
 log = logging.getLogger("megadmd")
+# The tiny preset's dmd.denoising_steps: the default student schedule of the samplers below. A run
+# with other steps passes its own (``student_steps``), so a student is scored on the schedule it
+# was trained for.
 STUDENT_STEPS = (1000, 757, 522)
 
 
-def eval_inputs(spec: ToySpec, per_class: int, seed: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Labels ``[N]``, start noise ``[N, C, F, H, W]`` and re-noising noise ``[S, N, ...]``, fixed."""
+def eval_inputs(spec: ToySpec, per_class: int, seed: int, device,
+                num_steps: int = len(STUDENT_STEPS)) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Labels ``[N]``, start noise ``[N, C, F, H, W]`` and re-noising noise ``[S, N, ...]``, fixed
+    (``S = num_steps``, the student's step count)."""
     g = torch.Generator().manual_seed(seed)
     labels = torch.arange(spec.num_classes).repeat_interleave(per_class)
     noise = torch.randn(labels.shape[0], *spec.latent_shape, generator=g)
-    renoise = torch.randn(len(STUDENT_STEPS), labels.shape[0], *spec.latent_shape, generator=g)
+    renoise = torch.randn(num_steps, labels.shape[0], *spec.latent_shape, generator=g)
     return labels, noise.to(device), renoise.to(device)
 
 
@@ -42,12 +47,12 @@ def conditions(spec: ToySpec, labels: torch.Tensor, device) -> tuple[torch.Tenso
 @torch.no_grad()
 def sample(model, kind: str, spec: ToySpec, labels: torch.Tensor, noise: torch.Tensor, renoise: torch.Tensor,
            dtype=torch.float32, guidance_scale: float = 3.5, cfg_form: str = "offset", shift: float = 3.0,
-           steps: int = 50, batch: int = 256) -> torch.Tensor:
+           steps: int = 50, batch: int = 256, student_steps=STUDENT_STEPS) -> torch.Tensor:
     """Samples from ``model`` with one of the benchmark's samplers:
 
-    - ``student``: the few-step DMD sampler on ``STUDENT_STEPS`` (no CFG);
+    - ``student``: the few-step DMD sampler on ``student_steps`` (timesteps; no CFG);
     - ``teacher``: flow-matching Euler over ``euler_sigmas(steps, shift)``;
-    - ``teacher_student_schedule``: Euler over the student's sigmas (1, 0.757, 0.522, 0).
+    - ``teacher_student_schedule``: Euler over the student's sigmas (by default 1, 0.757, 0.522, 0).
     ``guidance_scale`` applies to the teacher kinds (0 in the offset form = no CFG).
     """
     cond, uncond = conditions(spec, labels, noise.device)
@@ -57,10 +62,10 @@ def sample(model, kind: str, spec: ToySpec, labels: torch.Tensor, noise: torch.T
         c, u = cond[sl], uncond[sl]
         if kind == "student":
             vfn = _velocity(model, c, dtype)
-            out.append(sample_generator(vfn, STUDENT_STEPS, noise[sl], lambda k, sl=sl: renoise[k, sl]))
+            out.append(sample_generator(vfn, student_steps, noise[sl], lambda k, sl=sl: renoise[k, sl]))
             continue
         sigmas = (flow.euler_sigmas(steps, shift) if kind == "teacher"
-                  else [s / 1000 for s in STUDENT_STEPS] + [0.0])
+                  else [s / 1000 for s in student_steps] + [0.0])
         if guidance_scale == 0 and cfg_form == "offset":
             guided = _velocity(model, c, dtype)
         else:
@@ -97,8 +102,10 @@ class ToyQuality:
     once the generator's EMA has started, its weights are scored the same way under
     ``quality_ema/``."""
 
-    def __init__(self, spec: ToySpec, interval_steps: int, per_class: int = 64, seed: int = 42):
+    def __init__(self, spec: ToySpec, interval_steps: int, per_class: int = 64, seed: int = 42,
+                 student_steps=STUDENT_STEPS):
         self.spec = spec
+        self.student_steps = tuple(float(t) for t in student_steps)
         self.interval_steps = interval_steps
         self.per_class = per_class
         self.seed = seed
@@ -114,7 +121,7 @@ class ToyQuality:
     def run(self, trainer) -> dict:
         """Collective: every rank runs the generator's forwards (ZeRO-3 gathers); rank 0 logs."""
         if self._inputs is None:
-            self._inputs = eval_inputs(self.spec, self.per_class, self.seed, trainer.device)
+            self._inputs = eval_inputs(self.spec, self.per_class, self.seed, trainer.device, len(self.student_steps))
         module = trainer.models.generator.module
         scores = self._score(trainer, module, "quality")
         self.history.append((trainer.state.step, scores))
@@ -126,7 +133,8 @@ class ToyQuality:
 
     def _score(self, trainer, module, tag: str) -> dict:
         labels, noise, renoise = self._inputs
-        samples = sample(module, "student", self.spec, labels, noise, renoise, trainer.models.dtype).cpu()
+        samples = sample(module, "student", self.spec, labels, noise, renoise, trainer.models.dtype,
+                         student_steps=self.student_steps).cpu()
         scores = score(samples, labels, self.spec)
         if trainer.pstate.rank == 0:
             step = trainer.state.step

@@ -207,3 +207,33 @@ def test_quality_hook_scores_the_ema_weights_under_their_own_tag():
     assert logged[("quality/diversity", 5)] == want_live["diversity"]
     assert logged[("quality_ema/nearest_rms", 5)] == want_ema["nearest_rms"]
     assert ("quality_ema/samples", 5) in logged and ("quality/samples", 5) in logged
+
+
+def test_the_quality_hook_samples_the_runs_own_student_schedule():
+    """A run with its own dmd.denoising_steps is scored on them, not on the preset's default:
+    two steps (1000, 400) by hand, x0 = x - sigma v and x = (1 - s) x0 + s eps in between."""
+    from types import SimpleNamespace
+
+    from megadmd.models import load_wan
+    from megadmd.toy.builtin import TOY_SPEC, builtin_teacher_dir
+    from megadmd.toy.distribution import class_embeddings
+    from megadmd.toy.quality import ToyQuality, eval_inputs, score
+
+    module = load_wan(str(builtin_teacher_dir())).eval()
+    writer = SimpleNamespace(scalars=lambda d, step: None, image=lambda tag, img, step, caption=None: None)
+    trainer = SimpleNamespace(models=SimpleNamespace(generator=SimpleNamespace(module=module), dtype=torch.float32),
+                              ema=None, writer=writer, state=SimpleNamespace(step=1),
+                              pstate=SimpleNamespace(rank=0), device=torch.device("cpu"))
+    scores = ToyQuality(TOY_SPEC, interval_steps=5, per_class=2, seed=3, student_steps=[1000, 400]).run(trainer)
+
+    labels, noise, renoise = eval_inputs(TOY_SPEC, 2, 3, torch.device("cpu"), num_steps=2)
+    text = class_embeddings(TOY_SPEC)[labels]
+
+    def v(x, t):
+        with torch.no_grad():
+            return module(x, torch.full((x.shape[0],), t), text, return_dict=False)[0]
+
+    x0 = noise - 1.0 * v(noise, 1000.0)
+    x = 0.6 * x0 + 0.4 * renoise[0]
+    x0 = x - 0.4 * v(x, 400.0)
+    assert scores == score(x0, labels, TOY_SPEC)
