@@ -90,7 +90,7 @@ def run(args, root: Path) -> dict:
         o = with_model_defaults(dataclasses.replace(base, attention=attention, vsa_sparsity=sparsity))
         net = _load_generator(o, dtype, device)
         _warm_up(net, embeds[0], o, dtype, device, image)
-        seconds[name] = timed(lambda: sample_student(net, embeds, o, dtype, device, image), clock, device)
+        seconds[name] = timed(lambda net=net, o=o: sample_student(net, embeds, o, dtype, device, image), clock, device)
         del net
     o = with_model_defaults(base)
     teacher = load_role_model(str(model), dtype, None).to(device).eval()
