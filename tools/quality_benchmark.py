@@ -11,8 +11,9 @@ toy metrics (megadmd/toy/metrics.py) plus the label-free diversity statistic:
 - step equivalence: the teacher at K Euler steps with CFG (2K forwards) for K in ``STEP_LADDER``,
   and the smallest K at which it is at least as good as the student on precision and Frechet;
 - students: the default recipe (what ``megadmd train`` runs), the FastVideo recipe it replaced,
-  and one ablation per part of the recipe (that part reverted), plus the GAN term on the recipe
-  and the recipe with LoRA adapters (issue 20).
+  and one ablation per part of the recipe (that part reverted), plus the GAN term on the recipe,
+  the recipe with the generator's EMA (the EMA weights scored) and the recipe with LoRA adapters
+  (issue 20).
 
 Rows run in ``--jobs`` worker processes of one thread each. The recipe's regression pairs (the
 toy teacher's ODE from stored noise) are sampled once and shared by every run that uses them, as
@@ -24,6 +25,7 @@ toy teacher's ODE from stored noise) are sampled once and shared by every run th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import tempfile
 import time
@@ -50,6 +52,9 @@ LORA_RECIPE = ["model.lora.enabled=true", f"model.lora.rank={LORA_RANK}", "optim
                "optim.fake_score.lr=1e-3"]
 GAN_ROW = "recipe + GAN term"
 GAN_ON = ["dmd.gan.enabled=true"]
+# The generator's EMA (what `megadmd convert export-ema` ships), scored instead of the live weights
+EMA_ROW = "recipe + generator EMA 0.9 from iteration 100 (the EMA scored)"
+EMA_ON = ["ema.decay=0.9", "ema.start_step=100"]
 FASTVIDEO = ("student@3, FastVideo recipe (synthetic mode, every step, CFG everywhere, no regression, 125 it)",
              ["dmd.simulate_generator_forward=false", "dmd.train_first_step=true", "dmd.guidance_interval=[0.0,1.0]",
               "dmd.regression.weight=0.0", "train.max_steps=125", "optim.generator.lr=5e-5"])
@@ -111,12 +116,16 @@ def distill_row(args: dict, out: str, overrides: list) -> dict:
     trainer = run_train(resolve(overrides=[f"output_dir={out}", "logging.tensorboard=false", *extra, *overrides]))
     seconds = time.perf_counter() - t0
     hooks = [getattr(h, "__self__", None) for h in trainer.hooks]
-    history = next((q.history for q in hooks if hasattr(q, "history")), [])
-    # scored on the schedule it was trained for (a row may override dmd.denoising_steps)
+    quality = next((q for q in hooks if hasattr(q, "history")), None)
+    # scored on the schedule it was trained for (a row may override dmd.denoising_steps), and with
+    # the generator's EMA weights when the run keeps one
     labels, noise, renoise = _inputs(args, len(trainer.steps))
-    x = sample(trainer.models.generator.module, "student", TOY_SPEC, labels, noise, renoise, trainer.models.dtype,
-               student_steps=trainer.steps)
-    return {**_score(x, labels), "train_s": seconds, "trajectory": history}
+    ema = trainer.ema if trainer.ema is not None and trainer.ema.started else None
+    with ema.applied() if ema else contextlib.nullcontext():
+        x = sample(trainer.models.generator.module, "student", TOY_SPEC, labels, noise, renoise, trainer.models.dtype,
+                   student_steps=trainer.steps)
+    history = (quality.ema_history if ema else quality.history) if quality else []
+    return {**_score(x, labels), "train_s": seconds, "trajectory": history, "scored": "ema" if ema else "live"}
 
 
 def pairs_task(args: dict, out: str) -> dict:
@@ -143,26 +152,31 @@ def plan(args) -> tuple[list, list]:
             ("teacher weights in the 3-step DMD sampler (iteration 0)", "sampler_row", dict(kind="student"))]
     refs += [(f"teacher@{k}, CFG", "sampler_row", dict(kind="teacher", steps=k)) for k in STEP_LADDER if k != 50]
     students = [(DEFAULT, "distill_row", dict(overrides=[])), (FASTVIDEO[0], "distill_row", dict(overrides=FASTVIDEO[1])),
-                (GAN_ROW, "distill_row", dict(overrides=GAN_ON)), (LORA_ROW, "distill_row", dict(overrides=LORA_RECIPE))]
+                (GAN_ROW, "distill_row", dict(overrides=GAN_ON)),
+                (EMA_ROW, "distill_row", dict(overrides=EMA_ON)), (LORA_ROW, "distill_row", dict(overrides=LORA_RECIPE))]
     if args.ablations:
         students += [(f"ablation: {k}", "distill_row", dict(overrides=v)) for k, v in ABLATIONS.items()]
     return refs, students
 
 
-def load_references(path: str, common: dict) -> dict:
+def load_references(path: str, common: dict, students: bool = False) -> dict:
     """Teacher-sampler rows of an earlier ``--out`` report on the same teacher, samples per class
-    and seed: they are deterministic, so a recipe search need not sample the ladder again."""
+    and seed: they are deterministic, so a recipe search need not sample the ladder again. With
+    ``students`` its distilled rows too (``--only`` reruns some and keeps the rest)."""
     report = json.loads(Path(path).read_text())
     inputs = report.get("inputs", {})
     if {k: inputs.get(k) for k in ("teacher", "per_class", "seed")} != {k: common[k] for k in ("teacher", "per_class", "seed")}:
         raise SystemExit(f"--references {path} was measured on {inputs}, not on {common}")
-    return {name: r for name, r in report["rows"].items() if "train_s" not in r}
+    return {name: r for name, r in report["rows"].items() if students or "train_s" not in r}
 
 
 def run(args) -> tuple[dict, float]:
     common = {"teacher": args.teacher, "per_class": args.per_class, "seed": args.seed}
     refs, students = plan(args)
-    rows: dict = load_references(args.references, common) if args.references else {}
+    rows: dict = load_references(args.references, common, bool(args.only)) if args.references else {}
+    if args.only:  # rerun the named students; every other row is the reference report's
+        rows = {n: r for n, r in rows.items() if not any(o in n for o in args.only)}
+        students = [s for s in students if any(o in s[0] for o in args.only)]
     reused = set(rows)
     refs_to_run = [r for r in refs if r[0] not in reused]
     with tempfile.TemporaryDirectory() as tmp, ProcessPoolExecutor(
@@ -175,7 +189,7 @@ def run(args) -> tuple[dict, float]:
                 futures[name] = pool.submit(distill_row, common, str(Path(tmp) / f"run{i}"), kw["overrides"])
             else:
                 futures[name] = pool.submit(sampler_row, common, **kw)
-        for name, _, _ in refs + students:
+        for name in dict.fromkeys([r[0] for r in refs + students] + list(rows)):
             rows[name] = futures[name].result() if name in futures else {**rows[name], "reused": True}
             print(f"{name}: " + ", ".join(f"{k} {v:.4f}" for k, v in rows[name].items()
                                           if isinstance(v, float)), flush=True)
@@ -267,10 +281,15 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
     ap.add_argument("--references", default=None,
                     help="reuse the teacher-sampler rows of this earlier --out report (same teacher, --per-class, --seed)")
+    ap.add_argument("--only", action="append", default=[], metavar="TEXT",
+                    help="rerun only the distilled rows whose name contains TEXT (repeatable); every other row, "
+                         "students included, is taken from --references")
     args = ap.parse_args()
     # Bad input fails here, in one line, before half an hour of work.
     if args.per_class < 2 or args.jobs < 1:
         ap.error("--per-class must be at least 2 and --jobs at least 1")
+    if args.only and not args.references:
+        ap.error("--only needs --references: the rows it does not rerun come from that report")
     from megadmd.config import ConfigError
     from megadmd.models import resolve_model_dir
     from megadmd.toy.builtin import builtin_teacher_dir
@@ -290,8 +309,9 @@ def main() -> None:
     print(f"\nstep equivalence (teacher@K with CFG against the default student):\n{markdown_ladder(rows, student)}")
     k = step_equivalence(rows, student)
     print(f"smallest K at least as good on precision and Frechet: {k if k is not None else 'none up to 50'}")
-    print(f"\nthe default student during training (validation hook, 64 per class):\n"
-          f"{markdown_trajectory(student['trajectory'])}")
+    if student.get("trajectory"):  # a row reused from --references may have none
+        print(f"\nthe default student during training (validation hook, 64 per class):\n"
+              f"{markdown_trajectory(student['trajectory'])}")
     fails = check_targets(rows)
     gan_fails = check_gan(rows)
     print(f"\ntargets: {'met' if not fails else 'NOT met: ' + '; '.join(fails)}")
