@@ -64,7 +64,10 @@ FASTVIDEO = ("student@3, FastVideo recipe (synthetic mode, every step, CFG every
 def _worker_init() -> None:
     import torch
 
+    from megadmd.monitoring.console import quiet_known_warnings
+
     torch.set_num_threads(1)
+    quiet_known_warnings()  # the CLI's filters: a spawned worker starts without the parent's
 
 
 def _inputs(args: dict, num_steps: int = 3):
