@@ -5,10 +5,12 @@ Runs on any device; it is the fallback everywhere and, on CPU, the fastest backe
 backend reuses `block_sparse_backward` from here). It never materializes an S x S matrix: the
 fine stage walks chunks of query cubes and gathers only their selected key cubes.
 
-A query row's selected keys (K cubes of 64) always fit in one chunk, so no online softmax is
-needed. The forward keeps the row log-sum-exp (base 2, as the triton backend's; not the output),
-the backward recomputes the scores and P = exp2(S * log2(e) - lse), and forms dS from dP and P
-alone (rowsum(dP * P) = rowsum(dO * O)). Saved state is q, k, v, the selection and the lse.
+A query row's selected keys (K cubes of 64) always fit in one chunk. On CPU the forward runs
+PyTorch's flash kernel per chunk of gathered cubes and keeps no log-sum-exp; the backward
+recomputes the scores and their exact row softmax in one fused pass. Elsewhere the forward
+keeps the row log-sum-exp (base 2, as the triton backend's) and the backward takes
+P = exp2(S * log2(e) - lse). Either way dS comes from dP and P alone (rowsum(dP * P) =
+rowsum(dO * O)), so the output is not saved: q, k, v, the selection and the lse only.
 
 Layouts follow vsa_tiling's legend: q_bhpd is [B, H, C*64, D] in padded cube order; rows are
 query cubes flattened over (B, H), so `*_rtd` is [B*H*C, 64, D] and `kv_cubes_bhck` is
@@ -93,6 +95,16 @@ def _global_cube_rows(kv_cubes_bhck: torch.Tensor) -> torch.Tensor:
     batch, heads, num_cubes, topk = kv_cubes_bhck.shape
     base = torch.arange(batch * heads, device=kv_cubes_bhck.device).view(batch, heads, 1, 1) * num_cubes
     return (kv_cubes_bhck + base).view(-1, topk)
+
+
+# PyTorch's own CPU flash-attention kernel (what SDPA calls on CPU), with its log-sum-exp.
+_CPU_FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+
+
+def _flash_on(device: torch.device) -> bool:
+    """Whether the forward runs _CPU_FLASH per chunk: on CPU (its backward kernel measured
+    slower than the chunked one below: 9.8 s against 6.8 s at 29k tokens)."""
+    return device.type == "cpu"
 
 
 def _softmax_into(scores: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
@@ -198,24 +210,40 @@ def block_sparse_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fine stage forward in padded cube layout: [B, H, P, D] -> (out [B, H, P, D], lse).
 
-    Per chunk: gather the selected key cubes, one bmm for the scores (in log base 2),
-    exp2(S - rowmax) in place, gather the value cubes, one bmm, and divide the output rows by
-    their sums. Each query row sees all of its keys inside one chunk, so no online softmax is
-    needed. Normalizing the 64 x D output instead of the 64 x 64K probabilities saves a pass
-    over the scores (the fused softmax measured slower). The row log-sum-exp, base 2 of the
-    scaled scores, [B*H*C, 64, 1] in the work dtype, falls out for the backward. V is gathered
-    after the scores, so that it is still in cache for its bmm.
+    Each query row sees all of its keys inside one chunk. Per chunk, gather the selected key
+    and value cubes, then:
+    - on CPU, call PyTorch's flash kernel on them. It walks the keys in blocks that stay in L2
+      (online softmax), where one 64 x 64K score block does not fit: 2.3 s against 2.9 s for
+      the bmm route below, at 29k tokens. lse is None: the kernel's log-sum-exp comes from a
+      faster, less exact exp, and P recomputed from it gave fp32 gradients 2-3x further from
+      an fp64 reference, so the backward redoes the softmax (3% slower than using an lse).
+    - elsewhere, one bmm for the scores (in log base 2), exp2(S - rowmax) in place, one bmm,
+      and the output rows divided by their sums (normalizing the 64 x D output instead of the
+      probabilities saves a pass over the scores; the fused softmax measured slower). V is
+      gathered after the scores, so that it is still in cache for its bmm. lse is the row
+      log-sum-exp of the scaled scores in base 2, [B*H*C, 64, 1] in the work dtype.
     """
-    plan = _ChunkPlan(q_bhpd, kv_cubes_bhck, key_bias, key_buffers=2, score_buffers=1)
+    flash = _flash_on(q_bhpd.device)
+    plan = _ChunkPlan(q_bhpd, kv_cubes_bhck, key_bias, key_buffers=2, score_buffers=0 if flash else 1)
     q_rtd = plan.rows(q_bhpd)
     k_rtd, v_rtd = plan.rows(k_bhpd), plan.rows(v_bhpd)
     out_rtd = torch.empty_like(q_rtd)
-    lse_rt1 = q_rtd.new_empty(plan.num_rows, CUBE_TOKENS, 1)
+    lse_rt1 = None if flash else q_rtd.new_empty(plan.num_rows, CUBE_TOKENS, 1)
 
     def make_state():
         # Reused buffers: fresh multi-MiB allocations per chunk cost page faults that, on CPU,
         # took about as long as the matmuls themselves.
-        return [plan.key_buffer(q_rtd) for _ in range(2)] + [plan.score_buffer(q_rtd)]
+        return [plan.key_buffer(q_rtd) for _ in range(2)] + ([] if flash else [plan.score_buffer(q_rtd)])
+
+    def process_flash(state, chunk):
+        start, stop, idx = chunk
+        n = stop - start
+        k_sel, v_sel = (plan.gather(x, idx, buf).unsqueeze(1) for x, buf in zip((k_rtd, v_rtd), state))
+        bias = plan.key_bias
+        if bias is not None:  # -inf on padded key slots, broadcast over the query rows
+            bias = bias[plan.local_kv[start:stop]].view(n, 1, 1, plan.keys)
+        out = _CPU_FLASH(q_rtd[start:stop].unsqueeze(1), k_sel, v_sel, attn_mask=bias, scale=plan.scale)[0]
+        out_rtd[start:stop] = out.squeeze(1)
 
     def process(state, chunk):
         k_buf, v_buf, s_buf = state
@@ -228,7 +256,7 @@ def block_sparse_forward(
         out_chunk.div_(row_sum)
         torch.add(row_max, row_sum.log2_(), out=lse_rt1[start:stop])
 
-    _run_chunks(plan.chunks(), make_state, process, q_rtd.device)
+    _run_chunks(plan.chunks(), make_state, process_flash if flash else process, q_rtd.device)
     return out_rtd.view(plan.shape).to(q_bhpd.dtype), lse_rt1
 
 
@@ -248,8 +276,8 @@ def block_sparse_backward(
     dQ = scale * dS K, dK = scale * dS^T Q. rowsum(dP * P) equals the usual rowsum(dO * O), so
     the output is not needed; `_softmax_backward_data` computes dS in one fused pass. P is
     exp2(S * log2(e) - lse) from the forward's base-2 row log-sum-exp `lse_rt1` (one pass over
-    the scores instead of the softmax's three); without it (the flex forward cannot return one
-    on CPU) P is the fused softmax of the recomputed scores. dK and dV of a key cube collect
+    the scores instead of the softmax's three); without it (the CPU forwards, flex's and ours,
+    keep none) P is the fused softmax of the recomputed scores. dK and dV of a key cube collect
     contributions from every query cube that selected it, hence index_add_, into one accumulator
     per worker (summed at the end) so that workers never add into the same rows at once.
     """
@@ -298,8 +326,8 @@ def block_sparse_backward(
 class BlockSparseAttention(torch.autograd.Function):
     """Fine stage: each query cube attends over the tokens of its selected key cubes only.
 
-    Saves q, k, v, the selection and the row log-sum-exp (4 bytes per padded token per head in
-    fp32); the backward recomputes scores chunk by chunk.
+    Saves q, k, v, the selection and, off CPU, the row log-sum-exp (4 bytes per padded token per
+    head in fp32); the backward recomputes scores chunk by chunk.
     """
 
     @staticmethod

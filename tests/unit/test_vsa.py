@@ -131,6 +131,17 @@ def test_sparsity_zero_with_zero_gate_is_dense_attention():
 )
 def test_fine_stage_matches_masked_dense_reference(grid, topk, chunk_bytes, monkeypatch):
     monkeypatch.setitem(vsa_torch._CHUNK_BYTES, "cpu", chunk_bytes)
+    _check_fine_stage(grid, topk)
+
+
+def test_fine_stage_bmm_forward_matches_reference(monkeypatch):
+    # The forward off CPU (bmm, exp2, bmm); on CPU it is PyTorch's flash kernel per chunk.
+    monkeypatch.setattr(vsa_torch, "_flash_on", lambda device: False)
+    monkeypatch.setitem(vsa_torch._CHUNK_BYTES, "cpu", 1)
+    _check_fine_stage((5, 6, 7), 3)
+
+
+def _check_fine_stage(grid, topk):
     tiling = cube_tiling(grid)
     q, k, v = (tile_tokens(x, tiling).detach().requires_grad_() for x in _inputs(grid, count=3))
     for seed in range(2):
