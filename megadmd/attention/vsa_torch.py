@@ -28,9 +28,9 @@ import torch
 from megadmd.attention.vsa_tiling import CUBE_TOKENS, CubeTiling
 
 # Bytes of all per-chunk buffers of one worker (gathered K/V cubes, score blocks, gradients).
-# On CPU 4 MiB: one query cube per chunk at 29k tokens (46 key cubes, D=128; 3.8 MiB forward,
-# 8.3 MiB backward), which measured fastest there (forward 2.0 s against 2.6 s with 3 query
-# cubes, backward 5.4 s against 6.3 s with 3), as the buffers stay nearer the core; smaller
+# On CPU 4 MiB: one query cube per chunk at 29k tokens (46 key cubes, D=128; 3 MiB forward,
+# 8.3 MiB backward), which measured fastest there (forward 2.12 s against 2.30 s with 2 query
+# cubes, backward 6.55 s against 7.22 s with 2), as the buffers stay nearer the core; smaller
 # shapes still batch a few query cubes per op. On GPUs one big chunk amortizes launches.
 _CHUNK_BYTES = {"cpu": 4 << 20}
 _CHUNK_BYTES_DEFAULT = 2 << 30
