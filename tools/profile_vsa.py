@@ -64,9 +64,9 @@ def main(argv=None) -> None:
         _, scores = timed("coarse stage", lambda: coarse_attention(q_p, k_p, v_p, tiling))
         selection = timed("top-k selection", lambda: select_key_cubes(scores, topk))
         bias = key_bias_ct(tiling, torch.float32)
-        out = timed("fine forward", lambda: block_sparse_forward(q_p, k_p, v_p, selection, bias))
+        out, lse = timed("fine forward", lambda: block_sparse_forward(q_p, k_p, v_p, selection, bias))
         grad_p = tile_tokens(grad_out, tiling)
-        fine_backward = lambda: block_sparse_backward(q_p, k_p, v_p, grad_p, selection, bias)  # noqa: E731
+        fine_backward = lambda: block_sparse_backward(q_p, k_p, v_p, grad_p, selection, bias, lse)  # noqa: E731
         timed("fine backward", fine_backward)
         timed("untile", lambda: untile_tokens(out, tiling))
         timed("whole call, forward", lambda: video_sparse_attention(q, k, v, gate, grid, args.sparsity, backend="torch"))

@@ -5,10 +5,12 @@ Runs on any device; it is the fallback everywhere and, on CPU, the fastest backe
 backend reuses `block_sparse_backward` from here). It never materializes an S x S matrix: the
 fine stage walks chunks of query cubes and gathers only their selected key cubes.
 
-Unlike FlashAttention, the forward keeps neither the output nor a log-sum-exp for the backward.
-A query row's selected keys (K cubes of 64) always fit in one chunk, so the backward recomputes
-the row's scores and its exact softmax in one fused pass, and forms dS from dP and P alone
-(rowsum(dP * P) = rowsum(dO * O)). Saved state is q, k, v and the selection only.
+A query row's selected keys (K cubes of 64) always fit in one chunk. On CPU the forward runs
+PyTorch's flash kernel per chunk of gathered cubes and keeps no log-sum-exp; the backward
+recomputes the scores and their exact row softmax in one fused pass. Elsewhere the forward
+keeps the row log-sum-exp (base 2, as the triton backend's) and the backward takes
+P = exp2(S * log2(e) - lse). Either way dS comes from dP and P alone (rowsum(dP * P) =
+rowsum(dO * O)), so the output is not saved: q, k, v, the selection and the lse only.
 
 Layouts follow vsa_tiling's legend: q_bhpd is [B, H, C*64, D] in padded cube order; rows are
 query cubes flattened over (B, H), so `*_rtd` is [B*H*C, 64, D] and `kv_cubes_bhck` is
@@ -26,10 +28,13 @@ import torch
 from megadmd.attention.vsa_tiling import CUBE_TOKENS, CubeTiling
 
 # Bytes of all per-chunk buffers of one worker (gathered K/V cubes, score blocks, gradients).
-# On CPU about 12 MiB (two query cubes of 46 key cubes at D=128) measured fastest at 29k tokens,
-# against 6 and 24-48 MiB; on GPUs one big chunk amortizes launches.
-_CHUNK_BYTES = {"cpu": 12 << 20}
+# On CPU 4 MiB: one query cube per chunk at 29k tokens (46 key cubes, D=128; 3 MiB forward,
+# 8.3 MiB backward), which measured fastest there (forward 2.12 s against 2.30 s with 2 query
+# cubes, backward 6.55 s against 7.22 s with 2), as the buffers stay nearer the core; smaller
+# shapes still batch a few query cubes per op. On GPUs one big chunk amortizes launches.
+_CHUNK_BYTES = {"cpu": 4 << 20}
 _CHUNK_BYTES_DEFAULT = 2 << 30
+_LOG2E = math.log2(math.e)
 
 
 def coarse_attention(
@@ -92,6 +97,16 @@ def _global_cube_rows(kv_cubes_bhck: torch.Tensor) -> torch.Tensor:
     return (kv_cubes_bhck + base).view(-1, topk)
 
 
+# PyTorch's own CPU flash-attention kernel (what SDPA calls on CPU), with its log-sum-exp.
+_CPU_FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+
+
+def _flash_on(device: torch.device) -> bool:
+    """Whether the forward runs _CPU_FLASH per chunk: on CPU (its backward kernel measured
+    slower than the chunked one below: 9.8 s against 6.8 s at 29k tokens)."""
+    return device.type == "cpu"
+
+
 def _softmax_into(scores: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
     # One fused, row-parallel kernel (max, exp-sum, normalize per cache-resident row) into a
     # reused buffer, instead of four separate elementwise passes.
@@ -136,10 +151,13 @@ class _ChunkPlan:
         n = idx.numel() // self.topk
         return torch.index_select(x_rtd, 0, idx, out=buf[: idx.numel()]).view(n, self.keys, -1)
 
-    def scores(self, q_chunk, k_sel, start, stop, buf):
+    def scores(self, q_chunk, k_sel, start, stop, buf, base2: bool):
+        """Scaled scores of the chunk, in log base 2 (times log2(e)) if base2: exp2 of those is
+        the same softmax numerator, and exp2 ran at about twice exp's speed on CPU (AVX2)."""
         # The softmax scale rides on the matmul (alpha); beta=0 ignores the stale buffer.
         out = buf[: q_chunk.shape[0]]
-        scores = torch.baddbmm(out, q_chunk, k_sel.transpose(1, 2), beta=0, alpha=self.scale, out=out)
+        alpha = self.scale * _LOG2E if base2 else self.scale
+        scores = torch.baddbmm(out, q_chunk, k_sel.transpose(1, 2), beta=0, alpha=alpha, out=out)
         if self.key_bias is not None:
             scores.add_(self.key_bias[self.local_kv[start:stop]].view(q_chunk.shape[0], 1, self.keys))
         return scores
@@ -189,33 +207,57 @@ def block_sparse_forward(
     v_bhpd: torch.Tensor,
     kv_cubes_bhck: torch.Tensor,
     key_bias: torch.Tensor | None,
-) -> torch.Tensor:
-    """Fine stage forward in padded cube layout: [B, H, P, D] -> [B, H, P, D].
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fine stage forward in padded cube layout: [B, H, P, D] -> (out [B, H, P, D], lse).
 
-    Per chunk: gather the selected key/value cubes, one bmm for scores, one fused softmax, one
-    bmm for the output. Each query row sees all of its keys inside one chunk, so no online
-    softmax is needed, and no log-sum-exp is kept: the backward redoes the row softmax.
+    Each query row sees all of its keys inside one chunk. Per chunk, gather the selected key
+    and value cubes, then:
+    - on CPU, call PyTorch's flash kernel on them. It walks the keys in blocks that stay in L2
+      (online softmax), where one 64 x 64K score block does not fit: 2.3 s against 2.9 s for
+      the bmm route below, at 29k tokens. lse is None: the kernel's log-sum-exp comes from a
+      faster, less exact exp, and P recomputed from it gave fp32 gradients 2-3x further from
+      an fp64 reference, so the backward redoes the softmax (3% slower than using an lse).
+    - elsewhere, one bmm for the scores (in log base 2), exp2(S - rowmax) in place, one bmm,
+      and the output rows divided by their sums (normalizing the 64 x D output instead of the
+      probabilities saves a pass over the scores; the fused softmax measured slower). V is
+      gathered after the scores, so that it is still in cache for its bmm. lse is the row
+      log-sum-exp of the scaled scores in base 2, [B*H*C, 64, 1] in the work dtype.
     """
-    plan = _ChunkPlan(q_bhpd, kv_cubes_bhck, key_bias, key_buffers=2, score_buffers=2)
+    flash = _flash_on(q_bhpd.device)
+    plan = _ChunkPlan(q_bhpd, kv_cubes_bhck, key_bias, key_buffers=2, score_buffers=0 if flash else 1)
     q_rtd = plan.rows(q_bhpd)
     k_rtd, v_rtd = plan.rows(k_bhpd), plan.rows(v_bhpd)
     out_rtd = torch.empty_like(q_rtd)
+    lse_rt1 = None if flash else q_rtd.new_empty(plan.num_rows, CUBE_TOKENS, 1)
 
     def make_state():
         # Reused buffers: fresh multi-MiB allocations per chunk cost page faults that, on CPU,
         # took about as long as the matmuls themselves.
-        return [plan.key_buffer(q_rtd) for _ in range(2)] + [plan.score_buffer(q_rtd) for _ in range(2)]
+        return [plan.key_buffer(q_rtd) for _ in range(2)] + ([] if flash else [plan.score_buffer(q_rtd)])
+
+    def process_flash(state, chunk):
+        start, stop, idx = chunk
+        n = stop - start
+        k_sel, v_sel = (plan.gather(x, idx, buf).unsqueeze(1) for x, buf in zip((k_rtd, v_rtd), state))
+        bias = plan.key_bias
+        if bias is not None:  # -inf on padded key slots, broadcast over the query rows
+            bias = bias[plan.local_kv[start:stop]].view(n, 1, 1, plan.keys)
+        out = _CPU_FLASH(q_rtd[start:stop].unsqueeze(1), k_sel, v_sel, attn_mask=bias, scale=plan.scale)[0]
+        out_rtd[start:stop] = out.squeeze(1)
 
     def process(state, chunk):
-        k_buf, v_buf, s_buf, p_buf = state
+        k_buf, v_buf, s_buf = state
         start, stop, idx = chunk
-        k_sel, v_sel = plan.gather(k_rtd, idx, k_buf), plan.gather(v_rtd, idx, v_buf)
-        scores = plan.scores(q_rtd[start:stop], k_sel, start, stop, s_buf)
-        probs = _softmax_into(scores, p_buf[: stop - start])
-        torch.bmm(probs, v_sel, out=out_rtd[start:stop])
+        scores = plan.scores(q_rtd[start:stop], plan.gather(k_rtd, idx, k_buf), start, stop, s_buf, True)
+        row_max = scores.amax(-1, keepdim=True)
+        probs = scores.sub_(row_max).exp2_()  # unnormalized
+        row_sum = probs.sum(-1, keepdim=True)
+        out_chunk = torch.bmm(probs, plan.gather(v_rtd, idx, v_buf), out=out_rtd[start:stop])
+        out_chunk.div_(row_sum)
+        torch.add(row_max, row_sum.log2_(), out=lse_rt1[start:stop])
 
-    _run_chunks(plan.chunks(), make_state, process, q_rtd.device)
-    return out_rtd.view(plan.shape).to(q_bhpd.dtype)
+    _run_chunks(plan.chunks(), make_state, process_flash if flash else process, q_rtd.device)
+    return out_rtd.view(plan.shape).to(q_bhpd.dtype), lse_rt1
 
 
 @torch.no_grad()
@@ -226,15 +268,18 @@ def block_sparse_backward(
     grad_out_bhpd: torch.Tensor,
     kv_cubes_bhck: torch.Tensor,
     key_bias: torch.Tensor | None,
+    lse_rt1: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fine stage backward by recomputation, chunk by chunk. Returns (dq, dk, dv) as [B, H, P, D].
 
     With P the recomputed row softmax: dV = P^T dO, dP = dO V^T, dS = P * (dP - rowsum(dP * P)),
-    dQ = scale * dS K, dK = scale * dS^T Q. rowsum(dP * P) equals the
-    usual rowsum(dO * O), so the output is not needed; `_softmax_backward_data` computes dS in
-    one fused pass. dK and dV of a key cube collect contributions from every query cube that
-    selected it, hence index_add_, into one accumulator per worker (summed at the end) so that
-    workers never add into the same rows at once.
+    dQ = scale * dS K, dK = scale * dS^T Q. rowsum(dP * P) equals the usual rowsum(dO * O), so
+    the output is not needed; `_softmax_backward_data` computes dS in one fused pass. P is
+    exp2(S * log2(e) - lse) from the forward's base-2 row log-sum-exp `lse_rt1` (one pass over
+    the scores instead of the softmax's three); without it (the CPU forwards, flex's and ours,
+    keep none) P is the fused softmax of the recomputed scores. dK and dV of a key cube collect
+    contributions from every query cube that selected it, hence index_add_, into one accumulator
+    per worker (summed at the end) so that workers never add into the same rows at once.
     """
     plan = _ChunkPlan(q_bhpd, kv_cubes_bhck, key_bias, key_buffers=4, score_buffers=3)
     q_rtd = plan.rows(q_bhpd)
@@ -249,13 +294,19 @@ def block_sparse_backward(
     def process(state, chunk):
         k_buf, v_buf, dk_buf, dv_buf, s_buf, p_buf, dp_buf, dk_rtd, dv_rtd = state
         start, stop, idx = chunk
-        k_sel, v_sel = plan.gather(k_rtd, idx, k_buf), plan.gather(v_rtd, idx, v_buf)
+        k_sel = plan.gather(k_rtd, idx, k_buf)
         q_chunk, do_chunk = q_rtd[start:stop], do_rtd[start:stop]
-        probs = _softmax_into(plan.scores(q_chunk, k_sel, start, stop, s_buf), p_buf[: stop - start])
-        dv_sel = torch.bmm(probs.transpose(1, 2), do_chunk, out=dv_buf[: idx.numel()].view_as(v_sel))
+        scores = plan.scores(q_chunk, k_sel, start, stop, s_buf, lse_rt1 is not None)
+        if lse_rt1 is None:
+            probs = _softmax_into(scores, p_buf[: stop - start])
+        else:
+            probs = scores.sub_(lse_rt1[start:stop]).exp2_()
+        dv_sel = torch.bmm(probs.transpose(1, 2), do_chunk, out=dv_buf[: idx.numel()].view_as(k_sel))
+        v_sel = plan.gather(v_rtd, idx, v_buf)  # gathered late: still in cache for its bmm
         dprobs = torch.bmm(do_chunk, v_sel.transpose(1, 2), out=dp_buf[: stop - start])
+        free_buf = s_buf if lse_rt1 is None else p_buf  # the one not holding probs
         dscores = torch.ops.aten._softmax_backward_data.out(
-            dprobs, probs, -1, probs.dtype, grad_input=s_buf[: stop - start]
+            dprobs, probs, -1, probs.dtype, grad_input=free_buf[: stop - start]
         )
         dq_chunk = dq_rtd[start:stop]
         torch.baddbmm(dq_chunk, dscores, k_sel, beta=0, alpha=plan.scale, out=dq_chunk)
@@ -275,19 +326,23 @@ def block_sparse_backward(
 class BlockSparseAttention(torch.autograd.Function):
     """Fine stage: each query cube attends over the tokens of its selected key cubes only.
 
-    Saves only q, k, v and the selection; the backward recomputes scores chunk by chunk.
+    Saves q, k, v, the selection and, off CPU, the row log-sum-exp (4 bytes per padded token per
+    head in fp32); the backward recomputes scores chunk by chunk.
     """
 
     @staticmethod
     def forward(ctx, q_bhpd, k_bhpd, v_bhpd, kv_cubes_bhck, key_bias):
-        ctx.save_for_backward(q_bhpd, k_bhpd, v_bhpd, kv_cubes_bhck)
+        out_bhpd, lse_rt1 = block_sparse_forward(q_bhpd, k_bhpd, v_bhpd, kv_cubes_bhck, key_bias)
+        ctx.save_for_backward(q_bhpd, k_bhpd, v_bhpd, kv_cubes_bhck, lse_rt1)
         ctx.key_bias = key_bias
-        return block_sparse_forward(q_bhpd, k_bhpd, v_bhpd, kv_cubes_bhck, key_bias)
+        return out_bhpd
 
     @staticmethod
     def backward(ctx, grad_out_bhpd):
-        q_bhpd, k_bhpd, v_bhpd, kv_cubes_bhck = ctx.saved_tensors
-        grads = block_sparse_backward(q_bhpd, k_bhpd, v_bhpd, grad_out_bhpd, kv_cubes_bhck, ctx.key_bias)
+        q_bhpd, k_bhpd, v_bhpd, kv_cubes_bhck, lse_rt1 = ctx.saved_tensors
+        grads = block_sparse_backward(
+            q_bhpd, k_bhpd, v_bhpd, grad_out_bhpd, kv_cubes_bhck, ctx.key_bias, lse_rt1
+        )
         return (*grads, None, None)
 
 
