@@ -19,7 +19,7 @@ import torch
 
 from bench_attention import parse_grid
 from megadmd.attention.vsa import video_sparse_attention, vsa_topk
-from megadmd.attention.vsa_tiling import cube_tiling, tile_tokens, untile_tokens
+from megadmd.attention.vsa_tiling import CUBE_TOKENS, cube_tiling, tile_tokens, untile_tokens
 from megadmd.attention.vsa_torch import (
     block_sparse_backward,
     block_sparse_forward,
@@ -66,7 +66,8 @@ def main(argv=None) -> None:
         bias = key_bias_ct(tiling, torch.float32)
         out, lse = timed("fine forward", lambda: block_sparse_forward(q_p, k_p, v_p, selection, bias))
         grad_p = tile_tokens(grad_out, tiling)
-        fine_backward = lambda: block_sparse_backward(q_p, k_p, v_p, grad_p, selection, bias, lse)  # noqa: E731
+        out_rows = out.reshape(-1, CUBE_TOKENS, out.shape[-1])  # as the autograd Function passes it on CPU
+        fine_backward = lambda: block_sparse_backward(q_p, k_p, v_p, grad_p, selection, bias, lse, out_rows)  # noqa: E731
         timed("fine backward", fine_backward)
         timed("untile", lambda: untile_tokens(out, tiling))
         timed("whole call, forward", lambda: video_sparse_attention(q, k, v, gate, grid, args.sparsity, backend="torch"))

@@ -5,12 +5,13 @@ Runs on any device; it is the fallback everywhere and, on CPU, the fastest backe
 backend reuses `block_sparse_backward` from here). It never materializes an S x S matrix: the
 fine stage walks chunks of query cubes and gathers only their selected key cubes.
 
-A query row's selected keys (K cubes of 64) always fit in one chunk. On CPU the forward runs
-PyTorch's flash kernel per chunk of gathered cubes and keeps no log-sum-exp; the backward
-recomputes the scores and their exact row softmax in one fused pass. Elsewhere the forward
-keeps the row log-sum-exp (base 2, as the triton backend's) and the backward takes
-P = exp2(S * log2(e) - lse). Either way dS comes from dP and P alone (rowsum(dP * P) =
-rowsum(dO * O)), so the output is not saved: q, k, v, the selection and the lse only.
+A query row's selected keys (K cubes of 64) always fit in one chunk. Both forwards keep the
+row log-sum-exp (base 2, as the triton backend's). On CPU the forward runs PyTorch's flash
+kernel per chunk of gathered cubes, and the backward walks each row's selected cubes in
+blocks, FlashAttention-2 style, with delta = rowsum(dO * O) from the saved output. Elsewhere
+the backward takes whole rows at once, P = exp2(S * log2(e) - lse), and dS from dP and P
+alone (rowsum(dP * P) = rowsum(dO * O)), so the output is not saved there. Without an lse
+(flex's CPU forward keeps none) P is the fused softmax of the recomputed scores.
 
 Layouts follow vsa_tiling's legend: q_bhpd is [B, H, C*64, D] in padded cube order; rows are
 query cubes flattened over (B, H), so `*_rtd` is [B*H*C, 64, D] and `kv_cubes_bhck` is
@@ -35,6 +36,11 @@ from megadmd.attention.vsa_tiling import CUBE_TOKENS, CubeTiling
 _CHUNK_BYTES = {"cpu": 4 << 20}
 _CHUNK_BYTES_DEFAULT = 2 << 30
 _LOG2E = math.log2(math.e)
+# Key cubes per step of the CPU backward (_key_blocked_backward). At 29k tokens and 0.9
+# sparsity (46 cubes per row), best of 6 interleaved rounds: whole rows 6.10 s, blocks of 8
+# 5.95 s, 12 4.95 s, 16 4.94 s, 23 4.99 s (medians 7.2, 6.3, 5.8, 5.4, 6.0 s); fewer cubes
+# per block pay more per-op overhead, more stream out of cache again.
+_KEY_BLOCK_CUBES = 16
 
 
 def coarse_attention(
@@ -116,12 +122,14 @@ def _softmax_into(scores: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
 class _ChunkPlan:
     """Shared set-up of the chunked fine-stage passes: row views, key-cube rows, chunk size."""
 
-    def __init__(self, q_bhpd, kv_cubes_bhck, key_bias, key_buffers: int, score_buffers: int):
+    def __init__(self, q_bhpd, kv_cubes_bhck, key_bias, key_buffers: int, score_buffers: int, block_cubes=None):
         batch, heads, slots, dim = q_bhpd.shape
         self.shape = (batch, heads, slots, dim)
         self.work_dtype = _work_dtype(q_bhpd.dtype)
         self.topk = kv_cubes_bhck.shape[-1]
-        self.keys = self.topk * CUBE_TOKENS
+        # Buffers hold one block of key cubes per query row: all topk, or block_cubes of them.
+        self.block_cubes = min(self.topk, block_cubes or self.topk)
+        self.keys = self.block_cubes * CUBE_TOKENS
         self.scale = 1.0 / math.sqrt(dim)
         self.rows_kv = _global_cube_rows(kv_cubes_bhck)
         self.local_kv = kv_cubes_bhck.reshape(-1, self.topk)
@@ -147,20 +155,52 @@ class _ChunkPlan:
     def score_buffer(self, like: torch.Tensor) -> torch.Tensor:
         return like.new_empty(self.step, CUBE_TOKENS, self.keys)
 
-    def gather(self, x_rtd, idx, buf):
-        n = idx.numel() // self.topk
-        return torch.index_select(x_rtd, 0, idx, out=buf[: idx.numel()]).view(n, self.keys, -1)
+    @staticmethod
+    def score_view(buf: torch.Tensor, rows: int, keys: int) -> torch.Tensor:
+        """The front of a score buffer as a contiguous [rows, 64, keys] block."""
+        return buf.view(-1)[: rows * CUBE_TOKENS * keys].view(rows, CUBE_TOKENS, keys)
 
-    def scores(self, q_chunk, k_sel, start, stop, buf, base2: bool):
+    def gather(self, x_rtd, idx, buf, rows: int | None = None):
+        """The cubes `idx` of x_rtd into buf, as [rows, cubes per row * 64, D] (rows defaults
+        to a whole selection per row)."""
+        rows = rows or idx.numel() // self.topk
+        return torch.index_select(x_rtd, 0, idx, out=buf[: idx.numel()]).view(rows, -1, x_rtd.shape[-1])
+
+    def scores(self, q_chunk, k_sel, start, stop, buf, base2: bool, shift=None, cubes=slice(None)):
         """Scaled scores of the chunk, in log base 2 (times log2(e)) if base2: exp2 of those is
-        the same softmax numerator, and exp2 ran at about twice exp's speed on CPU (AVX2)."""
+        the same softmax numerator, and exp2 ran at about twice exp's speed on CPU (AVX2).
+        `shift` ([n, 64, 1]) is added to every row in the same matmul; `cubes` picks the block
+        of each row's selected cubes that k_sel holds (for the padding bias)."""
         # The softmax scale rides on the matmul (alpha); beta=0 ignores the stale buffer.
-        out = buf[: q_chunk.shape[0]]
+        out = self.score_view(buf, q_chunk.shape[0], k_sel.shape[1])
         alpha = self.scale * _LOG2E if base2 else self.scale
-        scores = torch.baddbmm(out, q_chunk, k_sel.transpose(1, 2), beta=0, alpha=alpha, out=out)
+        if shift is None:
+            scores = torch.baddbmm(out, q_chunk, k_sel.transpose(1, 2), beta=0, alpha=alpha, out=out)
+        else:
+            scores = torch.baddbmm(shift, q_chunk, k_sel.transpose(1, 2), alpha=alpha, out=out)
         if self.key_bias is not None:
-            scores.add_(self.key_bias[self.local_kv[start:stop]].view(q_chunk.shape[0], 1, self.keys))
+            bias = self.key_bias[self.local_kv[start:stop, cubes]]
+            scores.add_(bias.view(q_chunk.shape[0], 1, k_sel.shape[1]))
         return scores
+
+
+    def add_key_grads(self, dscores, q_chunk, dk_buf, idx, dv_sel, dk_rtd, dv_rtd) -> None:
+        """dK of the gathered cubes (scale * dS^T Q) into dk_buf; then it and dV are added into
+        the worker's accumulators: a key cube's gradient sums over every query cube that
+        selected it."""
+        dk_sel = dk_buf[: idx.numel()].view_as(dv_sel)
+        torch.baddbmm(dk_sel, dscores.transpose(1, 2), q_chunk, beta=0, alpha=self.scale, out=dk_sel)
+        dk_rtd.index_add_(0, idx, dk_sel.view(-1, CUBE_TOKENS, dk_sel.shape[-1]))
+        dv_rtd.index_add_(0, idx, dv_sel.view(-1, CUBE_TOKENS, dv_sel.shape[-1]))
+
+    def gradients(self, q_bhpd, dq_rtd, states: list) -> tuple[torch.Tensor, ...]:
+        """(dq, dk, dv) as [B, H, P, D] in q's dtype; dk and dv are the last two tensors of each
+        worker's state, summed over workers (into the first worker's)."""
+        dk_rtd, dv_rtd = states[0][-2:]
+        for state in states[1:]:
+            dk_rtd.add_(state[-2])
+            dv_rtd.add_(state[-1])
+        return tuple(g.view(self.shape).to(q_bhpd.dtype) for g in (dq_rtd, dk_rtd, dv_rtd))
 
 
 def _run_chunks(chunks: list, make_state, process, device: torch.device) -> list:
@@ -214,9 +254,9 @@ def block_sparse_forward(
     and value cubes, then:
     - on CPU, call PyTorch's flash kernel on them. It walks the keys in blocks that stay in L2
       (online softmax), where one 64 x 64K score block does not fit: 2.3 s against 2.9 s for
-      the bmm route below, at 29k tokens. lse is None: the kernel's log-sum-exp comes from a
-      faster, less exact exp, and P recomputed from it gave fp32 gradients 2-3x further from
-      an fp64 reference, so the backward redoes the softmax (3% slower than using an lse).
+      the bmm route below, at 29k tokens. Its log-sum-exp (natural log) becomes the base-2
+      lse. It comes from a faster, less exact exp than the softmax's; the backward that uses
+      it stays within fp32 rounding (see _key_blocked_backward).
     - elsewhere, one bmm for the scores (in log base 2), exp2(S - rowmax) in place, one bmm,
       and the output rows divided by their sums (normalizing the 64 x D output instead of the
       probabilities saves a pass over the scores; the fused softmax measured slower). V is
@@ -228,7 +268,7 @@ def block_sparse_forward(
     q_rtd = plan.rows(q_bhpd)
     k_rtd, v_rtd = plan.rows(k_bhpd), plan.rows(v_bhpd)
     out_rtd = torch.empty_like(q_rtd)
-    lse_rt1 = None if flash else q_rtd.new_empty(plan.num_rows, CUBE_TOKENS, 1)
+    lse_rt1 = q_rtd.new_empty(plan.num_rows, CUBE_TOKENS, 1)
 
     def make_state():
         # Reused buffers: fresh multi-MiB allocations per chunk cost page faults that, on CPU,
@@ -242,8 +282,9 @@ def block_sparse_forward(
         bias = plan.key_bias
         if bias is not None:  # -inf on padded key slots, broadcast over the query rows
             bias = bias[plan.local_kv[start:stop]].view(n, 1, 1, plan.keys)
-        out = _CPU_FLASH(q_rtd[start:stop].unsqueeze(1), k_sel, v_sel, attn_mask=bias, scale=plan.scale)[0]
+        out, lse = _CPU_FLASH(q_rtd[start:stop].unsqueeze(1), k_sel, v_sel, attn_mask=bias, scale=plan.scale)[:2]
         out_rtd[start:stop] = out.squeeze(1)
+        torch.mul(lse.view(n, CUBE_TOKENS, 1), _LOG2E, out=lse_rt1[start:stop])  # natural log -> base 2
 
     def process(state, chunk):
         k_buf, v_buf, s_buf = state
@@ -269,8 +310,12 @@ def block_sparse_backward(
     kv_cubes_bhck: torch.Tensor,
     key_bias: torch.Tensor | None,
     lse_rt1: torch.Tensor | None = None,
+    out_rtd: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fine stage backward by recomputation, chunk by chunk. Returns (dq, dk, dv) as [B, H, P, D].
+
+    Given the forward's output rows `out_rtd` as well as `lse_rt1` (the CPU forward keeps both),
+    this is `_key_blocked_backward`; what follows is the whole-row backward used otherwise.
 
     With P the recomputed row softmax: dV = P^T dO, dP = dO V^T, dS = P * (dP - rowsum(dP * P)),
     dQ = scale * dS K, dK = scale * dS^T Q. rowsum(dP * P) equals the usual rowsum(dO * O), so
@@ -281,6 +326,8 @@ def block_sparse_backward(
     contributions from every query cube that selected it, hence index_add_, into one accumulator
     per worker (summed at the end) so that workers never add into the same rows at once.
     """
+    if out_rtd is not None:
+        return _key_blocked_backward(q_bhpd, k_bhpd, v_bhpd, grad_out_bhpd, kv_cubes_bhck, key_bias, lse_rt1, out_rtd)
     plan = _ChunkPlan(q_bhpd, kv_cubes_bhck, key_bias, key_buffers=4, score_buffers=3)
     q_rtd = plan.rows(q_bhpd)
     k_rtd, v_rtd, do_rtd = plan.rows(k_bhpd), plan.rows(v_bhpd), plan.rows(grad_out_bhpd)
@@ -310,38 +357,83 @@ def block_sparse_backward(
         )
         dq_chunk = dq_rtd[start:stop]
         torch.baddbmm(dq_chunk, dscores, k_sel, beta=0, alpha=plan.scale, out=dq_chunk)
-        dk_sel = dk_buf[: idx.numel()].view_as(k_sel)
-        torch.baddbmm(dk_sel, dscores.transpose(1, 2), q_chunk, beta=0, alpha=plan.scale, out=dk_sel)
-        dk_rtd.index_add_(0, idx, dk_sel.view(-1, CUBE_TOKENS, dk_sel.shape[-1]))
-        dv_rtd.index_add_(0, idx, dv_sel.view(-1, CUBE_TOKENS, dv_sel.shape[-1]))
+        plan.add_key_grads(dscores, q_chunk, dk_buf, idx, dv_sel, dk_rtd, dv_rtd)
 
     states = _run_chunks(plan.chunks(), make_state, process, q_rtd.device)
-    dk_rtd, dv_rtd = states[0][-2], states[0][-1]
-    for state in states[1:]:
-        dk_rtd.add_(state[-2])
-        dv_rtd.add_(state[-1])
-    return tuple(g.view(plan.shape).to(q_bhpd.dtype) for g in (dq_rtd, dk_rtd, dv_rtd))
+    return plan.gradients(q_bhpd, dq_rtd, states)
+
+
+@torch.no_grad()
+def _key_blocked_backward(q_bhpd, k_bhpd, v_bhpd, grad_out_bhpd, kv_cubes_bhck, key_bias, lse_rt1, out_rtd):
+    """FlashAttention-2-style fine-stage backward over blocks of a row's selected key cubes.
+
+    With the row log-sum-exp L (base 2) and delta = rowsum(dO * O) known up front, one key
+    block's P = exp2(S * log2(e) - L) and dS = P * (dO V^T - delta) need nothing from the
+    row's other blocks. So each step touches _KEY_BLOCK_CUBES cubes: gathered K and V, their
+    dK and dV, and two 64 x 1024 score blocks, about 2.6 MiB that stay near the core,
+    where the whole-row backward streams about 8 MiB per query cube through L3 and ran its
+    five matmuls at half their in-cache speed (29k tokens, 0.9 sparsity: 20% faster, see
+    _KEY_BLOCK_CUBES). L is subtracted and delta taken out inside the matmuls (baddbmm's
+    broadcast input). L comes from the flash kernel's log-sum-exp and delta from the saved
+    output, as in FlashAttention. Against an fp64 reference the fp32 gradients are 1e-6 to 3e-6
+    of their largest entry off (the whole-row softmax recompute: 1.5e-6 at 29k tokens); in
+    fp64 they match dense attention to 1e-10 (tests/unit/test_vsa.py).
+    """
+    plan = _ChunkPlan(q_bhpd, kv_cubes_bhck, key_bias, key_buffers=4, score_buffers=2, block_cubes=_KEY_BLOCK_CUBES)
+    q_rtd = plan.rows(q_bhpd)
+    k_rtd, v_rtd, do_rtd = plan.rows(k_bhpd), plan.rows(v_bhpd), plan.rows(grad_out_bhpd)
+    dq_rtd = torch.empty_like(q_rtd)
+
+    def make_state():
+        buffers = [plan.key_buffer(q_rtd) for _ in range(4)] + [plan.score_buffer(q_rtd) for _ in range(2)]
+        return buffers + [torch.zeros_like(k_rtd), torch.zeros_like(v_rtd)]
+
+    def process(state, chunk):
+        k_buf, v_buf, dk_buf, dv_buf, s_buf, dp_buf, dk_rtd, dv_rtd = state
+        start, stop, _ = chunk
+        n = stop - start
+        q_chunk, do_chunk, dq_chunk = q_rtd[start:stop], do_rtd[start:stop], dq_rtd[start:stop]
+        neg_lse = lse_rt1[start:stop].neg()
+        neg_delta = (do_chunk * out_rtd[start:stop]).sum(-1, keepdim=True).neg_()
+        for first in range(0, plan.topk, plan.block_cubes):
+            cubes = slice(first, first + plan.block_cubes)
+            idx = plan.rows_kv[start:stop, cubes].reshape(-1)
+            k_sel = plan.gather(k_rtd, idx, k_buf, n)
+            probs = plan.scores(q_chunk, k_sel, start, stop, s_buf, True, neg_lse, cubes).exp2_()
+            dv_sel = torch.bmm(probs.transpose(1, 2), do_chunk, out=dv_buf[: idx.numel()].view_as(k_sel))
+            v_sel = plan.gather(v_rtd, idx, v_buf, n)  # gathered late: still in cache for its bmm
+            dp_out = plan.score_view(dp_buf, n, k_sel.shape[1])
+            dscores = torch.baddbmm(neg_delta, do_chunk, v_sel.transpose(1, 2), out=dp_out).mul_(probs)
+            torch.baddbmm(dq_chunk, dscores, k_sel, beta=0 if first == 0 else 1, alpha=plan.scale, out=dq_chunk)
+            plan.add_key_grads(dscores, q_chunk, dk_buf, idx, dv_sel, dk_rtd, dv_rtd)
+
+    states = _run_chunks(plan.chunks(), make_state, process, q_rtd.device)
+    return plan.gradients(q_bhpd, dq_rtd, states)
 
 
 class BlockSparseAttention(torch.autograd.Function):
     """Fine stage: each query cube attends over the tokens of its selected key cubes only.
 
-    Saves q, k, v, the selection and, off CPU, the row log-sum-exp (4 bytes per padded token per
-    head in fp32); the backward recomputes scores chunk by chunk.
+    Saves q, k, v, the selection, the row log-sum-exp (4 bytes per padded token per head in
+    fp32) and, on CPU, the output in padded cube layout (one more activation of q's size, for
+    the key-blocked backward's delta); the backward recomputes scores chunk by chunk.
     """
 
     @staticmethod
     def forward(ctx, q_bhpd, k_bhpd, v_bhpd, kv_cubes_bhck, key_bias):
         out_bhpd, lse_rt1 = block_sparse_forward(q_bhpd, k_bhpd, v_bhpd, kv_cubes_bhck, key_bias)
-        ctx.save_for_backward(q_bhpd, k_bhpd, v_bhpd, kv_cubes_bhck, lse_rt1)
+        # On CPU the backward is _key_blocked_backward, which takes delta from the output.
+        out_saved = out_bhpd if _flash_on(q_bhpd.device) else None
+        ctx.save_for_backward(q_bhpd, k_bhpd, v_bhpd, kv_cubes_bhck, lse_rt1, out_saved)
         ctx.key_bias = key_bias
         return out_bhpd
 
     @staticmethod
     def backward(ctx, grad_out_bhpd):
-        q_bhpd, k_bhpd, v_bhpd, kv_cubes_bhck, lse_rt1 = ctx.saved_tensors
+        q_bhpd, k_bhpd, v_bhpd, kv_cubes_bhck, lse_rt1, out_bhpd = ctx.saved_tensors
+        out_rtd = None if out_bhpd is None else _as_rows(out_bhpd, _work_dtype(out_bhpd.dtype))
         grads = block_sparse_backward(
-            q_bhpd, k_bhpd, v_bhpd, grad_out_bhpd, kv_cubes_bhck, ctx.key_bias, lse_rt1
+            q_bhpd, k_bhpd, v_bhpd, grad_out_bhpd, kv_cubes_bhck, ctx.key_bias, lse_rt1, out_rtd
         )
         return (*grads, None, None)
 
