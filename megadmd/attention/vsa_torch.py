@@ -183,7 +183,6 @@ class _ChunkPlan:
             scores.add_(bias.view(q_chunk.shape[0], 1, k_sel.shape[1]))
         return scores
 
-
     def add_key_grads(self, dscores, q_chunk, dk_buf, idx, dv_sel, dk_rtd, dv_rtd) -> None:
         """dK of the gathered cubes (scale * dS^T Q) into dk_buf; then it and dV are added into
         the worker's accumulators: a key cube's gradient sums over every query cube that
