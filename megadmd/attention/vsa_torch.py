@@ -7,11 +7,12 @@ fine stage walks chunks of query cubes and gathers only their selected key cubes
 
 A query row's selected keys (K cubes of 64) always fit in one chunk. Both forwards keep the
 row log-sum-exp (base 2, as the triton backend's). On CPU the forward runs PyTorch's flash
-kernel per chunk of gathered cubes, and the backward walks each row's selected cubes in
-blocks, FlashAttention-2 style, with delta = rowsum(dO * O) from the saved output. Elsewhere
-the backward takes whole rows at once, P = exp2(S * log2(e) - lse), and dS from dP and P
-alone (rowsum(dP * P) = rowsum(dO * O)), so the output is not saved there. Without an lse
-(flex's CPU forward keeps none) P is the fused softmax of the recomputed scores.
+kernel per chunk of gathered cubes, and the backward goes key cube by key cube over blocks of
+the query cubes that selected it, FlashAttention-2 style, with delta = rowsum(dO * O) from the
+saved output. Elsewhere the backward takes whole query rows at once,
+P = exp2(S * log2(e) - lse), and dS from dP and P alone (rowsum(dP * P) = rowsum(dO * O)), so
+the output is not saved there. Without an lse (flex's CPU forward keeps none) P is the fused
+softmax of the recomputed scores.
 
 Layouts follow vsa_tiling's legend: q_bhpd is [B, H, C*64, D] in padded cube order; rows are
 query cubes flattened over (B, H), so `*_rtd` is [B*H*C, 64, D] and `kv_cubes_bhck` is
@@ -36,11 +37,11 @@ from megadmd.attention.vsa_tiling import CUBE_TOKENS, CubeTiling
 _CHUNK_BYTES = {"cpu": 4 << 20}
 _CHUNK_BYTES_DEFAULT = 2 << 30
 _LOG2E = math.log2(math.e)
-# Key cubes per step of the CPU backward (_key_blocked_backward). At 29k tokens and 0.9
-# sparsity (46 cubes per row), best of 6 interleaved rounds: whole rows 6.10 s, blocks of 8
-# 5.95 s, 12 4.95 s, 16 4.94 s, 23 4.99 s (medians 7.2, 6.3, 5.8, 5.4, 6.0 s); fewer cubes
-# per block pay more per-op overhead, more stream out of cache again.
-_KEY_BLOCK_CUBES = 16
+# Query cubes per step of the CPU backward (_key_major_backward). At 29k tokens and 0.9
+# sparsity (46 query cubes per key cube on average), best of 4 interleaved rounds: blocks of
+# 12 5.61 s, 16 5.19 s, 24 5.69 s; fewer cubes per block pay more per-op overhead, more stream
+# out of cache again.
+_QUERY_BLOCK_CUBES = 16
 
 
 def coarse_attention(
@@ -122,14 +123,12 @@ def _softmax_into(scores: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
 class _ChunkPlan:
     """Shared set-up of the chunked fine-stage passes: row views, key-cube rows, chunk size."""
 
-    def __init__(self, q_bhpd, kv_cubes_bhck, key_bias, key_buffers: int, score_buffers: int, block_cubes=None):
+    def __init__(self, q_bhpd, kv_cubes_bhck, key_bias, key_buffers: int, score_buffers: int):
         batch, heads, slots, dim = q_bhpd.shape
         self.shape = (batch, heads, slots, dim)
         self.work_dtype = _work_dtype(q_bhpd.dtype)
         self.topk = kv_cubes_bhck.shape[-1]
-        # Buffers hold one block of key cubes per query row: all topk, or block_cubes of them.
-        self.block_cubes = min(self.topk, block_cubes or self.topk)
-        self.keys = self.block_cubes * CUBE_TOKENS
+        self.keys = self.topk * CUBE_TOKENS
         self.scale = 1.0 / math.sqrt(dim)
         self.rows_kv = _global_cube_rows(kv_cubes_bhck)
         self.local_kv = kv_cubes_bhck.reshape(-1, self.topk)
@@ -138,7 +137,7 @@ class _ChunkPlan:
         itemsize = torch.empty((), dtype=self.work_dtype).element_size()
         row_bytes = itemsize * self.keys * (key_buffers * dim + score_buffers * CUBE_TOKENS)
         budget = _CHUNK_BYTES.get(q_bhpd.device.type, _CHUNK_BYTES_DEFAULT)
-        self.step = min(self.num_rows, max(1, budget // row_bytes))
+        self.step = min(self.num_rows, max(1, budget // max(row_bytes, 1)))
 
     def rows(self, x_bhpd: torch.Tensor) -> torch.Tensor:
         return _as_rows(x_bhpd, self.work_dtype)
@@ -155,32 +154,19 @@ class _ChunkPlan:
     def score_buffer(self, like: torch.Tensor) -> torch.Tensor:
         return like.new_empty(self.step, CUBE_TOKENS, self.keys)
 
-    @staticmethod
-    def score_view(buf: torch.Tensor, rows: int, keys: int) -> torch.Tensor:
-        """The front of a score buffer as a contiguous [rows, 64, keys] block."""
-        return buf.view(-1)[: rows * CUBE_TOKENS * keys].view(rows, CUBE_TOKENS, keys)
+    def gather(self, x_rtd, idx, buf):
+        n = idx.numel() // self.topk
+        return torch.index_select(x_rtd, 0, idx, out=buf[: idx.numel()]).view(n, self.keys, -1)
 
-    def gather(self, x_rtd, idx, buf, rows: int | None = None):
-        """The cubes `idx` of x_rtd into buf, as [rows, cubes per row * 64, D] (rows defaults
-        to a whole selection per row)."""
-        rows = rows or idx.numel() // self.topk
-        return torch.index_select(x_rtd, 0, idx, out=buf[: idx.numel()]).view(rows, -1, x_rtd.shape[-1])
-
-    def scores(self, q_chunk, k_sel, start, stop, buf, base2: bool, shift=None, cubes=slice(None)):
+    def scores(self, q_chunk, k_sel, start, stop, buf, base2: bool):
         """Scaled scores of the chunk, in log base 2 (times log2(e)) if base2: exp2 of those is
-        the same softmax numerator, and exp2 ran at about twice exp's speed on CPU (AVX2).
-        `shift` ([n, 64, 1]) is added to every row in the same matmul; `cubes` picks the block
-        of each row's selected cubes that k_sel holds (for the padding bias)."""
+        the same softmax numerator, and exp2 ran at about twice exp's speed on CPU (AVX2)."""
         # The softmax scale rides on the matmul (alpha); beta=0 ignores the stale buffer.
-        out = self.score_view(buf, q_chunk.shape[0], k_sel.shape[1])
+        out = buf[: q_chunk.shape[0]]
         alpha = self.scale * _LOG2E if base2 else self.scale
-        if shift is None:
-            scores = torch.baddbmm(out, q_chunk, k_sel.transpose(1, 2), beta=0, alpha=alpha, out=out)
-        else:
-            scores = torch.baddbmm(shift, q_chunk, k_sel.transpose(1, 2), alpha=alpha, out=out)
+        scores = torch.baddbmm(out, q_chunk, k_sel.transpose(1, 2), beta=0, alpha=alpha, out=out)
         if self.key_bias is not None:
-            bias = self.key_bias[self.local_kv[start:stop, cubes]]
-            scores.add_(bias.view(q_chunk.shape[0], 1, k_sel.shape[1]))
+            scores.add_(self.key_bias[self.local_kv[start:stop]].view(q_chunk.shape[0], 1, self.keys))
         return scores
 
     def add_key_grads(self, dscores, q_chunk, dk_buf, idx, dv_sel, dk_rtd, dv_rtd) -> None:
@@ -255,7 +241,7 @@ def block_sparse_forward(
       (online softmax), where one 64 x 64K score block does not fit: 2.3 s against 2.9 s for
       the bmm route below, at 29k tokens. Its log-sum-exp (natural log) becomes the base-2
       lse. It comes from a faster, less exact exp than the softmax's; the backward that uses
-      it stays within fp32 rounding (see _key_blocked_backward).
+      it stays within fp32 rounding (see _key_major_backward).
     - elsewhere, one bmm for the scores (in log base 2), exp2(S - rowmax) in place, one bmm,
       and the output rows divided by their sums (normalizing the 64 x D output instead of the
       probabilities saves a pass over the scores; the fused softmax measured slower). V is
@@ -269,21 +255,32 @@ def block_sparse_forward(
     out_rtd = torch.empty_like(q_rtd)
     lse_rt1 = q_rtd.new_empty(plan.num_rows, CUBE_TOKENS, 1)
 
+    # The flash kernel's layout, [rows, 1 head, tokens, D], as views made once; its lse is
+    # [rows, 1, 64] in natural log, turned to base 2 after the loop.
+    q_4d, out_4d, lse_4d = q_rtd.unsqueeze(1), out_rtd.unsqueeze(1), lse_rt1.view(-1, 1, CUBE_TOKENS)
+
     def make_state():
         # Reused buffers: fresh multi-MiB allocations per chunk cost page faults that, on CPU,
         # took about as long as the matmuls themselves.
-        return [plan.key_buffer(q_rtd) for _ in range(2)] + ([] if flash else [plan.score_buffer(q_rtd)])
+        buffers = [plan.key_buffer(q_rtd) for _ in range(2)]
+        if not flash:
+            return buffers + [plan.score_buffer(q_rtd)]
+        # Per chunk size, each buffer as index_select's target and as the kernel's input.
+        def views(n):
+            return [(buf[: n * plan.topk], buf[: n * plan.topk].view(n, 1, plan.keys, -1)) for buf in buffers]
+
+        return [{n: views(n) for n in {stop - start for start, stop, _ in chunks}}]
 
     def process_flash(state, chunk):
         start, stop, idx = chunk
-        n = stop - start
-        k_sel, v_sel = (plan.gather(x, idx, buf).unsqueeze(1) for x, buf in zip((k_rtd, v_rtd), state))
+        (k_buf, k_sel), (v_buf, v_sel) = state[0][stop - start]
+        torch.index_select(k_rtd, 0, idx, out=k_buf)
+        torch.index_select(v_rtd, 0, idx, out=v_buf)
         bias = plan.key_bias
         if bias is not None:  # -inf on padded key slots, broadcast over the query rows
-            bias = bias[plan.local_kv[start:stop]].view(n, 1, 1, plan.keys)
-        out, lse = _CPU_FLASH(q_rtd[start:stop].unsqueeze(1), k_sel, v_sel, attn_mask=bias, scale=plan.scale)[:2]
-        out_rtd[start:stop] = out.squeeze(1)
-        torch.mul(lse.view(n, CUBE_TOKENS, 1), _LOG2E, out=lse_rt1[start:stop])  # natural log -> base 2
+            bias = bias[plan.local_kv[start:stop]].view(stop - start, 1, 1, plan.keys)
+        out, lse = _CPU_FLASH(q_4d[start:stop], k_sel, v_sel, attn_mask=bias, scale=plan.scale)[:2]
+        out_4d[start:stop], lse_4d[start:stop] = out, lse
 
     def process(state, chunk):
         k_buf, v_buf, s_buf = state
@@ -296,7 +293,10 @@ def block_sparse_forward(
         out_chunk.div_(row_sum)
         torch.add(row_max, row_sum.log2_(), out=lse_rt1[start:stop])
 
-    _run_chunks(plan.chunks(), make_state, process_flash if flash else process, q_rtd.device)
+    chunks = plan.chunks()
+    _run_chunks(chunks, make_state, process_flash if flash else process, q_rtd.device)
+    if flash:
+        lse_rt1.mul_(_LOG2E)  # natural log -> base 2
     return out_rtd.view(plan.shape).to(q_bhpd.dtype), lse_rt1
 
 
@@ -314,7 +314,7 @@ def block_sparse_backward(
     """Fine stage backward by recomputation, chunk by chunk. Returns (dq, dk, dv) as [B, H, P, D].
 
     Given the forward's output rows `out_rtd` as well as `lse_rt1` (the CPU forward keeps both),
-    this is `_key_blocked_backward`; what follows is the whole-row backward used otherwise.
+    this is `_key_major_backward`; what follows is the whole-row backward used otherwise.
 
     With P the recomputed row softmax: dV = P^T dO, dP = dO V^T, dS = P * (dP - rowsum(dP * P)),
     dQ = scale * dS K, dK = scale * dS^T Q. rowsum(dP * P) equals the usual rowsum(dO * O), so
@@ -326,7 +326,7 @@ def block_sparse_backward(
     per worker (summed at the end) so that workers never add into the same rows at once.
     """
     if out_rtd is not None:
-        return _key_blocked_backward(q_bhpd, k_bhpd, v_bhpd, grad_out_bhpd, kv_cubes_bhck, key_bias, lse_rt1, out_rtd)
+        return _key_major_backward(q_bhpd, k_bhpd, v_bhpd, grad_out_bhpd, kv_cubes_bhck, key_bias, lse_rt1, out_rtd)
     plan = _ChunkPlan(q_bhpd, kv_cubes_bhck, key_bias, key_buffers=4, score_buffers=3)
     q_rtd = plan.rows(q_bhpd)
     k_rtd, v_rtd, do_rtd = plan.rows(k_bhpd), plan.rows(v_bhpd), plan.rows(grad_out_bhpd)
@@ -363,51 +363,95 @@ def block_sparse_backward(
 
 
 @torch.no_grad()
-def _key_blocked_backward(q_bhpd, k_bhpd, v_bhpd, grad_out_bhpd, kv_cubes_bhck, key_bias, lse_rt1, out_rtd):
-    """FlashAttention-2-style fine-stage backward over blocks of a row's selected key cubes.
+def _key_major_backward(q_bhpd, k_bhpd, v_bhpd, grad_out_bhpd, kv_cubes_bhck, key_bias, lse_rt1, out_rtd):
+    """FlashAttention-2-style fine-stage backward, key-major: each step is one key cube and a
+    block of the query cubes that selected it.
 
-    With the row log-sum-exp L (base 2) and delta = rowsum(dO * O) known up front, one key
-    block's P = exp2(S * log2(e) - L) and dS = P * (dO V^T - delta) need nothing from the
-    row's other blocks. So each step touches _KEY_BLOCK_CUBES cubes: gathered K and V, their
-    dK and dV, and two 64 x 1024 score blocks, about 2.6 MiB that stay near the core,
-    where the whole-row backward streams about 8 MiB per query cube through L3 and ran its
-    five matmuls at half their in-cache speed (29k tokens, 0.9 sparsity: 20% faster, see
-    _KEY_BLOCK_CUBES). L is subtracted and delta taken out inside the matmuls (baddbmm's
-    broadcast input). L comes from the flash kernel's log-sum-exp and delta from the saved
-    output, as in FlashAttention. Against an fp64 reference the fp32 gradients are 1e-6 to 3e-6
-    of their largest entry off (the whole-row softmax recompute: 1.5e-6 at 29k tokens); in
-    fp64 they match dense attention to 1e-10 (tests/unit/test_vsa.py).
+    With the row log-sum-exp L (base 2) and delta = rowsum(dO * O) known up front, a (query
+    block, key cube) pair's P = exp2(S * log2(e) - L) and dS = P * (dO V^T - delta) need nothing
+    else, so a key cube's dK and dV add up across its query blocks in place, in the output rows
+    that it alone owns: only dQ needs `index_add_` (one scatter where the query-major walk had
+    two, for dK and dV). A step gathers _QUERY_BLOCK_CUBES query cubes' Q, dO and (-L, -delta),
+    and its score blocks are 1,024 x 64, so it stays near the core. The selection is inverted
+    once (a stable sort of the key-cube ids). At 29k tokens and 0.9 sparsity, interleaved in one
+    process: best 4.26 s against 5.61 s (medians 4.46 and 5.84 s) for the query-major walk it
+    replaced (blocks of 16 of a query cube's key cubes, dK and dV by `index_add_`).
+    L comes from the flash kernel's log-sum-exp and delta from the saved output, as in
+    FlashAttention. Against an fp64 reference the fp32 gradients are 0.8e-6 to 1.7e-6 of their
+    largest entry off at 29k tokens (the whole-row softmax recompute: 1.5e-6); in fp64 they
+    match dense attention to 1e-10 (tests/unit/test_vsa.py).
     """
-    plan = _ChunkPlan(q_bhpd, kv_cubes_bhck, key_bias, key_buffers=4, score_buffers=2, block_cubes=_KEY_BLOCK_CUBES)
+    plan = _ChunkPlan(q_bhpd, kv_cubes_bhck, key_bias, key_buffers=0, score_buffers=0)
     q_rtd = plan.rows(q_bhpd)
     k_rtd, v_rtd, do_rtd = plan.rows(k_bhpd), plan.rows(v_bhpd), plan.rows(grad_out_bhpd)
-    dq_rtd = torch.empty_like(q_rtd)
+    # -L and -delta of every query row side by side, so that one gather fetches both.
+    neg_stats = torch.cat([lse_rt1.neg(), (do_rtd * out_rtd).sum(-1, keepdim=True).neg_()], -1)
+    chunks, blocks = _query_blocks(plan)
+    dk_rtd, dv_rtd = torch.zeros_like(k_rtd), torch.zeros_like(v_rtd)
+    cubes_per_head, scale = plan.shape[2] // CUBE_TOKENS, plan.scale
 
     def make_state():
-        buffers = [plan.key_buffer(q_rtd) for _ in range(4)] + [plan.score_buffer(q_rtd) for _ in range(2)]
-        return buffers + [torch.zeros_like(k_rtd), torch.zeros_like(v_rtd)]
+        # Per block size, every view a step needs, made once: at 29k tokens a step is about
+        # 12 ops, and as many views made afresh each step cost about 8% of the backward.
+        widths = (q_rtd.shape[-1], q_rtd.shape[-1], 2, CUBE_TOKENS, CUBE_TOKENS, q_rtd.shape[-1])
+        buffers = [q_rtd.new_empty(_QUERY_BLOCK_CUBES, CUBE_TOKENS, width) for width in widths]
+        return [{n: _block_views(buffers, n) for n in range(1, _QUERY_BLOCK_CUBES + 1)}, torch.zeros_like(q_rtd)]
 
     def process(state, chunk):
-        k_buf, v_buf, dk_buf, dv_buf, s_buf, dp_buf, dk_rtd, dv_rtd = state
-        start, stop, _ = chunk
-        n = stop - start
-        q_chunk, do_chunk, dq_chunk = q_rtd[start:stop], do_rtd[start:stop], dq_rtd[start:stop]
-        neg_lse = lse_rt1[start:stop].neg()
-        neg_delta = (do_chunk * out_rtd[start:stop]).sum(-1, keepdim=True).neg_()
-        for first in range(0, plan.topk, plan.block_cubes):
-            cubes = slice(first, first + plan.block_cubes)
-            idx = plan.rows_kv[start:stop, cubes].reshape(-1)
-            k_sel = plan.gather(k_rtd, idx, k_buf, n)
-            probs = plan.scores(q_chunk, k_sel, start, stop, s_buf, True, neg_lse, cubes).exp2_()
-            dv_sel = torch.bmm(probs.transpose(1, 2), do_chunk, out=dv_buf[: idx.numel()].view_as(k_sel))
-            v_sel = plan.gather(v_rtd, idx, v_buf, n)  # gathered late: still in cache for its bmm
-            dp_out = plan.score_view(dp_buf, n, k_sel.shape[1])
-            dscores = torch.baddbmm(neg_delta, do_chunk, v_sel.transpose(1, 2), out=dp_out).mul_(probs)
-            torch.baddbmm(dq_chunk, dscores, k_sel, beta=0 if first == 0 else 1, alpha=plan.scale, out=dq_chunk)
-            plan.add_key_grads(dscores, q_chunk, dk_buf, idx, dv_sel, dk_rtd, dv_rtd)
+        views, dq_rtd = state
+        row, first, last = chunk
+        k_j, v_j, dk_j, dv_j = k_rtd[row], v_rtd[row], dk_rtd[row], dv_rtd[row]
+        kt_j, vt_j = k_j.t(), v_j.t()
+        bias = None if key_bias is None else key_bias[row % cubes_per_head]  # -inf on padded slots
+        for idx in blocks[first:last]:
+            q_sel, q_2d, do_sel, do_2d, stats, neg_lse, neg_delta, s_2d, s_t, ds_2d, ds_t, dq_2d, dq_sel = views[
+                idx.numel()
+            ]
+            torch.index_select(q_rtd, 0, idx, out=q_sel)
+            torch.index_select(neg_stats, 0, idx, out=stats)
+            probs = torch.addmm(neg_lse, q_2d, kt_j, alpha=scale * _LOG2E, out=s_2d)
+            if bias is not None:
+                probs.add_(bias)
+            probs.exp2_()
+            torch.index_select(do_rtd, 0, idx, out=do_sel)  # gathered late: still in cache for its matmuls
+            dv_j.addmm_(s_t, do_2d)
+            torch.addmm(neg_delta, do_2d, vt_j, out=ds_2d).mul_(probs)
+            dk_j.addmm_(ds_t, q_2d, alpha=scale)
+            torch.mm(ds_2d, k_j, out=dq_2d)
+            dq_rtd.index_add_(0, idx, dq_sel, alpha=scale)
 
-    states = _run_chunks(plan.chunks(), make_state, process, q_rtd.device)
-    return plan.gradients(q_bhpd, dq_rtd, states)
+    # Workers own disjoint key rows, so dK and dV need no per-worker copies; dQ does.
+    states = _run_chunks(chunks, make_state, process, q_rtd.device)
+    dq_rtd = states[0][-1]
+    for state in states[1:]:
+        dq_rtd.add_(state[-1])
+    return tuple(g.view(plan.shape).to(q_bhpd.dtype) for g in (dq_rtd, dk_rtd, dv_rtd))
+
+
+def _query_blocks(plan: _ChunkPlan) -> tuple[list[tuple[int, int, int]], tuple[torch.Tensor, ...]]:
+    """The selection inverted: for each key row selected at all, (key row, first block, end
+    block), and the blocks, each the ids of up to _QUERY_BLOCK_CUBES query rows that selected
+    that key row (ascending; a stable sort of the key-row ids)."""
+    flat = plan.rows_kv.reshape(-1)
+    queries = torch.argsort(flat, stable=True).div_(plan.topk, rounding_mode="floor")
+    chunks, sizes = [], []
+    for row, count in enumerate(torch.bincount(flat, minlength=plan.num_rows).tolist()):
+        if count:
+            full, rest = divmod(count, _QUERY_BLOCK_CUBES)
+            chunks.append((row, len(sizes), len(sizes) + full + (rest > 0)))
+            sizes += [_QUERY_BLOCK_CUBES] * full + ([rest] if rest else [])
+    return chunks, torch.split(queries, sizes)
+
+
+def _block_views(buffers: list[torch.Tensor], n: int) -> tuple[torch.Tensor, ...]:
+    """Views of _key_major_backward's buffers for a block of n query cubes: each gather target
+    as [n, 64, w] and 2-D, (-L, -delta) as two [n*64, 1] columns, the score blocks and their
+    transposes, and dQ 2-D and as [n, 64, D]."""
+    q_buf, do_buf, stats_buf, s_buf, ds_buf, dq_buf = (buf[:n] for buf in buffers)
+    rows = n * CUBE_TOKENS
+    stats_2d, s_2d, ds_2d = stats_buf.view(rows, 2), s_buf.view(rows, -1), ds_buf.view(rows, -1)
+    gathers = (q_buf, q_buf.view(rows, -1), do_buf, do_buf.view(rows, -1), stats_buf, stats_2d[:, :1], stats_2d[:, 1:])
+    return (*gathers, s_2d, s_2d.t(), ds_2d, ds_2d.t(), dq_buf.view(rows, -1), dq_buf)
 
 
 class BlockSparseAttention(torch.autograd.Function):
@@ -415,13 +459,13 @@ class BlockSparseAttention(torch.autograd.Function):
 
     Saves q, k, v, the selection, the row log-sum-exp (4 bytes per padded token per head in
     fp32) and, on CPU, the output in padded cube layout (one more activation of q's size, for
-    the key-blocked backward's delta); the backward recomputes scores chunk by chunk.
+    the key-major backward's delta); the backward recomputes scores chunk by chunk.
     """
 
     @staticmethod
     def forward(ctx, q_bhpd, k_bhpd, v_bhpd, kv_cubes_bhck, key_bias):
         out_bhpd, lse_rt1 = block_sparse_forward(q_bhpd, k_bhpd, v_bhpd, kv_cubes_bhck, key_bias)
-        # On CPU the backward is _key_blocked_backward, which takes delta from the output.
+        # On CPU the backward is _key_major_backward, which takes delta from the output.
         out_saved = out_bhpd if _flash_on(q_bhpd.device) else None
         ctx.save_for_backward(q_bhpd, k_bhpd, v_bhpd, kv_cubes_bhck, lse_rt1, out_saved)
         ctx.key_bias = key_bias

@@ -134,19 +134,26 @@ def test_fine_stage_matches_masked_dense_reference(grid, topk, chunk_bytes, monk
     _check_fine_stage(grid, topk)
 
 
-@pytest.mark.parametrize("topk,block_cubes", [(3, 2), (8, 3), (5, 1)])
-def test_fine_stage_key_blocks_match_reference(topk, block_cubes, monkeypatch):
-    # The CPU backward in blocks of a row's selected cubes, with a partial last block.
-    monkeypatch.setattr(vsa_torch, "_KEY_BLOCK_CUBES", block_cubes)
+@pytest.mark.parametrize("topk,block_cubes,threads", [(3, 2, 1), (8, 3, 1), (5, 1, 1), (3, 2, 3)])
+def test_fine_stage_query_blocks_match_reference(topk, block_cubes, threads, monkeypatch):
+    # The CPU backward, key cube by key cube over blocks of the query cubes that selected it:
+    # partial last blocks, key cubes nobody selected (topk 3 of 8), and with 3 workers the dQ
+    # of each worker summed at the end.
+    monkeypatch.setattr(vsa_torch, "_QUERY_BLOCK_CUBES", block_cubes)
     monkeypatch.setitem(vsa_torch._CHUNK_BYTES, "cpu", 1)
-    _check_fine_stage((5, 6, 7), topk)
+    caller_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _check_fine_stage((5, 6, 7), topk)
+    finally:
+        torch.set_num_threads(caller_threads)
 
 
 def test_fine_stage_fp32_gradients_stay_at_fp32_rounding():
-    # The key-blocked backward takes L from the flash kernel's log-sum-exp and delta from the
-    # fp32 output. Measured 0.7e-6 to 1.3e-6 of the largest entry off the fp64 result here
-    # (3e-6 at 29k tokens, head dim 128), so 3e-5 is a fail line that a real error (a wrong
-    # block, a stale buffer) crosses by orders.
+    # The key-major backward takes L from the flash kernel's log-sum-exp and delta from the
+    # fp32 output. Measured 0.5e-6 to 1.8e-6 of the largest entry off the fp64 result here
+    # (0.8e-6 to 1.7e-6 at 29k tokens, head dim 128), so 3e-5 is a fail line that a real
+    # error (a wrong block, a stale buffer) crosses by orders.
     grid, topk = (9, 8, 13), 5  # partial cubes: padded key slots
     tiling = cube_tiling(grid)
     q, k, v = (tile_tokens(x, tiling).detach() for x in _inputs(grid, count=3))
