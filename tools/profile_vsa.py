@@ -7,6 +7,7 @@ inputs, so the parts can be set against the whole call's time.
 
     OMP_NUM_THREADS=1 python tools/profile_vsa.py --clock cpu              # 29k tokens, 0.9
     OMP_NUM_THREADS=1 python tools/profile_vsa.py --clock cpu --ops        # + the op table
+    OMP_NUM_THREADS=1 python tools/profile_vsa.py --clock cpu --bound      # + the forward's ceiling
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import math
 import time
 
 import torch
+import torch.nn.functional as F
 
 from bench_attention import parse_grid
 from megadmd.attention.vsa import video_sparse_attention, vsa_topk
@@ -38,6 +40,7 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--clock", default="wall", choices=["wall", "cpu"])
     parser.add_argument("--ops", action="store_true", help="torch.profiler's table of the fine backward")
+    parser.add_argument("--bound", action="store_true", help="the forward's ceiling: dense SDPA against the flash kernel alone")
     args = parser.parse_args(argv)
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     grid = parse_grid(args.size)
@@ -47,14 +50,18 @@ def main(argv=None) -> None:
     tiling = cube_tiling(grid)
     topk = vsa_topk(args.sparsity, tiling.num_cubes)
 
-    def timed(name, fn):
-        best, result = math.inf, None
+    def seconds(name, fn):
+        """Prints and returns the best time of fn; a stage's result is kept by `timed`."""
+        best, kept = math.inf, []
         for _ in range(args.repeats):
             start = clock()
-            result = fn()
+            kept[:] = [fn()]
             best = min(best, clock() - start)
         print(f"| {name} | {best:.3f} |", flush=True)
-        return result
+        return best, kept[0]
+
+    def timed(name, fn):
+        return seconds(name, fn)[1]
 
     print(f"# {torch.__version__}, {torch.get_num_threads()} threads, grid {grid}, sparsity {args.sparsity}, "
           f"top-k {topk}/{tiling.num_cubes}, {args.heads} heads x {args.head_dim}, {args.clock} clock")
@@ -71,12 +78,38 @@ def main(argv=None) -> None:
         timed("fine backward", fine_backward)
         timed("untile", lambda: untile_tokens(out, tiling))
         timed("whole call, forward", lambda: video_sparse_attention(q, k, v, gate, grid, args.sparsity, backend="torch"))
+    if args.bound:
+        forward_bound(q, k, v, tiling, topk, seconds)
     if args.ops:
         from torch.profiler import profile
 
         with profile() as prof:
             fine_backward()
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=10))
+
+
+@torch.no_grad()
+def forward_bound(q, k, v, tiling, topk, seconds) -> None:
+    """What the CPU forward could reach if gathers and Python cost nothing: dense SDPA against
+    the flash kernel alone, called as the fine forward calls it (once per query cube and head,
+    64 rows against topk * 64 keys) but on one fixed, cache-hot K/V. Also the kernel's rate per
+    64 rows when 192 rows share the keys (where its query tile grows from 32 to 64 rows)."""
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    q_bhsd, k_bhsd, v_bhsd = (x.transpose(1, 2).contiguous() for x in (q, k, v))
+    dense_s, _ = seconds("dense SDPA forward", lambda: F.scaled_dot_product_attention(q_bhsd, k_bhsd, v_bhsd))
+    heads, dim = q.shape[2], q.shape[3]
+    keys = topk * CUBE_TOKENS
+    k_sel, v_sel = k_bhsd[:1, :1, :keys].contiguous(), v_bhsd[:1, :1, :keys].contiguous()
+    calls = heads * tiling.num_cubes
+
+    def kernel_alone(rows: int) -> None:
+        q_rows = q_bhsd[:1, :1, :rows].contiguous()
+        for _ in range(calls * CUBE_TOKENS // rows):
+            flash(q_rows, k_sel, v_sel, scale=1.0 / math.sqrt(dim))
+
+    kernel_s, _ = seconds(f"flash kernel alone, {calls} calls of 64 rows", lambda: kernel_alone(CUBE_TOKENS))
+    seconds("flash kernel alone, the same rows 192 a call", lambda: kernel_alone(3 * CUBE_TOKENS))
+    print(f"forward ceiling with this kernel: {dense_s / kernel_s:.2f}x dense")
 
 
 if __name__ == "__main__":

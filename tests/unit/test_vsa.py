@@ -336,3 +336,19 @@ def test_resolver_auto_order_on_cuda(monkeypatch, caplog, fastvideo, triton, exp
     messages = [r.getMessage() for r in caplog.records if r.name == "megadmd.attention.vsa"]
     assert messages == [messages[0]] and f"auto -> {expected} on cuda" in messages[0]
     vsa._log_choice_once.cache_clear()
+
+
+def test_profile_tool_prints_every_stage_and_the_forward_ceiling():
+    # tools/profile_vsa.py at a toy size: the stage table, the --bound rows and the ceiling line.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tools = Path(__file__).resolve().parents[2] / "tools"
+    args = ["profile_vsa.py", "--size", "8x8x8", "--sparsity", "0.5", "--heads", "1", "--head-dim", "16", "--bound"]
+    result = subprocess.run([sys.executable, *args], cwd=tools, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    for row in ("| fine forward |", "| fine backward |", "| dense SDPA forward |", "flash kernel alone, 8 calls of 64 rows"):
+        assert row in result.stdout
+    ceiling = float(result.stdout.rsplit("forward ceiling with this kernel: ", 1)[1].split("x")[0])
+    assert ceiling > 0
