@@ -381,7 +381,7 @@ def _key_major_backward(q_bhpd, k_bhpd, v_bhpd, grad_out_bhpd, kv_cubes_bhck, ke
     largest entry off at 29k tokens (the whole-row softmax recompute: 1.5e-6); in fp64 they
     match dense attention to 1e-10 (tests/unit/test_vsa.py).
     """
-    plan = _ChunkPlan(q_bhpd, kv_cubes_bhck, key_bias, key_buffers=0, score_buffers=0)
+    plan = _ChunkPlan(q_bhpd, kv_cubes_bhck, key_bias, key_buffers=0, score_buffers=0)  # no chunk buffers
     q_rtd = plan.rows(q_bhpd)
     k_rtd, v_rtd, do_rtd = plan.rows(k_bhpd), plan.rows(v_bhpd), plan.rows(grad_out_bhpd)
     # -L and -delta of every query row side by side, so that one gather fetches both.
@@ -404,9 +404,8 @@ def _key_major_backward(q_bhpd, k_bhpd, v_bhpd, grad_out_bhpd, kv_cubes_bhck, ke
         kt_j, vt_j = k_j.t(), v_j.t()
         bias = None if key_bias is None else key_bias[row % cubes_per_head]  # -inf on padded slots
         for idx in blocks[first:last]:
-            q_sel, q_2d, do_sel, do_2d, stats, neg_lse, neg_delta, s_2d, s_t, ds_2d, ds_t, dq_2d, dq_sel = views[
-                idx.numel()
-            ]
+            block_views = views[idx.numel()]
+            q_sel, q_2d, do_sel, do_2d, stats, neg_lse, neg_delta, s_2d, s_t, ds_2d, ds_t, dq_2d, dq_sel = block_views
             torch.index_select(q_rtd, 0, idx, out=q_sel)
             torch.index_select(neg_stats, 0, idx, out=stats)
             probs = torch.addmm(neg_lse, q_2d, kt_j, alpha=scale * _LOG2E, out=s_2d)
