@@ -51,14 +51,14 @@ def main(argv=None) -> None:
     topk = vsa_topk(args.sparsity, tiling.num_cubes)
 
     def seconds(name, fn):
-        """Prints and returns the best time of fn; a stage's result is kept by `timed`."""
-        best, kept = math.inf, []
+        """Prints the best time of fn; returns it and fn's last result."""
+        best, result = math.inf, None
         for _ in range(args.repeats):
             start = clock()
-            kept[:] = [fn()]
+            result = fn()
             best = min(best, clock() - start)
         print(f"| {name} | {best:.3f} |", flush=True)
-        return best, kept[0]
+        return best, result
 
     def timed(name, fn):
         return seconds(name, fn)[1]

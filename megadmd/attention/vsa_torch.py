@@ -169,24 +169,6 @@ class _ChunkPlan:
             scores.add_(self.key_bias[self.local_kv[start:stop]].view(q_chunk.shape[0], 1, self.keys))
         return scores
 
-    def add_key_grads(self, dscores, q_chunk, dk_buf, idx, dv_sel, dk_rtd, dv_rtd) -> None:
-        """dK of the gathered cubes (scale * dS^T Q) into dk_buf; then it and dV are added into
-        the worker's accumulators: a key cube's gradient sums over every query cube that
-        selected it."""
-        dk_sel = dk_buf[: idx.numel()].view_as(dv_sel)
-        torch.baddbmm(dk_sel, dscores.transpose(1, 2), q_chunk, beta=0, alpha=self.scale, out=dk_sel)
-        dk_rtd.index_add_(0, idx, dk_sel.view(-1, CUBE_TOKENS, dk_sel.shape[-1]))
-        dv_rtd.index_add_(0, idx, dv_sel.view(-1, CUBE_TOKENS, dv_sel.shape[-1]))
-
-    def gradients(self, q_bhpd, dq_rtd, states: list) -> tuple[torch.Tensor, ...]:
-        """(dq, dk, dv) as [B, H, P, D] in q's dtype; dk and dv are the last two tensors of each
-        worker's state, summed over workers (into the first worker's)."""
-        dk_rtd, dv_rtd = states[0][-2:]
-        for state in states[1:]:
-            dk_rtd.add_(state[-2])
-            dv_rtd.add_(state[-1])
-        return tuple(g.view(self.shape).to(q_bhpd.dtype) for g in (dq_rtd, dk_rtd, dv_rtd))
-
 
 def _run_chunks(chunks: list, make_state, process, device: torch.device) -> list:
     """Run process(state, chunk) over all chunks; returns the per-worker states.
@@ -356,10 +338,17 @@ def block_sparse_backward(
         )
         dq_chunk = dq_rtd[start:stop]
         torch.baddbmm(dq_chunk, dscores, k_sel, beta=0, alpha=plan.scale, out=dq_chunk)
-        plan.add_key_grads(dscores, q_chunk, dk_buf, idx, dv_sel, dk_rtd, dv_rtd)
+        dk_sel = dk_buf[: idx.numel()].view_as(k_sel)
+        torch.baddbmm(dk_sel, dscores.transpose(1, 2), q_chunk, beta=0, alpha=plan.scale, out=dk_sel)
+        dk_rtd.index_add_(0, idx, dk_sel.view(-1, CUBE_TOKENS, dk_sel.shape[-1]))
+        dv_rtd.index_add_(0, idx, dv_sel.view(-1, CUBE_TOKENS, dv_sel.shape[-1]))
 
     states = _run_chunks(plan.chunks(), make_state, process, q_rtd.device)
-    return plan.gradients(q_bhpd, dq_rtd, states)
+    dk_rtd, dv_rtd = states[0][-2], states[0][-1]
+    for state in states[1:]:
+        dk_rtd.add_(state[-2])
+        dv_rtd.add_(state[-1])
+    return tuple(g.view(plan.shape).to(q_bhpd.dtype) for g in (dq_rtd, dk_rtd, dv_rtd))
 
 
 @torch.no_grad()
