@@ -114,7 +114,7 @@ class RegressionConfig:
 
     weight: float = 0.0
     # dataset of (noise, teacher latent) pairs, from `megadmd synth --save-noise`; "" uses data.path
-    # (for the built-in toy preset: pairs sampled from the toy teacher's ODE at start-up)
+    # (for the built-in toy preset: pairs of the toy teacher's ODE, written at start-up; toy/builtin.py)
     data_path: str = ""
     # how many of dmd.denoising_steps the chain runs from the noise; 0 = all of them. 1 is the
     # one-step regression of DMD v1 on the first step, whose input is pure noise

@@ -138,7 +138,7 @@ _register(Preset(
     # - data-free: the generator makes its own inputs (synthetic-latent mode drifts modes faster);
     # - the first step (pure-noise input) is not trained by DMD, whose gradient drags that one
     #   point per prompt to one mode; DMD v1's regression on 512 pairs of the toy teacher's
-    #   16-step ODE, which the run samples at start-up (toy.builtin.write_toy_pairs), trains it;
+    #   16-step ODE (shipped in assets/toy_pairs; toy.builtin.write_toy_pairs), trains it;
     # - guidance only at t <= 750 in the DMD real score;
     # - generator lr 2e-4 and 300 iterations (60 generator updates).
     # With a dataset of your own, the pairs come from 'megadmd synth --save-noise' and you set

@@ -49,8 +49,6 @@ def prepare_outputs(cfg: RunConfig, plan: TrainPlan, pstate: ParallelState) -> N
             from .toy.builtin import TOY_PAIR_ODE_STEPS, TOY_PAIRS, write_toy_pairs
 
             d = cfg.dmd
-            log.info("sampling %d (noise, latent) pairs of the teacher's %d-step ODE for dmd.regression into %s",
-                     TOY_PAIRS, TOY_PAIR_ODE_STEPS, plan.regression_path)
             write_toy_pairs(plan.regression_path, plan.model_paths["teacher"], TOY_PAIRS, TOY_PAIR_ODE_STEPS,
                             d.guidance_scale, d.cfg_form, d.flow_shift, seed=cfg.train.seed)
         if plan.data_format == "fastvideo":  # the parquet footers are read once, here, for all ranks

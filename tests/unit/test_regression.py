@@ -100,7 +100,7 @@ def test_regression_needs_pairs(tmp_path, test_model_dir, test_dataset_dir):
                                               f"dmd.regression.data_path={pairs}"]), 1)
     assert plan.regression_path == str(pairs) and not plan.builtin_regression
     assert preflight_train(resolve(overrides=[*base, f"data.path={pairs}"]), 1).regression_path == str(pairs)
-    # the built-in toy preset samples its pairs from the toy teacher at start-up
+    # the built-in toy preset writes its pairs (the toy teacher's ODE) into the output folder at start-up
     plan = preflight_train(resolve(overrides=[f"output_dir={tmp_path / 'toy'}", "dmd.regression.weight=1"]), 1)
     assert plan.builtin_regression and plan.regression_path == str(tmp_path / "toy" / "regression_data")
     for bad in ("dmd.regression.weight=-1", "dmd.regression.num_steps=4", "dmd.regression.batch_size=-1"):
