@@ -43,7 +43,6 @@ ABLATIONS = {
     "first step also trained by DMD (train_first_step=true)": ["dmd.train_first_step=true"],
     "synthetic-latent mode (not data-free)": ["dmd.simulate_generator_forward=false"],
     "guidance at every timestep (guidance_interval=[0,1])": ["dmd.guidance_interval=[0.0,1.0]"],
-    "generator updated every 5th iteration (generator_update_interval=5)": ["dmd.generator_update_interval=5"],
 }
 # The LoRA row (issue 20): both trainable roles rank-16 adapters (of the 96-wide toy DiT) over the
 # frozen teacher, at 5x the recipe's learning rates (BENCHMARKS.md, 'LoRA student'; docs/lora.md).
@@ -58,8 +57,7 @@ EMA_ROW = "recipe + generator EMA 0.9 from iteration 100 (the EMA scored)"
 EMA_ON = ["ema.decay=0.9", "ema.start_step=100"]
 FASTVIDEO = ("student@3, FastVideo recipe (synthetic mode, every step, CFG everywhere, no regression, 125 it)",
              ["dmd.simulate_generator_forward=false", "dmd.train_first_step=true", "dmd.guidance_interval=[0.0,1.0]",
-              "dmd.regression.weight=0.0", "train.max_steps=125", "optim.generator.lr=5e-5",
-             "dmd.generator_update_interval=5"])
+              "dmd.regression.weight=0.0", "train.max_steps=125", "optim.generator.lr=5e-5"])
 
 
 # --- work done in the worker processes ---------------------------------------------------------

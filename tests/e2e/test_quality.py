@@ -88,7 +88,7 @@ def test_default_job_prints_no_warning_and_shows_its_progress(default_run):
     assert not re.search(r"warning|deprecat", r.stdout, re.IGNORECASE), r.stdout
     steps = re.findall(r"\] step (\d+)/300 \|", r.stdout)
     assert steps == [str(s) for s in range(10, 310, 10)]
-    assert "done: 300 iterations (150 generator updates, 300 fake_score updates)" in r.stdout
+    assert "done: 300 iterations (60 generator updates, 300 fake_score updates)" in r.stdout
 
 
 def test_tensorboard_holds_the_config_hparams_histograms_and_a_captioned_grid(default_run):
