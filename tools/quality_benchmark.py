@@ -55,6 +55,10 @@ GAN_ON = ["dmd.gan.enabled=true"]
 # The generator's EMA (what `megadmd convert export-ema` ships), scored instead of the live weights
 EMA_ROW = "recipe + generator EMA 0.9 from iteration 100 (the EMA scored)"
 EMA_ON = ["ema.decay=0.9", "ema.start_step=100"]
+# More generator updates: better on every metric, but the default job then takes 1.5x the CPU
+# time, over its 5-minute budget (docs/quality-benchmark.md, 'More generator updates')
+EVERY2_ROW = "recipe with the generator updated every 2nd iteration (150 updates)"
+EVERY2_ON = ["dmd.generator_update_interval=2"]
 FASTVIDEO = ("student@3, FastVideo recipe (synthetic mode, every step, CFG everywhere, no regression, 125 it)",
              ["dmd.simulate_generator_forward=false", "dmd.train_first_step=true", "dmd.guidance_interval=[0.0,1.0]",
               "dmd.regression.weight=0.0", "train.max_steps=125", "optim.generator.lr=5e-5"])
@@ -156,7 +160,8 @@ def plan(args) -> tuple[list, list]:
     refs += [(f"teacher@{k}, CFG", "sampler_row", dict(kind="teacher", steps=k)) for k in STEP_LADDER if k != 50]
     students = [(DEFAULT, "distill_row", dict(overrides=[])), (FASTVIDEO[0], "distill_row", dict(overrides=FASTVIDEO[1])),
                 (GAN_ROW, "distill_row", dict(overrides=GAN_ON)),
-                (EMA_ROW, "distill_row", dict(overrides=EMA_ON)), (LORA_ROW, "distill_row", dict(overrides=LORA_RECIPE))]
+                (EMA_ROW, "distill_row", dict(overrides=EMA_ON)), (LORA_ROW, "distill_row", dict(overrides=LORA_RECIPE)),
+                (EVERY2_ROW, "distill_row", dict(overrides=EVERY2_ON))]
     if args.ablations:
         students += [(f"ablation: {k}", "distill_row", dict(overrides=v)) for k, v in ABLATIONS.items()]
     return refs, students
