@@ -197,6 +197,10 @@ class DeepSpeedConfig:
     generator: str = "zero3"
     fake_score: str = "zero3"
     teacher: str = "zero3_inference"
+    # Fetch each transformer block's parameters as one unit (DeepSpeed's ZeRO-3 leaf modules)
+    # instead of module by module: fewer hook calls per forward. Applied to the roles where every
+    # block runs once per backward; megadmd.zero.leaf_block_roles says which and logs why not.
+    leaf_blocks: bool = False
 
 
 @dataclass

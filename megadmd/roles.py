@@ -24,6 +24,7 @@ import torch
 from .config import ROLES, ConfigError, DeepSpeedConfig, LoRAConfig, OptimConfig, OptimTree, TrainConfig
 from .interop.deepspeed_json import merge_ds_config
 from .models import is_two_expert, load_role_model
+from .zero import block_classes
 
 log = logging.getLogger("megadmd")
 
@@ -254,17 +255,27 @@ def recover_from_skipped_step(engine) -> None:
         group["lr"] = lr
 
 
+def add_leaf_blocks(ds_cfg: dict, module: torch.nn.Module) -> None:
+    """Make ``module``'s transformer blocks ZeRO-3 leaf modules in ``ds_cfg`` (beside any leaf
+    classes the user's JSON names)."""
+    leaf = ds_cfg["zero_optimization"].setdefault("leaf_module", {})
+    classes = leaf.get("classes", [])
+    leaf["classes"] = list(dict.fromkeys([*([classes] if isinstance(classes, str) else classes),
+                                          *block_classes(module)]))
+
+
 def build_models(paths: dict, optim: OptimTree, train: TrainConfig, ds: DeepSpeedConfig,
                  pstate, device: torch.device, dtype: torch.dtype, generator_update_interval: int,
                  prepare_module: Optional[Any] = None, load_universal: bool = False,
                  boundary_ratio: Optional[float] = None, lora: Optional[LoRAConfig] = None,
-                 own_groups: Optional[dict] = None) -> Models:
+                 own_groups: Optional[dict] = None, leaf_roles: tuple = ()) -> Models:
     """Load and wrap all three roles from ``paths[role]``. Collective: every rank calls it.
 
     ``prepare_module(role, module)`` runs on each loaded module before DeepSpeed wraps it (to install
     attention processors, activation checkpointing, extra parameters); ``own_groups[role]`` gives
     parameters of that role optimizer groups of their own (``param_groups``). With ``lora`` enabled,
     its roles are adapters over the teacher's module (megadmd/lora), so the teacher is built first.
+    The roles in ``leaf_roles`` fetch each transformer block as one unit (``zero.leaf_block_roles``).
     """
     import deepspeed
 
@@ -290,6 +301,8 @@ def build_models(paths: dict, optim: OptimTree, train: TrainConfig, ds: DeepSpee
             prepare_module(role, module)
         ds_cfg = role_ds_config(role, ds, train, optim, pstate.dp_size, bf16=dtype == torch.bfloat16,
                                 load_universal=load_universal)
+        if role in leaf_roles:
+            add_leaf_blocks(ds_cfg, module)
         for sub in module.modules():  # buffers (RoPE tables) go to the device; zero.Init places the params
             for key, buf in sub._buffers.items():
                 if buf is not None:

@@ -24,6 +24,7 @@ from .rng import SampleRNG
 from .roles import build_models
 from .safety.runfolder import lock_output_dir, settle_resume
 from .validation import build_validator
+from .zero import leaf_block_roles
 
 log = logging.getLogger("megadmd")
 
@@ -117,6 +118,20 @@ def log_run_info(cfg: RunConfig, plan: TrainPlan, pstate: ParallelState, writer:
     writer.run_info(config, main_hparams(config, pstate.world_size, pstate.dp_size), result_metrics(toy_quality), step)
 
 
+def leaf_roles(cfg: RunConfig) -> tuple:
+    """The roles whose blocks are ZeRO-3 leaf modules (deepspeed.leaf_blocks); logs the others' reason."""
+    if not cfg.deepspeed.leaf_blocks:
+        return ()
+    lora = cfg.model.lora.roles if cfg.model.lora.enabled else ()
+    why = leaf_block_roles(cfg.dmd, lora, cfg.model.activation_checkpointing)
+    for role, reason in why.items():
+        if reason:
+            log.info("deepspeed.leaf_blocks: %s fetches module by module: %s", role, reason)
+    roles = tuple(role for role, reason in why.items() if not reason)
+    log.info("deepspeed.leaf_blocks: %s fetch whole transformer blocks", ", ".join(roles) or "no role")
+    return roles
+
+
 def build_trainer(cfg: RunConfig, local_rank: int | None = None, overwrite: bool = False) -> DMDTrainer:
     """Everything before the first iteration: checks, processes, the run lock, outputs, engines,
     data, and the state of the checkpoint being resumed. The lock is held (``trainer.run_lock``)
@@ -153,7 +168,7 @@ def _build_locked(cfg: RunConfig, plan: TrainPlan, proc, pstate: ParallelState, 
         plan.model_paths, cfg.optim, cfg.train, cfg.deepspeed, pstate, proc.device, dtype,
         cfg.dmd.generator_update_interval, load_universal=plan.resume_universal,
         boundary_ratio=cfg.model.boundary_ratio, lora=cfg.model.lora, own_groups=own_param_groups(cfg),
-        prepare_module=lambda role, module: prepare_module(cfg, pstate, vsa, plan.model_paths, role, module))
+        leaf_roles=leaf_roles(cfg), prepare_module=lambda role, module: prepare_module(cfg, pstate, vsa, plan.model_paths, role, module))
     data = BatchSource(open_dataset(plan.data_path, plan.data_format, **plan.data_options),
                        micro_batch=cfg.train.micro_batch_size,
                        dp_rank=pstate.dp_rank, dp_size=pstate.dp_size, seed=cfg.train.seed,

@@ -1,7 +1,8 @@
 """Samplers, written against a velocity function ``v(x_t, t) -> velocity``.
 
-- ``generator_x0_from_data``: the generator's training input in synthetic-latent mode.
-- ``simulate_generator``: DMD2's backward simulation (data-free mode, paper section 4.5).
+- ``noised_data``: the generator's training input in synthetic-latent mode.
+- ``simulate_generator``: DMD2's backward simulation (data-free mode, paper section 4.5);
+  ``simulate_to_exit`` is its no-grad prefix.
 - ``sample_generator``: the few-step inference sampler (denoise, re-noise with fresh noise).
 - ``sample_teacher``: N-step flow-matching Euler with CFG.
 
@@ -27,24 +28,16 @@ def step_timesteps(steps: Sequence[float], idx: torch.Tensor, device) -> torch.T
     return table[idx.to(device)]
 
 
-def generator_x0_from_data(vfn: VelocityFn, x0_data: torch.Tensor, t: torch.Tensor,
-                           eps: torch.Tensor) -> torch.Tensor:
-    """Noise a data latent to the generator's step ``t`` and predict x0 from there."""
-    sigma = flow.sigma_from_t(t)
-    x_t = flow.add_noise(x0_data, eps, sigma)
-    return flow.x0_from_velocity(x_t, vfn(x_t, t), sigma)
+def noised_data(x0_data: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """A data latent noised to the generator's step ``t``: the generator's input in synthetic-latent mode."""
+    return flow.add_noise(x0_data, eps, flow.sigma_from_t(t))
 
 
-def simulate_generator(vfn_no_grad: VelocityFn, vfn_exit: VelocityFn, steps: Sequence[float],
-                       exit_idx: torch.Tensor, start_noise: torch.Tensor,
-                       renoise: Callable[[int], torch.Tensor]) -> torch.Tensor:
-    """Backward simulation: run the generator's own sampler from pure noise, exit at step ``k``.
-
-    For each sample, steps ``0..k-1`` run without grad, re-noising with fresh noise
-    (``renoise(i)`` gives the noise used after step i) to the next step's level; step ``k`` runs
-    through ``vfn_exit`` (with grad in the generator update) and its x0 is returned. Samples may
-    exit at different k; the trajectory is advanced only up to the largest k in the batch.
-    """
+def simulate_to_exit(vfn_no_grad: VelocityFn, steps: Sequence[float], exit_idx: torch.Tensor,
+                     start_noise: torch.Tensor, renoise: Callable[[int], torch.Tensor]
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The no-grad prefix of backward simulation (``simulate_generator``): each sample's input at
+    its exit step ``k`` and that step's timestep."""
     device = start_noise.device
     k_max = int(exit_idx.max())
     x = start_noise
@@ -57,7 +50,20 @@ def simulate_generator(vfn_no_grad: VelocityFn, vfn_exit: VelocityFn, steps: Seq
             # Samples whose exit point is at or before step i keep their current input.
             advance = (exit_idx.to(device) > i).reshape(-1, *([1] * (x.ndim - 1)))
             x = torch.where(advance, x_next, x)
-    t_exit = step_timesteps(steps, exit_idx, device)
+    return x, step_timesteps(steps, exit_idx, device)
+
+
+def simulate_generator(vfn_no_grad: VelocityFn, vfn_exit: VelocityFn, steps: Sequence[float],
+                       exit_idx: torch.Tensor, start_noise: torch.Tensor,
+                       renoise: Callable[[int], torch.Tensor]) -> torch.Tensor:
+    """Backward simulation: run the generator's own sampler from pure noise, exit at step ``k``.
+
+    For each sample, steps ``0..k-1`` run without grad, re-noising with fresh noise
+    (``renoise(i)`` gives the noise used after step i) to the next step's level; step ``k`` runs
+    through ``vfn_exit`` (with grad in the generator update) and its x0 is returned. Samples may
+    exit at different k; the trajectory is advanced only up to the largest k in the batch.
+    """
+    x, t_exit = simulate_to_exit(vfn_no_grad, steps, exit_idx, start_noise, renoise)
     return flow.x0_from_velocity(x, vfn_exit(x, t_exit), flow.sigma_from_t(t_exit))
 
 

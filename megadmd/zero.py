@@ -1,5 +1,5 @@
 """Small ZeRO-3 helpers: full (gathered) parameters of a partitioned module; clearing a ZeRO-3
-optimizer's gradient partitions."""
+optimizer's gradient partitions; the roles that fetch whole blocks (``deepspeed.leaf_blocks``)."""
 from __future__ import annotations
 
 from typing import Iterable, Optional
@@ -55,3 +55,46 @@ def zero_gradient_partitions(engine, params: Optional[Iterable[torch.nn.Paramete
                     if grad is not None:
                         grad.narrow(0, start, count).zero_()
             offset += n
+
+
+def block_classes(module: torch.nn.Module) -> list[str]:
+    """Fully qualified class names of the transformer blocks of ``module``: the entries of its
+    ``blocks`` lists (each expert's, for a two-expert model), as DeepSpeed's
+    ``zero_optimization.leaf_module.classes`` takes them."""
+    names = {f"{type(b).__module__}.{type(b).__qualname__}"
+             for m in module.modules() if isinstance(getattr(m, "blocks", None), torch.nn.ModuleList)
+             for b in m.blocks}
+    return sorted(names)
+
+
+def leaf_block_roles(dmd, lora_roles: Iterable[str] = (), activation_checkpointing=None) -> dict[str, str]:
+    """With ``deepspeed.leaf_blocks``: each role mapped to "" where its blocks become ZeRO-3 leaf
+    modules, or to why they stay module by module.
+
+    A leaf block's gradients are reduced once, when its backward hook fires (DeepSpeed 0.19,
+    ``create_reduce_and_remove_grad_hooks``), so a block that runs twice with gradient in one
+    backward reduces twice and trips DeepSpeed's assertion. Hence the conditions: the generator's
+    grad forwards are one engine call (the DMD exit step and a one-step regression share it:
+    ``DMDTrainer.generator_forward``); the GAN term runs the fake score twice per backward and
+    inside the generator's backward. The teacher has no backward. Activation checkpointing re-runs
+    each block in the backward. With LoRA the roles share the teacher's blocks, which was not
+    measured with leaf blocks.
+    """
+    if tuple(lora_roles):
+        return {r: "LoRA roles share the teacher's blocks (not measured with leaf blocks)"
+                for r in ("generator", "fake_score", "teacher")}
+    why = {"generator": "", "fake_score": "", "teacher": ""}
+    reg = dmd.regression
+    if reg.weight and reg.num_steps != 1:
+        why["generator"] = "dmd.regression.num_steps is not 1, so the generator runs several times per backward"
+    if dmd.gan.enabled:
+        why["fake_score"] = "the GAN term runs the fake score twice per backward"
+    for role in ("generator", "fake_score"):
+        if activation_checkpointing is not None and getattr(activation_checkpointing, role):
+            why[role] = why[role] or f"model.activation_checkpointing.{role} re-runs its blocks in the backward"
+    return why
+
+
+def has_leaf_blocks(module: torch.nn.Module) -> bool:
+    """Whether DeepSpeed made any submodule of ``module`` a ZeRO-3 leaf (its ``_z3_leaf`` flag)."""
+    return any(getattr(m, "_z3_leaf", False) for m in module.modules())

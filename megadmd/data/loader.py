@@ -38,6 +38,29 @@ class Batch:
         return int(self.positions.shape[0])
 
 
+def stackable(a: Batch, b: Batch) -> bool:
+    """Whether one model call can take both batches' conditioning: the same text length and width,
+    and the same image conditioning (none, or of the same shape)."""
+    if a.text_embeds.shape[1:] != b.text_embeds.shape[1:]:
+        return False
+    for name in ("image_latents", "image_embeds"):
+        x, y = getattr(a, name), getattr(b, name)
+        if (x is None) != (y is None) or (x is not None and x.shape[1:] != y.shape[1:]):
+            return False
+    return True
+
+
+def stack_conditioning(a: Batch, b: Batch) -> Batch:
+    """One batch holding the conditioning (text and image) of ``a`` then ``b``, for a model call on
+    both batches' inputs at once; it carries no latents. ``stackable(a, b)`` must hold."""
+    def cat(x, y):
+        return None if x is None else torch.cat([x, y.to(x.device)])
+    return Batch(positions=torch.cat([a.positions, b.positions.to(a.positions.device)]),
+                 text_embeds=cat(a.text_embeds, b.text_embeds), text_mask=cat(a.text_mask, b.text_mask),
+                 latents=None, captions=list(a.captions) + list(b.captions), micro_step=a.micro_step,
+                 image_latents=cat(a.image_latents, b.image_latents), image_embeds=cat(a.image_embeds, b.image_embeds))
+
+
 def pad_text(embed: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Zero-pad (or crop) an embedding ``[L, D]`` to ``length`` tokens; return it and its mask."""
     out = torch.zeros(length, embed.shape[-1], dtype=embed.dtype)

@@ -28,13 +28,14 @@ from .. import flow
 from ..attention.processor import vsa_sparsity_at
 from ..config import RunConfig
 from ..data.image import condition_channels
-from ..data.loader import Batch, BatchSource
+from ..data.loader import Batch, BatchSource, stack_conditioning, stackable
 from ..metrics import MetricsWriter, ScalarWindow, StepTimer, format_line, memory_stats
 from ..monitoring.progress import progress
 from ..models import predict_velocity
 from ..rng import Purpose, SampleRNG
 from ..roles import restrict_step_to_used_experts
-from ..sampling import generator_x0_from_data, simulate_generator, step_timesteps
+from ..sampling import noised_data, simulate_to_exit, step_timesteps
+from ..zero import has_leaf_blocks
 from . import gan, losses, regression
 from .guard import NonFiniteError, NonFiniteGuard, skip_counts
 
@@ -112,22 +113,28 @@ class DMDTrainer:
             return tuple(batch.latents.shape[1:])
         return tuple(self.sample_shape)  # data-free mode: the latent preflight settled on
 
-    def generator_x0(self, call, batch: Batch, phase: int) -> torch.Tensor:
-        """A generator sample for this batch: in synthetic-latent mode, a dataset latent noised
-        to a random step of the list and denoised; in data-free mode, backward simulation."""
+    def generator_input(self, batch: Batch, phase: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The input of the generator forward that makes this batch's sample, and its timesteps:
+        in synthetic-latent mode, a dataset latent noised to a random step of the list; in
+        data-free mode, the generator's own sampler run without grad up to the exit step."""
         pos = batch.positions.tolist()
-        vfn = self.velocity_fn(call, batch)
         if not self.dmd.simulate_generator_forward:
             idx = self.generator_step_indices(batch, phase)
             eps = self.rng.randn(pos, batch.latents.shape[1:], Purpose.GEN_NOISE, phase)
             t = step_timesteps(self.steps, idx, self.device)
-            return generator_x0_from_data(vfn, batch.latents.float(), t, eps)
+            return noised_data(batch.latents.float(), t, eps), t
         idx = self.exit_indices(batch, phase)
         shape = self.latent_shape(batch)
         start = self.rng.randn(pos, shape, Purpose.SIM_START, phase)
         renoise = lambda i: self.rng.randn(pos, shape, Purpose.SIM_RENOISE, phase, sub=i)  # noqa: E731
-        vfn_no_grad = self.velocity_fn(self._module_of(call), batch)
-        return simulate_generator(vfn_no_grad, vfn, self.steps, idx, start, renoise)
+        # the no-grad prefix runs through the bare module, never the engine
+        vfn_no_grad = self.velocity_fn(self.models.generator.module, batch)
+        return simulate_to_exit(vfn_no_grad, self.steps, idx, start, renoise)
+
+    def generator_x0(self, call, batch: Batch, phase: int) -> torch.Tensor:
+        """A generator sample for this batch: one forward of ``call`` on ``generator_input``."""
+        x, t = self.generator_input(batch, phase)
+        return flow.x0_from_velocity(x, self.velocity_fn(call, batch)(x, t), flow.sigma_from_t(t))
 
     def exit_indices(self, batch: Batch, phase: int) -> torch.Tensor:
         """The step at which data-free simulation exits: one draw per global micro-step, shared by
@@ -145,11 +152,6 @@ class DMDTrainer:
         is one point per prompt, and the DMD loss pulls that point towards a single mode, which the
         later steps then inherit (a deliberate option; FastVideo and DMD2 train every step)."""
         return 0 if self.dmd.train_first_step else 1
-
-    @staticmethod
-    def _module_of(call):
-        # The no-grad prefix of a simulation runs through the bare module, never the engine.
-        return getattr(call, "module", call)
 
     def teacher_x0(self, x_t: torch.Tensor, t: torch.Tensor, batch: Batch) -> torch.Tensor:
         """The teacher's CFG x0 prediction; cond and uncond share one forward of batch 2B."""
@@ -255,18 +257,52 @@ class DMDTrainer:
         return gan.generator_gan_loss(self.models.fake_score.module, self.gan_block(), x_t, t,
                                       batch.text_embeds, self.models.dtype, **self.conditioning(batch))
 
-    def regression_loss(self, batch: Batch) -> torch.Tensor:
-        """DMD v1's regression (dmd/regression.py): the generator's chain from each pair's stored
-        noise, re-noised with draws keyed by the pair's dataset index, against the teacher's latent.
-        The pairs of micro-step m are the m-th micro-batch of their own stream (its own permutation,
-        even over the training data), so resuming needs no extra state."""
+    def regression_batch(self, batch: Batch) -> Batch:
+        """The regression pairs of this micro-step: the m-th micro-batch of their own stream (its
+        own permutation, even over the training data), so resuming needs no extra state."""
         src = self.regression_data
-        rb = src.collate(src.positions_for(batch.micro_step), batch.micro_step)
+        return src.collate(src.positions_for(batch.micro_step), batch.micro_step)
+
+    def regression_x0(self, rb: Batch) -> torch.Tensor:
+        """DMD v1's regression (dmd/regression.py): the generator's chain from each pair's stored
+        noise, re-noised with draws keyed by the pair's dataset index."""
         keys, shape = rb.indices.tolist(), rb.latents.shape[1:]
         renoise = lambda i: self.rng.randn(keys, shape, Purpose.REG_RENOISE, sub=i)  # noqa: E731
-        n = self.dmd.regression.num_steps or len(self.steps)
-        x0 = regression.chain_x0(self.velocity_fn(self.models.generator, rb), self.steps[:n], rb.noise, renoise)
-        return regression.regression_loss(x0, rb.latents)
+        return regression.chain_x0(self.velocity_fn(self.models.generator, rb),
+                                   self.steps[:self.regression_steps], rb.noise, renoise)
+
+    def regression_loss(self, batch: Batch) -> torch.Tensor:
+        """The regression loss of this micro-step's pairs, in forwards of its own."""
+        rb = self.regression_batch(batch)
+        return regression.regression_loss(self.regression_x0(rb), rb.latents)
+
+    @property
+    def regression_steps(self) -> int:
+        return self.dmd.regression.num_steps or len(self.steps)
+
+    def generator_forward(self, batch: Batch) -> tuple[torch.Tensor, Optional[tuple[torch.Tensor, Batch]]]:
+        """The generator update's forwards with grad: the x0 the DMD loss judges and, with
+        dmd.regression on, the regression's x0 with its pairs. When the regression trains one
+        step (num_steps 1) and both inputs stack, the two are one engine call: the generator's
+        blocks then run once per backward (fewer ZeRO-3 hook calls, and what leaf blocks need)."""
+        engine = self.models.generator
+        x, t = self.generator_input(batch, PHASE_GENERATOR)
+        if not self.dmd.regression.weight:
+            return flow.x0_from_velocity(x, self.velocity_fn(engine, batch)(x, t), flow.sigma_from_t(t)), None
+        rb = self.regression_batch(batch)
+        if self.regression_steps != 1 or not stackable(batch, rb):
+            if has_leaf_blocks(engine.module):  # zero.leaf_block_roles rules out num_steps > 1
+                raise RuntimeError("the regression pairs' conditioning (text length or image inputs) differs from the "
+                                   "training data's, so the generator would run twice per backward, which its "
+                                   "ZeRO-3 leaf blocks cannot; set deepspeed.leaf_blocks=false")
+            x0 = flow.x0_from_velocity(x, self.velocity_fn(engine, batch)(x, t), flow.sigma_from_t(t))
+            return x0, (self.regression_x0(rb), rb)
+        t_reg = torch.full((rb.size,), float(self.steps[0]), device=x.device)
+        both = stack_conditioning(batch, rb)
+        v = self.velocity_fn(engine, both)(torch.cat([x, rb.noise.to(x.dtype)]), torch.cat([t, t_reg]))
+        v_gen, v_reg = v.split([x.shape[0], rb.size])
+        x0 = flow.x0_from_velocity(x, v_gen, flow.sigma_from_t(t))
+        return x0, (flow.x0_from_velocity(rb.noise, v_reg, flow.sigma_from_t(t_reg)), rb)
 
     @contextmanager
     def guarded_update(self, role: str):
@@ -296,7 +332,7 @@ class DMDTrainer:
         with self.guarded_update("generator") as update:
             for batch in batches:
                 self.guard.check_batch(batch)
-                x0_gen = self.generator_x0(engine, batch, PHASE_GENERATOR)
+                x0_gen, reg = self.generator_forward(batch)
                 self.guard.check("generator output", x0_gen)
                 loss, grad, stats = self.dmd_loss(x0_gen, batch)
                 if self.cfg.logging.histograms and self.writer.enabled:
@@ -307,8 +343,8 @@ class DMDTrainer:
                     g_loss = self.gan_generator_loss(x0_gen, batch)
                     loss = loss + self.dmd.gan.generator_weight * g_loss
                     self.window.add("loss/generator_gan", g_loss.detach())
-                if self.dmd.regression.weight:
-                    r_loss = self.regression_loss(batch)
+                if reg is not None:
+                    r_loss = regression.regression_loss(reg[0], reg[1].latents)
                     loss = loss + self.dmd.regression.weight * r_loss
                     self.window.add("loss/generator_regression", r_loss.detach())
                 self.backward_and_step(engine, "generator", loss)
