@@ -3,7 +3,7 @@ once for this file (one xdist worker runs a whole file): its console, its Tensor
 (config, hparams, histograms, a captioned sample grid), and its quality.
 
 The quality benchmark, CI-sized: `megadmd train` on its built-in default (the shipped toy
-teacher, the tiny preset's recipe, 300 iterations) must produce a 3-step student that keeps the
+teacher, the tiny preset's recipe, 400 iterations) must produce a 3-step student that keeps the
 teacher's spread and stays close to its distribution, measured by the same metric code that the
 training run logs to TensorBoard (tools/quality_benchmark.py is the full version, 256 samples per
 class; this test reads the run's own validation, 64 per class).
@@ -54,17 +54,20 @@ def test_default_train_keeps_the_teachers_spread_and_distance(default_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     _, out = default_run
-    assert (out / "checkpoints" / "latest").read_text().strip() == "step-00000300"
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-00000400"
     acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
     acc.Reload()
-    curve = {tag: {e.step: e.value for e in acc.Scalars(f"quality/{tag}")}
-             for tag in ("precision", "coverage", "entropy", "frechet", "diversity")}
-    assert sorted(curve["precision"]) == [1, 50, 100, 150, 200, 250, 300]
-    assert [e.step for e in acc.Images("quality/samples")][-1] == 300
+    metrics = ("precision", "coverage", "entropy", "frechet", "diversity")
+    curve = {tag: {e.step: e.value for e in acc.Scalars(f"quality/{tag}")} for tag in metrics}
+    assert sorted(curve["precision"]) == [1, 50, 100, 150, 200, 250, 300, 350, 400]
+    assert [e.step for e in acc.Images("quality/samples")][-1] == 400
+    # the generator's EMA (from iteration 150) is what export-ema ships: it is the student judged
+    ema = {tag: {e.step: e.value for e in acc.Scalars(f"quality_ema/{tag}")} for tag in metrics}
+    assert sorted(ema["precision"]) == [150, 200, 250, 300, 350, 400]
     # the hook's evaluation set: 64 samples per class, seed 42 (megadmd/toy/quality.py)
     no_cfg, teacher = teacher_at_3_steps_no_cfg(per_class=64, seed=42), teacher_pairs(out / "regression_data")
-    student = {k: v[300] for k, v in curve.items()}
-    print(f"student@3 after 300 iterations: {student}; teacher@16 with CFG (the run's pairs): {teacher}; "
+    student = {k: v[400] for k, v in ema.items()}
+    print(f"student@3 (EMA) after 400 iterations: {student}; teacher@16 with CFG (the run's pairs): {teacher}; "
           f"teacher@3 without CFG: {no_cfg}")
     assert student["coverage"] == 1.0 and student["entropy"] >= 0.95, student
     assert student["frechet"] <= 2 * teacher["frechet"], (student, teacher)
@@ -86,9 +89,9 @@ def test_default_job_prints_no_warning_and_shows_its_progress(default_run):
     r, _ = default_run
     assert r.stderr.splitlines() == [], r.stderr[-3000:]  # was 302 lines of torch FutureWarnings
     assert not re.search(r"warning|deprecat", r.stdout, re.IGNORECASE), r.stdout
-    steps = re.findall(r"\] step (\d+)/300 \|", r.stdout)
-    assert steps == [str(s) for s in range(10, 310, 10)]
-    assert "done: 300 iterations (60 generator updates, 300 fake_score updates)" in r.stdout
+    steps = re.findall(r"\] step (\d+)/400 \|", r.stdout)
+    assert steps == [str(s) for s in range(10, 410, 10)]
+    assert "done: 400 iterations (200 generator updates, 400 fake_score updates)" in r.stdout
 
 
 def test_tensorboard_holds_the_config_hparams_histograms_and_a_captioned_grid(default_run):
@@ -111,7 +114,7 @@ def test_tensorboard_holds_the_config_hparams_histograms_and_a_captioned_grid(de
                        "quality/entropy", "quality/frechet"}
     assert metrics <= set(acc.Tags()["scalars"])  # the plugin reads their final values from the run
     start = plugin["_hparams_/session_start_info"].session_start_info.hparams
-    assert start["preset"].string_value == "tiny" and start["train.max_steps"].number_value == 300
+    assert start["preset"].string_value == "tiny" and start["train.max_steps"].number_value == 400
     assert start["optim.generator.lr"].number_value == pytest.approx(2e-4)
     logged = [e.step for e in acc.Scalars("loss/fake_score")]
     for tag in ("stats/x0_generator", "stats/dmd_grad"):
