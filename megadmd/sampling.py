@@ -1,8 +1,8 @@
 """Samplers, written against a velocity function ``v(x_t, t) -> velocity``.
 
 - ``noised_data``: the generator's training input in synthetic-latent mode.
-- ``simulate_generator``: DMD2's backward simulation (data-free mode, paper section 4.5);
-  ``simulate_to_exit`` is its no-grad prefix.
+- ``simulate_to_exit``: DMD2's backward simulation (data-free mode, paper section 4.5), run
+  without grad up to each sample's exit step; the trainer's one forward at that step follows.
 - ``sample_generator``: the few-step inference sampler (denoise, re-noise with fresh noise).
 - ``sample_teacher``: N-step flow-matching Euler with CFG.
 
@@ -36,8 +36,11 @@ def noised_data(x0_data: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> to
 def simulate_to_exit(vfn_no_grad: VelocityFn, steps: Sequence[float], exit_idx: torch.Tensor,
                      start_noise: torch.Tensor, renoise: Callable[[int], torch.Tensor]
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The no-grad prefix of backward simulation (``simulate_generator``): each sample's input at
-    its exit step ``k`` and that step's timestep."""
+    """Backward simulation's no-grad prefix: the generator's own sampler from pure noise, steps
+    ``0..k-1`` of each sample re-noised with fresh noise (``renoise(i)``: the noise used after step
+    i) to the next step's level. Returns each sample's input at its exit step ``k`` and that step's
+    timestep; samples may exit at different k, and the trajectory is advanced only up to the
+    largest k in the batch."""
     device = start_noise.device
     k_max = int(exit_idx.max())
     x = start_noise
@@ -51,20 +54,6 @@ def simulate_to_exit(vfn_no_grad: VelocityFn, steps: Sequence[float], exit_idx: 
             advance = (exit_idx.to(device) > i).reshape(-1, *([1] * (x.ndim - 1)))
             x = torch.where(advance, x_next, x)
     return x, step_timesteps(steps, exit_idx, device)
-
-
-def simulate_generator(vfn_no_grad: VelocityFn, vfn_exit: VelocityFn, steps: Sequence[float],
-                       exit_idx: torch.Tensor, start_noise: torch.Tensor,
-                       renoise: Callable[[int], torch.Tensor]) -> torch.Tensor:
-    """Backward simulation: run the generator's own sampler from pure noise, exit at step ``k``.
-
-    For each sample, steps ``0..k-1`` run without grad, re-noising with fresh noise
-    (``renoise(i)`` gives the noise used after step i) to the next step's level; step ``k`` runs
-    through ``vfn_exit`` (with grad in the generator update) and its x0 is returned. Samples may
-    exit at different k; the trajectory is advanced only up to the largest k in the batch.
-    """
-    x, t_exit = simulate_to_exit(vfn_no_grad, steps, exit_idx, start_noise, renoise)
-    return flow.x0_from_velocity(x, vfn_exit(x, t_exit), flow.sigma_from_t(t_exit))
 
 
 def sample_generator(vfn: VelocityFn, steps: Sequence[float], noise: torch.Tensor,

@@ -134,6 +134,10 @@ class DMDTrainer:
     def generator_x0(self, call, batch: Batch, phase: int) -> torch.Tensor:
         """A generator sample for this batch: one forward of ``call`` on ``generator_input``."""
         x, t = self.generator_input(batch, phase)
+        return self.x0_at(call, batch, x, t)
+
+    def x0_at(self, call, batch: Batch, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The x0 of one forward of ``call`` at input ``x`` and timesteps ``t``, on ``batch``'s conditioning."""
         return flow.x0_from_velocity(x, self.velocity_fn(call, batch)(x, t), flow.sigma_from_t(t))
 
     def exit_indices(self, batch: Batch, phase: int) -> torch.Tensor:
@@ -288,15 +292,14 @@ class DMDTrainer:
         engine = self.models.generator
         x, t = self.generator_input(batch, PHASE_GENERATOR)
         if not self.dmd.regression.weight:
-            return flow.x0_from_velocity(x, self.velocity_fn(engine, batch)(x, t), flow.sigma_from_t(t)), None
+            return self.x0_at(engine, batch, x, t), None
         rb = self.regression_batch(batch)
         if self.regression_steps != 1 or not stackable(batch, rb):
             if has_leaf_blocks(engine.module):  # zero.leaf_block_roles rules out num_steps > 1
                 raise RuntimeError("the regression pairs' conditioning (text length or image inputs) differs from the "
                                    "training data's, so the generator would run twice per backward, which its "
                                    "ZeRO-3 leaf blocks cannot; set deepspeed.leaf_blocks=false")
-            x0 = flow.x0_from_velocity(x, self.velocity_fn(engine, batch)(x, t), flow.sigma_from_t(t))
-            return x0, (self.regression_x0(rb), rb)
+            return self.x0_at(engine, batch, x, t), (self.regression_x0(rb), rb)
         t_reg = torch.full((rb.size,), float(self.steps[0]), device=x.device)
         both = stack_conditioning(batch, rb)
         v = self.velocity_fn(engine, both)(torch.cat([x, rb.noise.to(x.dtype)]), torch.cat([t, t_reg]))
