@@ -123,7 +123,7 @@ def leaf_roles(cfg: RunConfig) -> tuple:
     if not cfg.deepspeed.leaf_blocks:
         return ()
     lora = cfg.model.lora.roles if cfg.model.lora.enabled else ()
-    why = leaf_block_roles(cfg.dmd, lora, cfg.model.activation_checkpointing)
+    why = leaf_block_roles(cfg.dmd, lora, cfg.model.activation_checkpointing, cfg.model.boundary_ratio is not None)
     for role, reason in why.items():
         if reason:
             log.info("deepspeed.leaf_blocks: %s fetches module by module: %s", role, reason)

@@ -2,7 +2,9 @@
 optimizer's gradient partitions; the roles that fetch whole blocks (``deepspeed.leaf_blocks``)."""
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from collections import OrderedDict
+from contextlib import contextmanager
+from typing import Iterable, Iterator, Optional
 
 import torch
 
@@ -67,7 +69,8 @@ def block_classes(module: torch.nn.Module) -> list[str]:
     return sorted(names)
 
 
-def leaf_block_roles(dmd, lora_roles: Iterable[str] = (), activation_checkpointing=None) -> dict[str, str]:
+def leaf_block_roles(dmd, lora_roles: Iterable[str] = (), activation_checkpointing=None,
+                     two_experts: bool = False) -> dict[str, str]:
     """With ``deepspeed.leaf_blocks``: each role mapped to "" where its blocks become ZeRO-3 leaf
     modules, or to why they stay module by module.
 
@@ -75,8 +78,11 @@ def leaf_block_roles(dmd, lora_roles: Iterable[str] = (), activation_checkpointi
     ``create_reduce_and_remove_grad_hooks``), so a block that runs twice with gradient in one
     backward reduces twice and trips DeepSpeed's assertion. Hence the conditions: the generator's
     grad forwards are one engine call (the DMD exit step and a one-step regression share it:
-    ``DMDTrainer.generator_forward``); the GAN term runs the fake score twice per backward and
-    inside the generator's backward. The teacher has no backward. Activation checkpointing re-runs
+    ``DMDTrainer.generator_forward``), and so are the fake score's denoising and GAN-head forwards
+    (``DMDTrainer.fake_score_forward``), except on a two-expert model, where the GAN's timesteps
+    may fall on the other expert. The GAN's generator loss runs the frozen fake score inside the
+    generator's backward, with its blocks' reducing hooks off (``leaf_reduce_hooks_off``). The
+    teacher has no backward. Activation checkpointing re-runs
     each block in the backward. With LoRA the roles share the teacher's blocks, which was not
     measured with leaf blocks.
     """
@@ -87,8 +93,8 @@ def leaf_block_roles(dmd, lora_roles: Iterable[str] = (), activation_checkpointi
     reg = dmd.regression
     if reg.weight and reg.num_steps != 1:
         why["generator"] = "dmd.regression.num_steps is not 1, so the generator runs several times per backward"
-    if dmd.gan.enabled:
-        why["fake_score"] = "the GAN term runs the fake score twice per backward"
+    if dmd.gan.enabled and two_experts:
+        why["fake_score"] = "with two experts the GAN term runs the fake score twice per backward"
     for role in ("generator", "fake_score"):
         if activation_checkpointing is not None and getattr(activation_checkpointing, role):
             why[role] = why[role] or f"model.activation_checkpointing.{role} re-runs its blocks in the backward"
@@ -98,3 +104,29 @@ def leaf_block_roles(dmd, lora_roles: Iterable[str] = (), activation_checkpointi
 def has_leaf_blocks(module: torch.nn.Module) -> bool:
     """Whether DeepSpeed made any submodule of ``module`` a ZeRO-3 leaf (its ``_z3_leaf`` flag)."""
     return any(getattr(m, "_z3_leaf", False) for m in module.modules())
+
+
+@contextmanager
+def leaf_reduce_hooks_off(module: torch.nn.Module) -> Iterator[None]:
+    """Forwards of a frozen ``module`` whose backward must not reduce its leaf blocks' gradients.
+
+    DeepSpeed 0.19 reduces a leaf block's gradients from a full backward hook on the block
+    (``create_reduce_and_remove_grad_hooks``), which fires whenever a backward passes through the
+    block, with its parameters frozen or not: it gives each parameter a zero gradient and queues it
+    in the engine's bucket. A backward through the frozen fake score inside the generator's
+    backward (the GAN's generator loss) would so queue the fake score's parameters, and its own
+    next backward would queue them again (DeepSpeed's assertion in ``__reduce_and_partition_ipg_grads``).
+    torch takes a module's full backward hooks when its forward runs, so the forwards inside this
+    context run without them; DeepSpeed's parameter fetching for the backward does not use them.
+    Module-by-module roles need nothing: their reduce hooks sit on parameters, which frozen ones
+    never fire.
+    """
+    leaves = [m for m in module.modules() if getattr(m, "_z3_leaf", False)]
+    saved = [(m, m._backward_hooks) for m in leaves]
+    for m in leaves:
+        m._backward_hooks = OrderedDict()
+    try:
+        yield
+    finally:
+        for m, hooks in saved:
+            m._backward_hooks = hooks

@@ -167,10 +167,11 @@ def generator_gan_loss(fake_score: nn.Module, block_index: int, x_t: torch.Tenso
     graph). The fake score's parameters are frozen for this forward, so the gradient reaches the
     generator only through ``x_t``; ``fake_score`` must be the bare module, never its engine."""
     from ..models import expert_for, predict_velocity
+    from ..zero import leaf_reduce_hooks_off
 
     # A two-expert fake score is entered at the expert itself: run through the wrapper module,
     # ZeRO-3's backward hooks lose track of the wrapper in this input-only backward.
     target = expert_for(fake_score, t)
-    with frozen(fake_score), head_logits(fake_score, block_index) as out:
+    with frozen(fake_score), leaf_reduce_hooks_off(fake_score), head_logits(fake_score, block_index) as out:
         predict_velocity(target, x_t, t, text, dtype, **conditioning)
     return generator_loss(out["logits"])

@@ -90,6 +90,8 @@ class DMDTrainer:
         self.preempted = False
         self.hooks = hooks or []  # called after every iteration (checkpoints, validation, metrics)
         self.boundary_ratio = cfg.model.boundary_ratio  # Wan2.2 two-expert routing, or None
+        # the fake score's denoising and GAN forwards as one call (fake_score_forward): one expert only
+        self.fake_score_one_call = self.boundary_ratio is None
         self.regression_data = regression_data  # (noise, teacher latent) pairs of dmd.regression
         self.guard = NonFiniteGuard(cfg.train.nonfinite, cfg.train.max_consecutive_skips, group=pstate.world_group)
         steps = list(self.dmd.denoising_steps)
@@ -235,18 +237,16 @@ class DMDTrainer:
             shared = float(self.rng.rand([batch.micro_step], Purpose.GAN_TIMESTEP, phase, sub=1))
         return gan.judge_timesteps(u, lo, hi, self.boundary_ratio, shared)
 
-    def discriminator_loss(self, batch: Batch, x0_gen: torch.Tensor) -> torch.Tensor:
-        """The head's loss on the batch's real latents against the generated samples of the same
-        prompts (gan.judge_inputs: one timestep and noise per pair), in a fake-score forward of
-        its own; the head's accuracy and logits go to the window."""
-        engine = self.models.fake_score
+    def discriminator_inputs(self, batch: Batch, x0_gen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The head's ``[2B]`` inputs (gan.judge_inputs: each real latent and the generated sample of
+        its prompt share one timestep and noise draw) and their timesteps."""
         t = self.gan_timesteps(batch, PHASE_FAKE_SCORE)
         eps = self.rng.randn(batch.positions.tolist(), x0_gen.shape[1:], Purpose.GAN_NOISE, PHASE_FAKE_SCORE)
-        with gan.head_logits(engine.module, self.gan_block()) as out:
-            predict_velocity(engine, gan.judge_inputs(batch.latents, x0_gen, eps, t), torch.cat([t, t]),
-                             torch.cat([batch.text_embeds, batch.text_embeds]), self.models.dtype,
-                             **self.conditioning(batch, repeat=2))
-        real, fake = out["logits"].chunk(2)
+        return gan.judge_inputs(batch.latents, x0_gen, eps, t), torch.cat([t, t])
+
+    def discriminator_loss(self, logits: torch.Tensor) -> torch.Tensor:
+        """The head's loss on ``[real, generated]`` logits; its accuracy and logits go to the window."""
+        real, fake = logits.chunk(2)
         for k, v in gan.discriminator_stats(real, fake).items():
             self.window.add(k, v)
         return gan.discriminator_loss(real, fake)
@@ -363,8 +363,7 @@ class DMDTrainer:
 
     def fake_score_loss(self, batch: Batch) -> torch.Tensor:
         """Flow matching on a fresh generator sample; with the GAN term, plus the discriminator's
-        loss on the same samples against the batch's real latents."""
-        engine = self.models.fake_score
+        loss on the same samples against the batch's real latents (fake_score_forward)."""
         pos = batch.positions.tolist()
         with torch.no_grad():
             x0_gen = self.generator_x0(self.models.generator.module, batch, PHASE_FAKE_SCORE)
@@ -374,15 +373,36 @@ class DMDTrainer:
         x_t = flow.add_noise(x0_gen, eps, flow.sigma_from_t(t))
         self.window.add("stats/x0_generator_mean", x0_gen.mean())
         self.window.add("stats/x0_generator_std", x0_gen.std())
-        v_pred = predict_velocity(engine, x_t, t, batch.text_embeds, self.models.dtype, **self.conditioning(batch))
+        v_pred, logits = self.fake_score_forward(batch, x_t, t, x0_gen)
         denoise = losses.fake_score_loss(v_pred, eps, x0_gen)
-        if not self.dmd.gan.enabled:
+        if logits is None:
             return denoise
-        # the GAN head judges in a forward of its own, at its own timesteps (discriminator_loss)
-        d_loss = self.discriminator_loss(batch, x0_gen)
+        d_loss = self.discriminator_loss(logits)
         self.window.add("loss/fake_score_denoise", denoise.detach())
         self.window.add("loss/discriminator", d_loss.detach())
         return denoise + self.dmd.gan.discriminator_weight * d_loss
+
+    def fake_score_forward(self, batch: Batch, x_t: torch.Tensor, t: torch.Tensor,
+                           x0_gen: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The fake score's velocity at ``(x_t, t)`` and, with the GAN term, the head's logits on
+        ``discriminator_inputs``. With one expert the two are one engine call on ``[3B]`` inputs (the
+        head reads all of them and keeps the last 2B), so the fake score's blocks run once per
+        backward, as ZeRO-3 leaf blocks need (zero.leaf_block_roles). A two-expert fake score makes
+        two calls: the GAN timesteps may fall on the other expert than the denoising ones."""
+        engine, dtype, b = self.models.fake_score, self.models.dtype, x_t.shape[0]
+        if not self.dmd.gan.enabled:
+            return predict_velocity(engine, x_t, t, batch.text_embeds, dtype, **self.conditioning(batch)), None
+        x_d, t_d = self.discriminator_inputs(batch, x0_gen)
+        if not self.fake_score_one_call:
+            v_pred = predict_velocity(engine, x_t, t, batch.text_embeds, dtype, **self.conditioning(batch))
+            with gan.head_logits(engine.module, self.gan_block()) as out:
+                predict_velocity(engine, x_d, t_d, torch.cat([batch.text_embeds] * 2), dtype,
+                                 **self.conditioning(batch, repeat=2))
+            return v_pred, out["logits"]
+        with gan.head_logits(engine.module, self.gan_block()) as out:
+            v = predict_velocity(engine, torch.cat([x_t, x_d]), torch.cat([t, t_d]),
+                                 torch.cat([batch.text_embeds] * 3), dtype, **self.conditioning(batch, repeat=3))
+        return v[:b], out["logits"][b:]
 
     def fake_score_step(self, batches: list[Batch]) -> None:
         engine = self.models.fake_score

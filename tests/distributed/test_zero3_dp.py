@@ -49,23 +49,30 @@ def test_two_ranks_match_one_rank_at_the_same_global_batch(runs):
 def test_data_free_on_two_dp_ranks_matches_one_rank(tmp_path, test_model_dir):
     """Data-free simulation runs the same number of generator forwards on every rank (ZeRO-3
     gathers are collective), and dp=2 x b=1 equals dp=1 x b=2. The two ranks also fetch whole
-    blocks (deepspeed.leaf_blocks), with the one-step regression in the generator's exit call."""
+    blocks (deepspeed.leaf_blocks), with the one-step regression in the generator's exit call and
+    the GAN term (its head in the fake score's one call; the generator's GAN loss through the
+    frozen fake score's leaf blocks)."""
     from tests.helpers import save_test_dataset
 
     data = save_test_dataset(tmp_path / "pairs", num_samples=8, with_noise=True)
     common = [f"model.teacher_path={test_model_dir}", f"data.path={data}", "train.max_steps=4",
               "logging.interval_steps=1", "logging.tensorboard=false", "dmd.generator_update_interval=2",
               "dmd.simulate_generator_forward=true", "dmd.regression.weight=1.0", "dmd.regression.num_steps=1",
-              "optim.generator.lr=1e-3", "optim.fake_score.lr=1e-3"]
+              "optim.generator.lr=1e-3", "optim.fake_score.lr=1e-3", "dmd.gan.enabled=true", "dmd.gan.hidden_dim=8",
+              # Adam's default eps (1e-8) turns a gradient element near 0 into a whole lr step of
+              # either sign, so rounding in the dp reduction moved one generator weight by 2.7e-5
+              # (the rest by < 1e-6); at 1e-4 small gradients step in proportion, as SGD would
+              "optim.generator.eps=1e-4", "optim.fake_score.eps=1e-4"]
     spawn(train_and_record, 1, common + [f"output_dir={tmp_path / 'a'}", "train.micro_batch_size=2",
                                          "dmd.regression.batch_size=4"], str(tmp_path / "a.pt"))
     spawn(train_and_record, 2, common + [f"output_dir={tmp_path / 'b'}", "train.micro_batch_size=1",
                                          "dmd.regression.batch_size=2", "deepspeed.leaf_blocks=true"],
           str(tmp_path / "b.pt"))
     a, b = torch.load(tmp_path / "a.pt", weights_only=False), torch.load(tmp_path / "b.pt", weights_only=False)
-    assert sum("loss/generator_regression" in v for _, v in a["history"]) == 2
-    for (_, va), (_, vb) in zip(a["history"], b["history"]):
-        for k in ("loss/fake_score", "loss/generator", "loss/generator_regression"):
+    assert sum("loss/generator_regression" in v and "loss/generator_gan" in v for _, v in a["history"]) == 2
+    for (_, va), (_, vb) in zip(a["history"], b["history"], strict=True):
+        for k in ("loss/fake_score", "loss/discriminator", "loss/generator", "loss/generator_regression",
+                  "loss/generator_gan"):
             if k in va:
                 assert va[k] == pytest.approx(vb[k], rel=1e-4), k
     for role in ("generator", "fake_score"):

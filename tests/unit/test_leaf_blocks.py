@@ -22,8 +22,9 @@ def test_leaf_block_roles_name_why_a_role_keeps_module_hooks():
     assert "num_steps" in leaf_block_roles(cfg.dmd)["generator"]
     cfg.dmd.regression.weight = 0.0  # without the regression num_steps does not matter
     assert leaf_block_roles(cfg.dmd)["generator"] == ""
-    cfg.dmd.gan.enabled = True
-    why = leaf_block_roles(cfg.dmd)
+    cfg.dmd.gan.enabled = True  # its forwards are one call (DMDTrainer.fake_score_forward) ...
+    assert leaf_block_roles(cfg.dmd) == {"generator": "", "fake_score": "", "teacher": ""}
+    why = leaf_block_roles(cfg.dmd, two_experts=True)  # ... but two with two experts
     assert "GAN" in why["fake_score"] and why["generator"] == why["teacher"] == ""
     cfg.dmd.gan.enabled = False
     cfg.model.activation_checkpointing.generator = True
@@ -109,17 +110,49 @@ def test_leaf_blocks_train_exactly_as_module_hooks(tmp_path, test_model_dir, pai
         assert all(torch.equal(sa[k], sb[k]) for k in sa), role
 
 
-def test_leaf_blocks_leave_out_the_roles_that_run_twice_per_backward(tmp_path, test_model_dir, pairs,
-                                                                   single_process_world, capsys, monkeypatch):
+def test_one_fake_score_call_for_denoising_and_the_gan_head_equals_two(tmp_path, test_model_dir, pairs,
+                                                                        single_process_world):
+    """With the GAN term the fake score's denoising forward and the head's forward on real and
+    generated latents are one engine call: the same velocity, logits, losses and update as two."""
+    gan_on = ("dmd.gan.enabled=true", "dmd.gan.hidden_dim=8")
+    one, two = (_trainer(tmp_path, test_model_dir, pairs, n, *gan_on) for n in ("one", "two"))
+    two.fake_score_one_call = False
+    batch = one.data.next()
+    two.data.next()
+    x0 = torch.randn(2, *one.latent_shape(batch))
+    x_t, t = torch.randn_like(x0), torch.tensor([900.0, 120.0])
+    with torch.no_grad():
+        (va, la), (vb, lb) = one.fake_score_forward(batch, x_t, t, x0), two.fake_score_forward(batch, x_t, t, x0)
+    assert la.shape == (4,) and torch.allclose(va, vb, atol=1e-6) and torch.allclose(la, lb, atol=1e-6)
+    assert not torch.allclose(la[:2], la[2:])  # real and generated latents are judged apart
+    one.fake_score_step([batch])
+    two.fake_score_step([batch])
+    a, b = dict(one.window.reduce()), dict(two.window.reduce())
+    for k in ("loss/fake_score", "loss/discriminator", "loss/fake_score_denoise", "gan/logit_real",
+              "grad_norm/fake_score"):
+        assert a[k] == pytest.approx(b[k], rel=1e-5), k
+    sa, sb = full_state_dict(one.models.fake_score.module), full_state_dict(two.models.fake_score.module)
+    worst = max(float((sa[k] - sb[k]).abs().max()) for k in sa)
+    assert worst < 1e-5, worst  # one Adam step moves a parameter by about lr (1e-3)
+
+
+def test_leaf_blocks_with_the_gan_term_train_exactly_as_module_hooks(tmp_path, test_model_dir, pairs,
+                                                                     single_process_world, capsys, monkeypatch):
+    """Every role fetches whole blocks with the GAN term on, including the fake score that the GAN's
+    generator loss runs inside the generator's backward."""
     import megadmd.dmd.trainer as trainer_mod
 
-    t = _trainer(tmp_path, test_model_dir, pairs, "gan", "deepspeed.leaf_blocks=true", "dmd.gan.enabled=true",
-                 "dmd.gan.hidden_dim=8")
-    assert has_leaf_blocks(t.models.generator.module) and has_leaf_blocks(t.models.teacher.module)
-    assert not has_leaf_blocks(t.models.fake_score.module)
-    assert "fake_score fetches module by module: the GAN term" in capsys.readouterr().out
-    t.train()  # the GAN's generator loss through the fake score's blocks, with a leaf generator
+    gan_on = ("dmd.gan.enabled=true", "dmd.gan.hidden_dim=8")
+    t = _trainer(tmp_path, test_model_dir, pairs, "gan", "deepspeed.leaf_blocks=true", *gan_on)
+    assert "module by module" not in capsys.readouterr().out
+    assert all(has_leaf_blocks(t.models.engine(r).module) for r in ("generator", "fake_score", "teacher"))
+    plain = _trainer(tmp_path, test_model_dir, pairs, "gan_plain", *gan_on)
+    t.train()
+    plain.train()
     assert "loss/generator_gan" in t.history[-1][1]
+    for (_, va), (_, vb) in zip(t.history, plain.history, strict=True):
+        for k in ("loss/generator", "loss/generator_gan", "loss/fake_score", "loss/discriminator"):
+            assert va[k] == vb[k], k
     monkeypatch.setattr(trainer_mod, "stackable", lambda a, b: False)
     with pytest.raises(RuntimeError, match="set deepspeed.leaf_blocks=false"):
         t.generator_forward(t.data.next())
