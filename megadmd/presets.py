@@ -145,8 +145,10 @@ _register(Preset(
     # - the generator's EMA (decay 0.9 from iteration 150), which is what the quality hook scores
     #   under quality_ema/ and `megadmd export-ema` ships: the live weights move from one
     #   validation to the next, the EMA holds the lowest distance;
-    # - with dmd.gan.enabled=true (off by default), a GAN generator weight of 0.3 instead of the
-    #   paper's 1e-3: on this recipe it lowers Frechet by a quarter (docs/quality-benchmark.md);
+    # - with dmd.gan.enabled=true, a GAN generator weight of 0.3 instead of the paper's 1e-3: on
+    #   two training seeds it lowers Frechet by a quarter, but costs 1.3x the time, which takes the
+    #   default job past 5 minutes on a slow 2-core machine, so the term is off by default
+    #   (docs/quality-benchmark.md);
     # - ZeRO-3 leaf blocks (deepspeed.leaf_blocks): the same numbers from fewer hook calls, which is
     #   what fits the 200 updates into the default job's 5 minutes (docs/quality-benchmark.md).
     # With a dataset of your own, the pairs come from 'megadmd synth --save-noise' and you set
