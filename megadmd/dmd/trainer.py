@@ -391,10 +391,10 @@ class DMDTrainer:
         two calls: the GAN timesteps may fall on the other expert than the denoising ones."""
         engine, dtype, b = self.models.fake_score, self.models.dtype, x_t.shape[0]
         if not self.dmd.gan.enabled:
-            return predict_velocity(engine, x_t, t, batch.text_embeds, dtype, **self.conditioning(batch)), None
+            return self.velocity_fn(engine, batch)(x_t, t), None
         x_d, t_d = self.discriminator_inputs(batch, x0_gen)
         if not self.fake_score_one_call:
-            v_pred = predict_velocity(engine, x_t, t, batch.text_embeds, dtype, **self.conditioning(batch))
+            v_pred = self.velocity_fn(engine, batch)(x_t, t)
             with gan.head_logits(engine.module, self.gan_block()) as out:
                 predict_velocity(engine, x_d, t_d, torch.cat([batch.text_embeds] * 2), dtype,
                                  **self.conditioning(batch, repeat=2))
