@@ -183,6 +183,10 @@ class TrainConfig:
     nonfinite: str = "skip"
     # with skip: stop after this many skipped updates in a row of one role (0: never stop)
     max_consecutive_skips: int = 10
+    # torch's CPU threads per process during the run (torch.set_num_threads; the caller's count is
+    # restored when run_train returns). 0 leaves torch's default. The tiny preset sets 1: its ops
+    # are too small to share out, and two threads on a busy 2-core machine run it slower.
+    cpu_threads: int = 0
 
 
 @dataclass
@@ -516,6 +520,8 @@ def validate(cfg: RunConfig) -> None:
     _choice("train.nonfinite", t.nonfinite, ("skip", "stop"))
     if t.max_consecutive_skips < 0:
         raise ConfigError(f"train.max_consecutive_skips must be >= 0 (0: never stop), got {t.max_consecutive_skips}")
+    if t.cpu_threads < 0:
+        raise ConfigError(f"train.cpu_threads must be >= 0 (0: torch's default), got {t.cpu_threads}")
     _positive("parallel.sp_size", cfg.parallel.sp_size)
     _choice("parallel.backend", cfg.parallel.backend, ("auto", "nccl", "gloo"))
     _positive("logging.interval_steps", cfg.logging.interval_steps)

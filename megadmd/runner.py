@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -200,12 +201,38 @@ def _build_locked(cfg: RunConfig, plan: TrainPlan, proc, pstate: ParallelState, 
     return trainer
 
 
+@contextmanager
+def cpu_threads(n: int):
+    """torch's CPU thread count set to ``n`` (0: unchanged) inside, the caller's restored after:
+    the count is process-wide, and in-process callers (tests, the benchmark) keep their own."""
+    caller = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(caller)
+
+
 def run_train(cfg: RunConfig, local_rank: int | None = None, overwrite: bool = False) -> DMDTrainer:
     """``megadmd train``: build, run the iterations, save a last checkpoint, close.
 
     SIGTERM or SIGUSR1 on any rank stops all ranks after the current iteration; they save and
     return normally (exit status 0), ready to be resumed with ``checkpoint.resume=auto``.
     """
+    with cpu_threads(cfg.train.cpu_threads):
+        trainer = _train(cfg, local_rank, overwrite)
+    what = "preempted" if trainer.preempted else "done"
+    st = trainer.state
+    skipped = st.generator_skipped + st.fake_score_skipped
+    log.info("%s: %d iterations (%d generator updates, %d fake_score updates%s) in %s", what, st.step,
+             st.generator_updates, st.fake_score_updates,
+             f"; skipped for non-finite values: {st.generator_skipped} generator, {st.fake_score_skipped} "
+             f"fake_score" if skipped else "", cfg.output_dir)
+    return trainer
+
+
+def _train(cfg: RunConfig, local_rank: int | None, overwrite: bool) -> DMDTrainer:
     trainer = build_trainer(cfg, local_rank, overwrite)
     trainer.preemption = PreemptionFlag().install()
     ckpt = trainer.checkpointer
@@ -225,11 +252,4 @@ def run_train(cfg: RunConfig, local_rank: int | None = None, overwrite: bool = F
         trainer.preemption.uninstall()
         trainer.writer.close()
         trainer.run_lock.release()
-    what = "preempted" if trainer.preempted else "done"
-    st = trainer.state
-    skipped = st.generator_skipped + st.fake_score_skipped
-    log.info("%s: %d iterations (%d generator updates, %d fake_score updates%s) in %s", what, st.step,
-             st.generator_updates, st.fake_score_updates,
-             f"; skipped for non-finite values: {st.generator_skipped} generator, {st.fake_score_skipped} "
-             f"fake_score" if skipped else "", cfg.output_dir)
     return trainer

@@ -33,6 +33,7 @@ log = logging.getLogger("megadmd")
 # global batch it implies is checked on its own, below).
 FREE_KEYS = ("output_dir", "preset", "train.max_steps", "train.micro_batch_size", "train.grad_accum_steps",
              "train.nonfinite", "train.max_consecutive_skips",  # what to do on a bad update, not how to learn
+             "train.cpu_threads",  # how fast, not what: the same numbers up to float rounding
              "checkpoint.", "logging.", "validation.", "parallel.", "deepspeed.",
              "model.activation_checkpointing.", "attention.vsa_backend")
 

@@ -1,5 +1,6 @@
 """The config tree: presets, files, overrides, and errors that name the key."""
 import json
+import types
 
 import pytest
 
@@ -28,6 +29,9 @@ def test_the_toy_recipe_applies_on_the_built_in_data_only():
     assert own.dmd.train_first_step and own.train.max_steps == 125 and own.optim.generator.lr == 5e-5
     assert own.dmd.generator_update_interval == 5 and not own.deepspeed.leaf_blocks and own.ema.decay == 0.0
     assert own.dmd.gan.generator_weight == 1e-3
+    # the tiny model's one torch thread comes with the preset, whatever the data; the plain default is torch's
+    assert toy.train.cpu_threads == 1 and own.train.cpu_threads == 1
+    assert RunConfig().train.cpu_threads == 0 and resolve(overrides=["preset=wan2.1-t2v-1.3b"]).train.cpu_threads == 0
     # the user's file and overrides still come last
     assert resolve(overrides=["dmd.regression.weight=0", "train.max_steps=7"]).dmd.regression.weight == 0.0
     assert resolve(overrides=["data.path=/x", "dmd.regression.weight=2"]).dmd.regression.weight == 2.0
@@ -202,6 +206,7 @@ def test_nan_in_a_yaml_file_is_refused(tmp_path):
     ("train.max_grad_norm=-1", "train.max_grad_norm must be >= 0"),
     ("train.nonfinite=ignore", "train.nonfinite must be one of skip, stop"),
     ("train.max_consecutive_skips=-1", "train.max_consecutive_skips must be >= 0"),
+    ("train.cpu_threads=-1", "train.cpu_threads must be >= 0"),
     ('data.latent_shape=[4,"a",4,4]', r"data.latent_shape must be \[C, F, H, W\], four positive integers"),
     ("data.latent_shape=[4,2,4]", r"data.latent_shape must be \[C, F, H, W\]"),
 ])
@@ -220,3 +225,34 @@ def test_non_utf8_config_file_is_one_line(tmp_path):
 def test_nonfinite_defaults():
     cfg = resolve()
     assert cfg.train.nonfinite == "skip" and cfg.train.max_consecutive_skips == 10
+
+
+def test_run_train_sets_the_threads_for_the_run_and_restores_the_callers(monkeypatch):
+    """train.cpu_threads is process-wide: run_train sets it for the run and gives an in-process
+    caller its own count back, also when the run raises; 0 leaves the count alone."""
+    import torch
+
+    from megadmd import runner
+
+    seen = []
+
+    def fake_train(cfg, local_rank, overwrite):
+        seen.append(torch.get_num_threads())
+        if cfg.train.max_steps == 13:
+            raise RuntimeError("boom")
+        return types.SimpleNamespace(preempted=False, state=types.SimpleNamespace(
+            step=1, generator_updates=0, fake_score_updates=1, generator_skipped=0, fake_score_skipped=0))
+
+    monkeypatch.setattr(runner, "_train", fake_train)
+    caller = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        runner.run_train(resolve(overrides=["train.cpu_threads=1"]))
+        assert seen == [1] and torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError, match="boom"):
+            runner.run_train(resolve(overrides=["train.cpu_threads=1", "train.max_steps=13"]))
+        assert seen == [1, 1] and torch.get_num_threads() == 2
+        runner.run_train(resolve(overrides=["train.cpu_threads=0"]))
+        assert seen == [1, 1, 2] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(caller)
