@@ -146,18 +146,18 @@ _register(Preset(
     # - the generator's EMA (decay 0.9 from iteration 150), which is what the quality hook scores
     #   under quality_ema/ and `megadmd export-ema` ships: the live weights move from one
     #   validation to the next, the EMA holds the lowest distance;
-    # - with dmd.gan.enabled=true, a GAN generator weight of 0.3 instead of the paper's 1e-3: on
-    #   two training seeds it lowers Frechet by a quarter, but costs 1.3x the time, which takes the
-    #   default job past 5 minutes on a slow 2-core machine, so the term is off by default
-    #   (docs/quality-benchmark.md);
+    # - DMD2's GAN term at a generator weight of 0.3 instead of the paper's 1e-3: on two training
+    #   seeds it lowers Frechet by a quarter and raises precision, for 1.3x the time (with the
+    #   preset's one torch thread the default job still takes under 3 minutes on 2 cores;
+    #   docs/quality-search.md);
     # - ZeRO-3 leaf blocks (deepspeed.leaf_blocks): the same numbers from fewer hook calls, which is
-    #   what fits the 200 updates into the default job's 5 minutes (docs/quality-benchmark.md).
+    #   what fits the 200 updates into the default job's 5 minutes (docs/quality-search.md).
     # With a dataset of your own, the pairs come from 'megadmd synth --save-noise' and you set
     # dmd.regression.weight; the rest of the tiny preset is the plain DMD2 recipe above.
     builtin_data_config={
         "dmd": {"simulate_generator_forward": True, "train_first_step": False, "guidance_interval": [0.0, 0.75],
                 "generator_update_interval": 2, "regression": {"weight": 1.0, "num_steps": 1, "batch_size": 32},
-                "gan": {"generator_weight": 0.3}},
+                "gan": {"enabled": True, "generator_weight": 0.3}},
         "optim": {"generator": {"lr": 2e-4}},
         "train": {"max_steps": 400},
         "validation": {"interval_steps": 50},

@@ -23,12 +23,12 @@ def test_the_toy_recipe_applies_on_the_built_in_data_only():
     assert toy.dmd.guidance_interval == [0.0, 0.75] and toy.train.max_steps == 400
     assert toy.dmd.generator_update_interval == 2 and toy.deepspeed.leaf_blocks
     assert toy.ema.decay == 0.9 and toy.ema.start_step == 150
-    assert toy.dmd.gan.generator_weight == 0.3 and not toy.dmd.gan.enabled
+    assert toy.dmd.gan.generator_weight == 0.3 and toy.dmd.gan.enabled
     own = resolve(overrides=["data.path=/somewhere"])
     assert own.dmd.regression.weight == 0.0 and not own.dmd.simulate_generator_forward
     assert own.dmd.train_first_step and own.train.max_steps == 125 and own.optim.generator.lr == 5e-5
     assert own.dmd.generator_update_interval == 5 and not own.deepspeed.leaf_blocks and own.ema.decay == 0.0
-    assert own.dmd.gan.generator_weight == 1e-3
+    assert own.dmd.gan.generator_weight == 1e-3 and not own.dmd.gan.enabled
     # the tiny model's one torch thread comes with the preset, whatever the data; the plain default is torch's
     assert toy.train.cpu_threads == 1 and own.train.cpu_threads == 1
     assert RunConfig().train.cpu_threads == 0 and resolve(overrides=["preset=wan2.1-t2v-1.3b"]).train.cpu_threads == 0
