@@ -146,8 +146,8 @@ _register(Preset(
     # - the generator's EMA (decay 0.9 from iteration 150), which is what the quality hook scores
     #   under quality_ema/ and `megadmd export-ema` ships: the live weights move from one
     #   validation to the next, the EMA holds the lowest distance;
-    # - DMD2's GAN term at a generator weight of 0.3 instead of the paper's 1e-3: on two training
-    #   seeds it lowers Frechet by a quarter and raises precision, for 1.3x the time (with the
+    # - DMD2's GAN term at a generator weight of 0.3 instead of the paper's 1e-3: on three training
+    #   seeds it lowers Frechet by 15 to 30% at the same precision, for 1.3x the time (with the
     #   preset's one torch thread the default job still takes under 3 minutes on 2 cores;
     #   docs/quality-search.md);
     # - ZeRO-3 leaf blocks (deepspeed.leaf_blocks): the same numbers from fewer hook calls, which is
