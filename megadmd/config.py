@@ -133,13 +133,13 @@ class DMDConfig:
     cfg_form: str = "offset"  # offset: cond + s(cond - uncond); standard: uncond + s(cond - uncond)
     # [lo, hi] timestep ratios (t / 1000) where the teacher's x0 is guided; outside it the DMD
     # target is the conditional prediction alone. [0, 1] (the default) guides at every timestep,
-    # as FastVideo does; a limited interval is Kynkaanniemi et al. 2024 (docs/quality-search.md)
+    # as FastVideo does; a limited interval is Kynkaanniemi et al. 2024 (docs/quality-dmd2-analyses.md)
     guidance_interval: list = field(default_factory=lambda: [0.0, 1.0])
     generator_update_interval: int = 5
     grad_norm_mean: str = "sample"  # sample (per-sample mean) | batch (FastVideo's global mean)
     simulate_generator_forward: bool = False
     # false: train the generator (and feed the fake score) at every step but the first, whose
-    # pure-noise input makes its output one point per prompt (docs/quality-search.md)
+    # pure-noise input makes its output one point per prompt (docs/quality-dmd2-analyses.md)
     train_first_step: bool = True
     gan: GANConfig = field(default_factory=GANConfig)
     regression: RegressionConfig = field(default_factory=RegressionConfig)

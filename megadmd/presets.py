@@ -128,7 +128,7 @@ _register(Preset(
             "generator": {"lr": 5e-5, "betas": [0.0, 0.999], "weight_decay": 0.0},
             "fake_score": {"lr": 2e-4, "betas": [0.0, 0.999], "weight_decay": 0.0},
         },
-        # one torch thread: the toy's ops are too small to share out (1.7x faster on 2 cores, BENCHMARKS.md)
+        # one torch thread: the toy's ops are too small to share out (1.8x faster on 2 cores, BENCHMARKS.md)
         "train": {"max_steps": 125, "micro_batch_size": 8, "max_grad_norm": 1.0, "seed": 0, "cpu_threads": 1},
         "logging": {"interval_steps": 10},
         "validation": {"interval_steps": 25},  # the toy quality metrics (megadmd/toy/quality.py)
