@@ -457,7 +457,7 @@ def convert_dataset(src: str, out: str, *, negative_path: str, vae_path: str = "
     written are skipped (an interrupted run resumes), rank 0 writes the index last."""
     import torch.distributed as dist
 
-    from ..data.format import INDEX_FILE, NEGATIVE_FILE, existing_shard, write_index, write_negative
+    from ..data.format import existing_shard, write_index, write_negative
     from ..parallel.init import init_distributed
 
     from ..safety.folders import begin_output, check_output

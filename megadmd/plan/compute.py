@@ -275,7 +275,7 @@ def format_time(t: TimePlan, interval: int) -> str:
         return f"{x / 1e15:.3f} PFLOP" if x >= 1e13 else f"{x / 1e9:.3g} GFLOP"
 
     g, f = sum(t.generator_parts.values()), sum(t.fake_score_parts.values())
-    lines = ["", f"compute per rank (FLOPs executed, activation-checkpointing recompute included):",
+    lines = ["", "compute per rank (FLOPs executed, activation-checkpointing recompute included):",
              f"  generator update, every {interval} iterations: {pf(g)} = "
              + " + ".join(f"{k} {pf(v)}" for k, v in t.generator_parts.items()),
              f"  fake_score update, every iteration: {pf(f)} = "

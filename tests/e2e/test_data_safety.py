@@ -306,7 +306,7 @@ def test_a_full_disk_during_a_save_removes_its_folder_and_keeps_the_previous_one
         monkeypatch.setattr(manifest_module, "write_manifest", write_manifest)
     r = _train(overrides, "--resume", "auto", "--max-steps", "6", "--set", "checkpoint.interval_steps=1")
     _refused(r, "checkpoint step-00000006 could not be saved", "No space left on device",
-             f"the previous checkpoint step-00000005 and 'latest' are unchanged")
+             "the previous checkpoint step-00000005 and 'latest' are unchanged")
     assert sorted(p.name for p in ckpts.iterdir()) == ["latest", CKPT2, CKPT4, "step-00000005"]
     assert (ckpts / "latest").read_text().strip() == "step-00000005"
 
