@@ -63,6 +63,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (0: torch's default); more than 1 is slower on a busy CPU")
     p.add_argument("--log-every", type=int, default=250)
+    p.add_argument("--evaluate", metavar="FOLDER", default=None,
+                   help="only score this saved teacher (the table, at --eval-per-class); trains and writes nothing")
     args = p.parse_args()
     if args.num_layers is not None and (args.init or args.num_layers < 1):
         p.error("--num-layers must be at least 1, and applies only to a fresh teacher (not with --init)")
@@ -206,11 +208,21 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def velocity_models(teacher, spec: ToySpec, cond: ToyConditions) -> dict:
+    """Each entry maps the evaluation labels to (conditional, unconditional) velocity functions."""
+    return {"teacher": lambda labels: (model_velocity(teacher, cond.text(labels)),
+                                       model_velocity(teacher, cond.null_text(len(labels)))),
+            "exact velocity": lambda labels: (exact_velocity(spec, labels), exact_velocity(spec, None))}
+
+
 def main() -> None:
     args = parse_args()
-    try:  # a bad --init folder fails here, before any training
+    try:  # a bad --init or --evaluate folder fails here, before any work
         arch = dict(TINY_WAN_CONFIG, num_layers=args.num_layers or TINY_WAN_CONFIG["num_layers"])
-        model = load_wan(args.init, what="--init teacher") if args.init else build_wan(arch, seed=args.seed)
+        if args.evaluate:
+            model = load_wan(args.evaluate, what="--evaluate teacher").eval()
+        else:
+            model = load_wan(args.init, what="--init teacher") if args.init else build_wan(arch, seed=args.seed)
     except ConfigError as exc:
         raise SystemExit(f"train_toy_teacher: error: {exc}")
     if args.threads:
@@ -219,16 +231,14 @@ def main() -> None:
     spec = ToySpec()
     cond = ToyConditions(spec)
     print(f"teacher: {sum(p.numel() for p in model.parameters()) / 1e6:.3f}M parameters")
+    if args.evaluate:
+        print(markdown_table(quality_table(velocity_models(model, spec, cond), spec, args)))
+        return
     start = time.time()
     teacher = train(model, spec, cond, args)
     train_s = time.time() - start
 
-    # Each entry maps the evaluation labels to (conditional, unconditional) velocity functions.
-    vfns = {"teacher": lambda labels: (model_velocity(teacher, cond.text(labels)),
-                                       model_velocity(teacher, cond.null_text(len(labels)))),
-            "exact velocity": lambda labels: (exact_velocity(spec, labels),
-                                              exact_velocity(spec, None))}
-    rows = quality_table(vfns, spec, args)
+    rows = quality_table(velocity_models(teacher, spec, cond), spec, args)
     print(f"training: {train_s:.0f}s for {args.steps} steps\n")
     print(markdown_table(rows))
 

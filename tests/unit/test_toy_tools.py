@@ -55,6 +55,15 @@ def test_train_toy_teacher_fresh_then_continued_and_its_error_report(tmp_path):
     assert record["args"]["steps"] == 3 and record["args"]["init"] is None
     assert json.loads((first / "config.json").read_text())["num_layers"] == 2
     assert {row["model"] for row in record["quality"]} == {"true samples", "teacher", "exact velocity"}
+    # --evaluate scores the saved teacher: the same table as after training, and nothing written
+    ev = _tool("tools/train_toy_teacher.py", "-o", str(tmp_path / "unused"), "--evaluate", str(first), *small)
+    assert ev.returncode == 0, ev.stderr[-2000:]
+    table = [line for line in r.stdout.splitlines() if line.startswith("| ")]
+    assert len(table) == 10 and [line for line in ev.stdout.splitlines() if line.startswith("| ")] == table
+    assert not (tmp_path / "unused").exists()
+    ev = _tool("tools/train_toy_teacher.py", "--evaluate", str(tmp_path / "missing"), *small)
+    assert ev.returncode != 0 and ev.stderr.strip().splitlines() == [
+        f"train_toy_teacher: error: --evaluate teacher folder not found: {tmp_path / 'missing'}"]
 
     r = _tool("tools/train_toy_teacher.py", "-o", str(second), "--init", str(first), *small)
     assert r.returncode == 0, r.stderr[-2000:]
