@@ -53,7 +53,7 @@ LORA_RANK = 16
 LORA_ROW = f"recipe with LoRA rank {LORA_RANK} (generator and fake score)"
 LORA_RECIPE = ["model.lora.enabled=true", f"model.lora.rank={LORA_RANK}", "optim.generator.lr=1e-3",
                "optim.fake_score.lr=1e-3"]
-# The GAN term is part of the recipe (the toy recipe's generator weight 0.3); its target (issue 17)
+# The GAN term is part of the recipe (the toy recipe's generator weight 1.0); its target (issue 17)
 # compares the recipe with this row, the same run without it.
 NO_GAN_ROW = "recipe without the GAN term (dmd.gan.enabled=false)"
 NO_GAN = ["dmd.gan.enabled=false"]

@@ -38,8 +38,8 @@ def test_parameter_counts_by_hand_and_against_diffusers():
     assert P_14B == 14_288_491_584  # "~14.29e9"
     assert wan_params(WAN21_1_3B_CONFIG).total == P_13B
     assert wan_params(WAN21_14B_CONFIG).total == P_14B
-    tiny = wan_count(96, 384, 3, text_dim=32, freq_dim=64, c_in=4, c_out=4)
-    assert wan_params(TINY_WAN_CONFIG).total == tiny == 536_848
+    tiny = wan_count(96, 384, 4, text_dim=32, freq_dim=64, c_in=4, c_out=4)
+    assert wan_params(TINY_WAN_CONFIG).total == tiny == 686_704
     # VSA gives each generator block a D x D gate projection with bias
     assert wan_params(WAN21_1_3B_CONFIG, vsa_gates=True).total == P_13B + 30 * (1536 * 1536 + 1536)
     from diffusers import WanTransformer3DModel
