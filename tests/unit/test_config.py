@@ -23,7 +23,7 @@ def test_the_toy_recipe_applies_on_the_built_in_data_only():
     assert toy.dmd.guidance_interval == [0.0, 0.75] and toy.train.max_steps == 400
     assert toy.dmd.generator_update_interval == 2 and toy.deepspeed.leaf_blocks
     assert toy.ema.decay == 0.9 and toy.ema.start_step == 150
-    assert toy.dmd.gan.generator_weight == 0.3 and toy.dmd.gan.enabled
+    assert toy.dmd.gan.generator_weight == 1.0 and toy.dmd.gan.enabled
     own = resolve(overrides=["data.path=/somewhere"])
     assert own.dmd.regression.weight == 0.0 and not own.dmd.simulate_generator_forward
     assert own.dmd.train_first_step and own.train.max_steps == 125 and own.optim.generator.lr == 5e-5
