@@ -12,9 +12,11 @@ The issue-17 targets at this scale:
 - spread: coverage of all 12 modes and entropy >= 0.95;
 - distance: Frechet at most twice the teacher's with CFG, and below the teacher's 3-step sampler
   without CFG;
-- precision: at least the teacher's with CFG minus 0.03 (met since the four-block teacher). The teacher reference costs nothing here: the run's own regression pairs are
-  teacher@16 with CFG (512 samples), which at 256 per class is within 0.005 of teacher@50 on
-  precision and Frechet (BENCHMARKS.md); teacher@3 without CFG is 3 network calls.
+- precision: at least the teacher's with CFG minus 0.03 (met since the four-block teacher).
+
+The teacher reference costs nothing here: the run's own regression pairs are teacher@16 with CFG
+(512 samples), which at 256 per class is within 0.005 of teacher@50 on precision and Frechet
+(BENCHMARKS.md); teacher@3 without CFG is 3 network calls.
 """
 import json
 import math
